@@ -1,0 +1,111 @@
+// kmsd.toml: the loaded, validated configuration. Everything the daemon and kmsctl read
+// from the file lives in Config; load() reports every problem with its line and key.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "common/result.hpp"
+#include "hsm/token.hpp"
+
+namespace kmsd::config {
+
+struct Endpoint {
+  std::string host;  // "127.0.0.1", "::1", "localhost", "0.0.0.0"
+  std::uint16_t port = 0;
+  std::string to_string() const;  // "host:port" ("[::1]:port" for IPv6)
+};
+
+enum class StartupSource { kPrompt, kFile };
+const char* to_string(StartupSource s) noexcept;
+
+struct ServerConfig {
+  Endpoint public_listen{"127.0.0.1", 8080};  // plain HTTP: /healthz /readyz /ca.pem
+  Endpoint admin_listen{"127.0.0.1", 8443};   // HTTPS, mutual TLS, /v1/...
+  // DNS names / IP addresses put in the admin listener's server certificate, which kmsd
+  // issues itself at unseal with an in-memory key (no TLS key on disk).
+  std::vector<std::string> tls_names{"localhost", "127.0.0.1"};
+  std::filesystem::path unseal_socket = "/run/kmsd/unseal.sock";
+  unsigned worker_threads = 2;     // token work runs here, never on I/O threads
+  unsigned io_threads = 1;
+  std::size_t max_body_bytes = 1 << 20;
+  unsigned request_timeout_seconds = 30;
+};
+
+struct TokenConfig {
+  std::filesystem::path module;  // PKCS#11 module path, loaded directly
+  std::string uri;               // RFC 7512 token URI
+  std::size_t pool_size = 4;
+  hsm::WrapMechanism wrap = hsm::WrapMechanism::kAesKeyWrapPad;
+  hsm::Labels labels;
+};
+
+struct CaConfig {
+  hsm::KeyType key_type = hsm::KeyType::kEcP256;
+  std::string subject = "/O=kmsd/CN=kmsd CA";  // OpenSSL one-line form, "/K=V/K=V"
+  unsigned validity_days = 3650;
+  std::string digest = "sha256";  // sha256 | sha384 | sha512
+};
+
+struct AdminConfig {
+  unsigned cert_validity_days = 365;
+  hsm::KeyType key_type = hsm::KeyType::kEcP256;
+};
+
+struct StoreConfig {
+  std::filesystem::path path;  // SQLite file
+};
+
+struct StartupConfig {
+  StartupSource source = StartupSource::kPrompt;
+  std::filesystem::path file;  // for kFile: must be mode 0600 (or stricter)
+};
+
+struct PolicyConfig {
+  std::vector<int> x509_versions{3};  // 1 and/or 3; v1 only when listed explicitly
+  std::vector<hsm::KeyType> key_types{hsm::KeyType::kEcP256, hsm::KeyType::kEcP384,
+                                      hsm::KeyType::kRsa2048, hsm::KeyType::kRsa3072};
+  unsigned max_validity_days = 825;
+  unsigned max_subject_length = 256;
+};
+
+struct LogConfig {
+  std::string level = "info";  // trace debug info warn error
+  std::filesystem::path file;  // empty: stderr
+};
+
+struct Config {
+  std::filesystem::path source_path;  // the file this was loaded from (for SIGHUP)
+  ServerConfig server;
+  TokenConfig token;
+  CaConfig ca;
+  AdminConfig admin;
+  StoreConfig store;
+  StartupConfig startup;
+  PolicyConfig policy;
+  LogConfig log;
+};
+
+// One problem found in the file: where, which key, what is wrong and what to do.
+struct Problem {
+  std::uint32_t line = 0;  // 1-based; 0 if the problem has no position (e.g. missing key)
+  std::string key;         // dotted path, e.g. "token.module"
+  std::string message;
+  std::string to_string(const std::filesystem::path& file) const;  // "FILE:LINE: key: message"
+};
+
+struct LoadResult {
+  Config config;                 // meaningful only when problems is empty
+  std::vector<Problem> problems; // every problem, in file order
+  bool ok() const { return problems.empty(); }
+};
+
+// Parses and validates FILE. Relative paths in the file are resolved against the file's
+// directory. Unknown keys, missing required keys, wrong types, bad URIs, an unreadable
+// module, impossible values: each is one Problem. Never throws.
+LoadResult load(const std::filesystem::path& file);
+LoadResult load_string(std::string_view toml_text, const std::filesystem::path& file_for_paths);
+
+}  // namespace kmsd::config

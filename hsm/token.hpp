@@ -1,0 +1,155 @@
+// The key token: every operation kmsd performs with protected keys goes through here.
+// A short list of operations on named keys (seal, open, sign via EVP_PKEY, hmac, random),
+// so the layer can later move behind a process boundary without touching the services.
+#pragma once
+
+#include <openssl/evp.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/ossl.hpp"
+#include "common/result.hpp"
+#include "common/secret.hpp"
+
+namespace kmsd::hsm {
+
+using Bytes = std::vector<std::uint8_t>;
+
+// How data keys are protected by the master key on the token. Tokens differ: SoftHSM2 and
+// most HSMs have AES key wrap; tpm2-pkcs11 has none.
+enum class WrapMechanism : std::uint8_t {
+  kAesKeyWrapPad = 1,  // CKM_AES_KEY_WRAP_PAD (RFC 5649), C_WrapKey / C_UnwrapKey
+  kAesGcm = 2,         // CKM_AES_GCM C_Encrypt / C_Decrypt of the data key (AAD always set)
+  kAesCbcPadHmac = 3,  // CKM_AES_CBC_PAD C_Encrypt + CKM_SHA256_HMAC on the token
+};
+const char* to_string(WrapMechanism m) noexcept;
+std::optional<WrapMechanism> parse_wrap_mechanism(std::string_view s) noexcept;  // "aes-key-wrap-pad"...
+
+enum class KeyType : std::uint8_t { kEcP256, kEcP384, kRsa2048, kRsa3072 };
+const char* to_string(KeyType t) noexcept;  // "ec-p256", "ec-p384", "rsa-2048", "rsa-3072"
+std::optional<KeyType> parse_key_type(std::string_view s) noexcept;
+
+// Labels of the objects kmsd keeps on the key token.
+struct Labels {
+  std::string master_prefix = "kms-master";  // AES-256, versioned: kms-master-v1, -v2, ...
+  std::string master_mac_prefix = "kms-master-mac";  // HMAC key for kAesCbcPadHmac only
+  std::string ca = "kms-ca";                 // CA key pair (private + public share label/id)
+  std::string audit = "kms-audit";           // generic secret for CKM_SHA256_HMAC
+};
+
+struct TokenOptions {
+  std::string module_path;  // e.g. /usr/lib/softhsm/libsofthsm2.so (loaded directly, no proxy)
+  std::string token_uri;    // RFC 7512: "pkcs11:token=kmsd" or "pkcs11:serial=..."
+  std::size_t pool_size = 4;  // sessions kept open; callers beyond this wait for a free one
+  WrapMechanism wrap = WrapMechanism::kAesKeyWrapPad;
+  Labels labels;
+};
+
+// What a failed token call means for the caller. Classified once, in one place.
+enum class Fault {
+  kNone,
+  kCallerError,   // bad arguments, missing object, wrong data: retrying will not help
+  kSessionLost,   // session handle invalid/closed, user not logged in: reopened + retried
+  kTokenGone,     // device removed/error, token not present: reopened + retried, else degraded
+  kPinIncorrect,  // wrong PIN
+  kPinLocked,     // PIN locked or expired: only a security officer can fix it
+};
+
+// Token state as an operator would want it on /readyz.
+struct TokenStatus {
+  bool logged_in = false;
+  bool degraded = false;           // last recovery attempt failed; operations fail fast
+  std::string token_label;
+  std::string token_serial;
+  bool pin_count_low = false;      // CKF_USER_PIN_COUNT_LOW
+  bool pin_final_try = false;      // CKF_USER_PIN_FINAL_TRY
+  bool pin_locked = false;         // CKF_USER_PIN_LOCKED
+  std::string last_error;          // human text of the last fault, "" if none
+};
+
+struct SlotInfo {
+  unsigned long slot_id = 0;
+  std::string token_label;
+  std::string token_serial;
+  std::string manufacturer;
+  std::string model;
+  bool initialized = false;
+};
+
+// Thread-safety: every method is safe to call from several threads at once. Calls that
+// need a session lease one from the pool and block while the pool is exhausted.
+class Token {
+ public:
+  // Loads the module (C_Initialize; CKR_CRYPTOKI_ALREADY_INITIALIZED is fine), finds the
+  // token by URI. Does not log in.
+  static Result<std::unique_ptr<Token>> open(const TokenOptions& options);
+  ~Token();
+
+  // Slots with a token present on this module (for error messages and `kmsctl token list`).
+  static Result<std::vector<SlotInfo>> list_slots(const std::string& module_path);
+
+  // Logs in as user with PIN and keeps a copy of it (wiped on logout/destruction) so that a
+  // lost session or a re-inserted token can be re-logged in without an operator.
+  // Errors: kUnauthenticated (wrong PIN), kPinLocked, kUnavailable.
+  Status login(const SecretBytes& pin);
+  // Forgets the PIN, drops cached handles and the libp11 key, logs out, closes sessions.
+  void logout() noexcept;
+  bool logged_in() const noexcept;
+  TokenStatus status() const;
+
+  // ---- key creation (kmsctl init, rotation); refuse with kAlreadyExists if present ----
+  // AES-256: CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, !CKA_EXTRACTABLE, CKA_WRAP/UNWRAP (and
+  // ENCRYPT/DECRYPT only when the mechanism needs them). kAesCbcPadHmac also creates the
+  // matching master MAC key.
+  Status generate_master_key(std::uint32_t version);
+  // CA key pair via C_GenerateKeyPair; private key sensitive, non-extractable, CKA_SIGN only.
+  Status generate_ca_key(KeyType type);
+  // Generic secret (32 bytes) for CKM_SHA256_HMAC, sensitive, non-extractable, SIGN/VERIFY.
+  Status generate_audit_key();
+  // Which master-key versions exist on the token, ascending.
+  Result<std::vector<std::uint32_t>> master_key_versions();
+  bool has_ca_key();
+  bool has_audit_key();
+
+  // ---- envelope escrow ----
+  // Seals PLAINTEXT: AES-256-GCM in software under a fresh random data key, the data key
+  // protected by master key VERSION (the newest if 0) with the configured mechanism.
+  // AAD is bound by the caller (user id, key id, ...); the blob header is authenticated too.
+  // Blob format: see hsm/envelope.hpp.
+  Result<Bytes> seal(std::span<const std::uint8_t> plaintext, std::span<const std::uint8_t> aad,
+                     std::uint32_t master_version = 0);
+  // Opens a blob sealed by seal() under any master-key version still on the token.
+  // Any tampering, a wrong AAD or a missing key gives kCrypto with one uniform message.
+  Result<SecretBytes> open(std::span<const std::uint8_t> blob, std::span<const std::uint8_t> aad);
+
+  // ---- signing ----
+  // An EVP_PKEY whose private operations run on the token (libp11), for X509_sign,
+  // X509_CRL_sign, OCSP_basic_sign, CMS_sign. Valid while the token stays logged in.
+  Result<ossl::EvpPkeyPtr> ca_private_key();
+  // The CA public key (no login needed for the public object).
+  Result<ossl::EvpPkeyPtr> ca_public_key();
+
+  // ---- misc ----
+  Result<Bytes> hmac_sha256(std::span<const std::uint8_t> data);  // with the audit key
+  Result<SecretBytes> random(std::size_t n);                      // C_GenerateRandom
+
+  // Private CKO_DATA objects (operator cards hold the startup secret this way).
+  Status write_data_object(const std::string& label, const SecretBytes& value, bool overwrite);
+  Result<SecretBytes> read_data_object(const std::string& label);
+
+  // For tests and fault drills: close every session of the application on this token
+  // (C_CloseAllSessions). The next operation must recover by itself.
+  void close_all_sessions_for_test();
+
+ private:
+  struct Impl;
+  explicit Token(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kmsd::hsm
