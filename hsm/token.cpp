@@ -1,0 +1,1298 @@
+// Token: the session pool, login and recovery, key objects, the envelope and the libp11
+// bridge for signing. Raw PKCS#11 lives in hsm/pkcs11.cpp; the blob format in envelope.hpp.
+#include "hsm/token.hpp"
+
+#include <libp11.h>
+#include <openssl/core_names.h>
+#include <openssl/param_build.h>
+#include <openssl/rand.h>
+
+#include <algorithm>
+#include <atomic>
+#include <charconv>
+#include <condition_variable>
+#include <map>
+#include <mutex>
+
+#include "hsm/envelope.hpp"
+#include "hsm/pkcs11.hpp"
+#include "hsm/uri.hpp"
+
+namespace kmsd::hsm {
+
+using p11::check_rv;
+using p11::fail;
+using p11::Module;
+using p11::ObjectGuard;
+using p11::Session;
+using p11::TokenError;
+
+// ---------------------------------------------------------------------------------------
+// Names
+
+const char* to_string(WrapMechanism m) noexcept {
+  switch (m) {
+    case WrapMechanism::kAesKeyWrapPad:
+      return "aes-key-wrap-pad";
+    case WrapMechanism::kAesGcm:
+      return "aes-gcm";
+    case WrapMechanism::kAesCbcPadHmac:
+      return "aes-cbc-pad-hmac";
+  }
+  return "unknown";
+}
+
+std::optional<WrapMechanism> parse_wrap_mechanism(std::string_view s) noexcept {
+  for (auto m : {WrapMechanism::kAesKeyWrapPad, WrapMechanism::kAesGcm,
+                 WrapMechanism::kAesCbcPadHmac}) {
+    if (s == to_string(m)) return m;
+  }
+  return std::nullopt;
+}
+
+const char* to_string(KeyType t) noexcept {
+  switch (t) {
+    case KeyType::kEcP256:
+      return "ec-p256";
+    case KeyType::kEcP384:
+      return "ec-p384";
+    case KeyType::kRsa2048:
+      return "rsa-2048";
+    case KeyType::kRsa3072:
+      return "rsa-3072";
+  }
+  return "unknown";
+}
+
+std::optional<KeyType> parse_key_type(std::string_view s) noexcept {
+  for (auto t : {KeyType::kEcP256, KeyType::kEcP384, KeyType::kRsa2048, KeyType::kRsa3072}) {
+    if (s == to_string(t)) return t;
+  }
+  return std::nullopt;
+}
+
+namespace {
+
+constexpr CK_BBOOL kTrue = CK_TRUE;
+constexpr CK_BBOOL kFalse = CK_FALSE;
+const CK_BBOOL* flag(bool b) { return b ? &kTrue : &kFalse; }
+
+template <typename T>
+CK_ATTRIBUTE attr(CK_ATTRIBUTE_TYPE type, const T* value, std::size_t n = sizeof(T)) {
+  return CK_ATTRIBUTE{type, const_cast<T*>(value), static_cast<CK_ULONG>(n)};
+}
+CK_ATTRIBUTE attr_str(CK_ATTRIBUTE_TYPE type, const std::string& s) {
+  return CK_ATTRIBUTE{type, const_cast<char*>(s.data()), static_cast<CK_ULONG>(s.size())};
+}
+CK_ATTRIBUTE attr_bytes(CK_ATTRIBUTE_TYPE type, std::span<const std::uint8_t> b) {
+  return CK_ATTRIBUTE{type, const_cast<std::uint8_t*>(b.data()), static_cast<CK_ULONG>(b.size())};
+}
+
+// DER OIDs for CKA_EC_PARAMS.
+constexpr std::uint8_t kOidP256[] = {0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07};
+constexpr std::uint8_t kOidP384[] = {0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22};
+
+// Data keys, IVs and nonces come from OpenSSL's DRBG rather than C_GenerateRandom: the
+// payload is encrypted in software anyway, the DRBG is seeded from the OS, and a token round
+// trip per nonce would cost a pooled session for no gain in quality on SoftHSM (which itself
+// uses OpenSSL's RNG). random() still asks the token, as documented.
+SecretBytes fresh_secret(std::size_t n) {
+  SecretBytes out(n);
+  if (RAND_priv_bytes(out.data(), static_cast<int>(n)) != 1) {
+    throw TokenError(ossl::crypto_error("drawing a data key from the OpenSSL DRBG"),
+                     Fault::kCallerError);
+  }
+  return out;
+}
+Bytes fresh_bytes(std::size_t n) {
+  Bytes out(n);
+  if (RAND_bytes(out.data(), static_cast<int>(n)) != 1) {
+    throw TokenError(ossl::crypto_error("drawing a nonce from the OpenSSL DRBG"),
+                     Fault::kCallerError);
+  }
+  return out;
+}
+
+void append(Bytes& out, std::span<const std::uint8_t> b) { out.insert(out.end(), b.begin(), b.end()); }
+
+[[noreturn]] void open_failed() { fail(ErrorCode::kCrypto, envelope::kOpenFailed); }
+
+std::string describe_tokens(const std::vector<SlotInfo>& slots) {
+  if (slots.empty()) return "no tokens are present on this module";
+  std::string out = "tokens present: ";
+  for (std::size_t i = 0; i < slots.size(); ++i) {
+    if (i) out += ", ";
+    out += "'" + slots[i].token_label + "' (serial " + slots[i].token_serial + ", slot " +
+           std::to_string(slots[i].slot_id) + ")";
+  }
+  return out;
+}
+
+// One process-wide libp11 context per module path, never freed: PKCS11_CTX_unload would
+// C_Finalize the module under our feet, and freeing the last context frees libp11's RSA/EC
+// methods while EVP_PKEYs handed to callers may still use them.
+PKCS11_CTX* libp11_context(const std::string& module_path) {
+  static std::mutex mu;
+  static std::map<std::string, PKCS11_CTX*> contexts;
+  std::lock_guard lock(mu);
+  if (auto it = contexts.find(module_path); it != contexts.end()) return it->second;
+  PKCS11_CTX* ctx = PKCS11_CTX_new();
+  if (ctx == nullptr) return nullptr;
+  if (PKCS11_CTX_load(ctx, module_path.c_str()) != 0) {
+    PKCS11_CTX_free(ctx);
+    return nullptr;
+  }
+  contexts.emplace(module_path, ctx);
+  return ctx;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// Session pool: at most MAX open sessions, leased one per operation. reset() starts a new
+// generation: idle sessions are dropped and leased ones are not taken back.
+
+class SessionPool {
+ public:
+  SessionPool(std::shared_ptr<const Module> module, CK_SLOT_ID slot, std::size_t max)
+      : module_(std::move(module)), slot_(slot), max_(std::max<std::size_t>(1, max)) {}
+
+  class Lease {
+   public:
+    Lease(SessionPool* pool, Session s, std::uint64_t gen)
+        : pool_(pool), s_(std::move(s)), gen_(gen) {}
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    ~Lease() { pool_->give_back(std::move(s_), gen_, broken_); }
+    Session& session() { return s_; }
+    // The token closed this session already: forget its handle instead of closing it.
+    void mark_broken() { broken_ = true; }
+
+   private:
+    SessionPool* pool_;
+    Session s_;
+    std::uint64_t gen_;
+    bool broken_ = false;
+  };
+
+  // Blocks while all MAX sessions are leased. Throws TokenError if C_OpenSession fails.
+  std::unique_ptr<Lease> acquire() {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return !idle_.empty() || open_ < max_; });
+    if (!idle_.empty()) {
+      Session s = std::move(idle_.back());
+      idle_.pop_back();
+      return std::make_unique<Lease>(this, std::move(s), gen_);
+    }
+    ++open_;
+    std::uint64_t gen = gen_;
+    CK_SLOT_ID slot = slot_;
+    lock.unlock();
+    try {
+      Session s = Session::open(module_, slot);
+      return std::make_unique<Lease>(this, std::move(s), gen);
+    } catch (...) {
+      lock.lock();
+      --open_;
+      cv_.notify_one();
+      throw;
+    }
+  }
+
+  // FORGET: the token already closed the sessions (do not C_CloseSession stale handles).
+  void reset(CK_SLOT_ID slot, bool forget) {
+    std::vector<Session> drop;
+    {
+      std::lock_guard lock(mu_);
+      ++gen_;
+      slot_ = slot;
+      open_ -= idle_.size();
+      drop.swap(idle_);
+    }
+    if (forget) {
+      for (auto& s : drop) s.forget();
+    }
+    cv_.notify_all();
+  }
+
+  CK_SLOT_ID slot() const {
+    std::lock_guard lock(mu_);
+    return slot_;
+  }
+
+ private:
+  void give_back(Session s, std::uint64_t gen, bool broken) {
+    std::unique_lock lock(mu_);
+    if (gen == gen_ && !broken) {
+      idle_.push_back(std::move(s));
+    } else {
+      --open_;
+      if (broken) s.forget();
+      lock.unlock();
+      s = Session();  // closes outside the lock
+    }
+    cv_.notify_one();
+  }
+
+  std::shared_ptr<const Module> module_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Session> idle_;
+  std::size_t open_ = 0;
+  CK_SLOT_ID slot_;
+  std::size_t max_;
+  std::uint64_t gen_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------
+
+struct Token::Impl {
+  TokenOptions opts;
+  TokenUri uri;
+  std::shared_ptr<Module> module;
+  SessionPool pool;
+
+  mutable std::mutex state_mu;  // guards the fields below
+  std::optional<SecretBytes> pin;
+  bool logged_in = false;
+  bool degraded = false;
+  std::string last_error;
+  SlotInfo info;
+
+  // SoftHSM requires key generation, object creation and object search to be serialized.
+  std::mutex object_mu;
+
+  std::mutex cache_mu;  // resolved handles (SoftHSM rescans files on every find)
+  std::map<std::string, CK_OBJECT_HANDLE> handles;
+  std::optional<std::vector<std::uint32_t>> versions;
+
+  std::mutex recover_mu;
+  std::atomic<std::uint64_t> epoch{0};
+
+  std::mutex p11_mu;  // libp11 slots of this token
+  PKCS11_CTX* p11_ctx = nullptr;
+  PKCS11_SLOT* p11_slots = nullptr;
+  unsigned int p11_nslots = 0;
+
+  Impl(TokenOptions o, TokenUri u, std::shared_ptr<Module> m, SlotInfo s)
+      : opts(std::move(o)),
+        uri(std::move(u)),
+        module(std::move(m)),
+        pool(module, s.slot_id, opts.pool_size),
+        info(std::move(s)) {}
+
+  ~Impl() { reset_libp11(); }
+
+  CK_FUNCTION_LIST* f() const { return module->f(); }
+
+  // ---- state ----
+  bool has_pin() const {
+    std::lock_guard lock(state_mu);
+    return pin.has_value();
+  }
+  std::string token_name() const {
+    std::lock_guard lock(state_mu);
+    return "'" + info.token_label + "'";
+  }
+  void mark_healthy() {
+    std::lock_guard lock(state_mu);
+    degraded = false;
+    last_error.clear();
+  }
+  void mark_degraded(const std::string& why) {
+    std::lock_guard lock(state_mu);
+    degraded = true;
+    last_error = why;
+  }
+  bool is_degraded() const {
+    std::lock_guard lock(state_mu);
+    return degraded;
+  }
+  void forget_pin() {
+    std::lock_guard lock(state_mu);
+    pin.reset();
+    logged_in = false;
+  }
+
+  void drop_caches() {
+    std::lock_guard lock(cache_mu);
+    handles.clear();
+    versions.reset();
+  }
+
+  // ---- libp11 ----
+  void reset_libp11() noexcept {
+    std::lock_guard lock(p11_mu);
+    if (p11_slots != nullptr) {
+      // Note: releasing a slot makes libp11 call C_CloseAllSessions on it once its last
+      // reference goes, which also ends our sessions and the login; callers re-open after.
+      PKCS11_release_all_slots(p11_ctx, p11_slots, p11_nslots);
+      p11_slots = nullptr;
+      p11_nslots = 0;
+    }
+  }
+
+  // ---- object lookup ----
+  // Cached lookup of the one object matching TMPL; nullopt if none.
+  std::optional<CK_OBJECT_HANDLE> find_one(const Session& s, const std::string& cache_key,
+                                           std::vector<CK_ATTRIBUTE> tmpl,
+                                           const std::string& label) {
+    {
+      std::lock_guard lock(cache_mu);
+      if (auto it = handles.find(cache_key); it != handles.end()) return it->second;
+    }
+    std::vector<CK_OBJECT_HANDLE> found;
+    {
+      std::lock_guard lock(object_mu);
+      found = s.find(tmpl.data(), tmpl.size());
+    }
+    if (found.empty()) return std::nullopt;
+    if (found.size() > 1) {
+      fail(ErrorCode::kFailedPrecondition,
+           std::to_string(found.size()) + " objects labelled '" + label + "' are on token " +
+               token_name() +
+               "; kmsd needs exactly one: remove the extra ones (pkcs11-tool --list-objects)");
+    }
+    std::lock_guard lock(cache_mu);
+    handles[cache_key] = found[0];
+    return found[0];
+  }
+
+  std::optional<CK_OBJECT_HANDLE> find_secret(const Session& s, const std::string& label,
+                                              CK_KEY_TYPE type) {
+    static const CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    return find_one(s, "secret:" + label,
+                    {attr(CKA_CLASS, &cls), attr(CKA_KEY_TYPE, &type), attr_str(CKA_LABEL, label)},
+                    label);
+  }
+  std::optional<CK_OBJECT_HANDLE> find_key(const Session& s, CK_OBJECT_CLASS cls,
+                                           const std::string& label) {
+    return find_one(s, std::to_string(cls) + ":" + label,
+                    {attr(CKA_CLASS, &cls), attr_str(CKA_LABEL, label)}, label);
+  }
+
+  std::string master_label(std::uint32_t v) const {
+    return opts.labels.master_prefix + "-v" + std::to_string(v);
+  }
+  std::string master_mac_label(std::uint32_t v) const {
+    return opts.labels.master_mac_prefix + "-v" + std::to_string(v);
+  }
+
+  std::vector<std::uint32_t> scan_versions(const Session& s) {
+    {
+      std::lock_guard lock(cache_mu);
+      if (versions) return *versions;
+    }
+    static const CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    static const CK_KEY_TYPE type = CKK_AES;
+    CK_ATTRIBUTE tmpl[] = {attr(CKA_CLASS, &cls), attr(CKA_KEY_TYPE, &type)};
+    std::vector<std::uint32_t> out;
+    std::lock_guard olock(object_mu);
+    const std::string prefix = opts.labels.master_prefix + "-v";
+    for (CK_OBJECT_HANDLE h : s.find(tmpl, 2)) {
+      auto raw = s.attribute(h, CKA_LABEL);
+      std::string label(raw.begin(), raw.end());
+      if (label.size() <= prefix.size() || label.compare(0, prefix.size(), prefix) != 0) continue;
+      std::uint32_t v = 0;
+      const char* b = label.data() + prefix.size();
+      const char* e = label.data() + label.size();
+      auto [p, ec] = std::from_chars(b, e, v);
+      if (ec != std::errc{} || p != e || v == 0) continue;
+      out.push_back(v);
+    }
+    std::sort(out.begin(), out.end());
+    out.erase(std::unique(out.begin(), out.end()), out.end());
+    std::lock_guard lock(cache_mu);
+    versions = out;
+    return out;
+  }
+
+  // ---- recovery ----
+  // Re-finds the token (slot ids may change after a re-insert), re-opens the pool, re-logs in
+  // with the retained PIN. Runs once per fault even when many threads hit it together.
+  Status recover(std::uint64_t seen_epoch) {
+    std::lock_guard rlock(recover_mu);
+    if (epoch.load() != seen_epoch) return {};  // another thread already recovered
+    reset_libp11();
+    drop_caches();
+    pool.reset(pool.slot(), /*forget=*/true);
+    try {
+      check_rv(module->initialize(), "C_Initialize");
+      std::vector<SlotInfo> slots = p11::slots_with_tokens(*module);
+      auto it = std::find_if(slots.begin(), slots.end(),
+                             [&](const SlotInfo& s) { return uri.matches(s); });
+      if (it == slots.end()) {
+        return make_error(ErrorCode::kUnavailable,
+                          "token " + uri.text + " is not present; " + describe_tokens(slots));
+      }
+      {
+        std::lock_guard lock(state_mu);
+        info = *it;
+      }
+      pool.reset(it->slot_id, /*forget=*/true);
+      std::optional<SecretBytes> pin_copy;
+      {
+        std::lock_guard lock(state_mu);
+        if (pin) pin_copy = pin->clone();
+      }
+      if (pin_copy) {
+        auto lease = pool.acquire();
+        CK_RV rv = f()->C_Login(lease->session().handle(), CKU_USER,
+                                const_cast<std::uint8_t*>(pin_copy->data()), pin_copy->size());
+        Fault fault = p11::classify(rv);
+        if (fault == Fault::kPinIncorrect || fault == Fault::kPinLocked) {
+          forget_pin();
+          std::string why = fault == Fault::kPinLocked
+                                ? "the user PIN is locked; a security officer must reset it"
+                                : "the token no longer accepts the retained PIN";
+          Error e{fault == Fault::kPinLocked ? ErrorCode::kPinLocked
+                                             : ErrorCode::kUnauthenticated,
+                  "re-login after a lost session failed: " + why + " (" + p11::rv_name(rv) +
+                      "); log in again"};
+          mark_degraded(e.message);
+          return e;
+        }
+        if (rv != CKR_USER_ALREADY_LOGGED_IN) check_rv(rv, "C_Login");
+        std::lock_guard lock(state_mu);
+        logged_in = true;
+      }
+    } catch (const TokenError& e) {
+      return e.error;
+    }
+    epoch.fetch_add(1);
+    return {};
+  }
+
+  Error unavailable(const std::string& why) {
+    mark_degraded(why);
+    return make_error(ErrorCode::kUnavailable, "the key token is unavailable: " + why +
+                                                   "; kmsd will retry on the next request");
+  }
+
+  // Every operation goes through here: lease a session, run OP, and on a lost session or a
+  // gone token drop the pool, re-open, re-login, re-resolve handles and retry once.
+  template <typename Op>
+  auto run(std::string_view what, bool needs_login, Op&& op)
+      -> Result<std::invoke_result_t<Op&, Session&>> {
+    using R = std::invoke_result_t<Op&, Session&>;
+    auto with_context = [&](const Error& e) {
+      return what.empty() ? e : e.context(what);
+    };
+    if (needs_login && !has_pin()) {
+      return with_context(make_error(
+          ErrorCode::kFailedPrecondition,
+          "the key token " + token_name() + " is not logged in; log in with the user PIN first"));
+    }
+    if (is_degraded()) {
+      Status st = recover(epoch.load());
+      if (!st.ok()) {
+        if (st.error().code == ErrorCode::kUnauthenticated ||
+            st.error().code == ErrorCode::kPinLocked)
+          return st.error();
+        return unavailable(st.error().message);
+      }
+    }
+    for (int attempt = 0;; ++attempt) {
+      std::uint64_t seen = epoch.load();
+      try {
+        auto lease = pool.acquire();
+        try {
+          R r = op(lease->session());
+          if (is_degraded()) mark_healthy();
+          return r;
+        } catch (const TokenError& e) {
+          if (e.fault == Fault::kSessionLost || e.fault == Fault::kTokenGone) lease->mark_broken();
+          throw;
+        }
+      } catch (const TokenError& e) {
+        if (e.fault != Fault::kSessionLost && e.fault != Fault::kTokenGone) {
+          return with_context(e.error);
+        }
+        if (attempt > 0) return unavailable(e.error.message);
+        Status st = recover(seen);
+        if (!st.ok()) {
+          if (st.error().code == ErrorCode::kUnauthenticated ||
+              st.error().code == ErrorCode::kPinLocked)
+            return st.error();
+          return unavailable(st.error().message);
+        }
+      } catch (const std::bad_alloc&) {
+        return make_error(ErrorCode::kInternal, "out of memory during a token operation");
+      }
+    }
+  }
+
+  // ---- data-key protection ----
+  Bytes protect(const Session& s, WrapMechanism mech, std::uint32_t v, CK_OBJECT_HANDLE mk,
+                const SecretBytes& dk, std::span<const std::uint8_t> binding) {
+    switch (mech) {
+      case WrapMechanism::kAesKeyWrapPad: {
+        static const CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+        static const CK_KEY_TYPE type = CKK_AES;
+        CK_ATTRIBUTE tmpl[] = {attr(CKA_CLASS, &cls),         attr(CKA_KEY_TYPE, &type),
+                               attr(CKA_TOKEN, &kFalse),      attr(CKA_PRIVATE, &kFalse),
+                               attr(CKA_SENSITIVE, &kFalse),  attr(CKA_EXTRACTABLE, &kTrue),
+                               attr(CKA_ENCRYPT, &kFalse),    attr(CKA_DECRYPT, &kFalse),
+                               attr(CKA_SIGN, &kFalse),       attr(CKA_VERIFY, &kFalse),
+                               attr(CKA_WRAP, &kFalse),       attr(CKA_UNWRAP, &kFalse),
+                               attr_bytes(CKA_VALUE, dk.span())};
+        CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+        {
+          std::lock_guard lock(object_mu);
+          check_rv(f()->C_CreateObject(s.handle(), tmpl, std::size(tmpl), &h), "C_CreateObject");
+        }
+        ObjectGuard guard(s, h, &object_mu);
+        CK_MECHANISM m{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
+        CK_ULONG len = 0;
+        check_rv(f()->C_WrapKey(s.handle(), &m, mk, h, nullptr, &len), "C_WrapKey");
+        Bytes out(len);
+        check_rv(f()->C_WrapKey(s.handle(), &m, mk, h, out.data(), &len), "C_WrapKey");
+        out.resize(len);
+        return out;
+      }
+      case WrapMechanism::kAesGcm: {
+        Bytes iv = fresh_bytes(12);
+        CK_GCM_PARAMS gp{};
+        gp.pIv = iv.data();
+        gp.ulIvLen = iv.size();
+        gp.ulIvBits = iv.size() * 8;
+        gp.pAAD = const_cast<std::uint8_t*>(binding.data());  // never empty (header)
+        gp.ulAADLen = binding.size();
+        gp.ulTagBits = 128;
+        CK_MECHANISM m{CKM_AES_GCM, &gp, sizeof gp};
+        check_rv(f()->C_EncryptInit(s.handle(), &m, mk), "C_EncryptInit");
+        Bytes ct(dk.size() + 16);
+        CK_ULONG len = ct.size();
+        check_rv(f()->C_Encrypt(s.handle(), const_cast<std::uint8_t*>(dk.data()), dk.size(),
+                                ct.data(), &len),
+                 "C_Encrypt");
+        ct.resize(len);
+        Bytes out = iv;
+        append(out, ct);
+        return out;
+      }
+      case WrapMechanism::kAesCbcPadHmac: {
+        auto mac_key = find_secret(s, master_mac_label(v), CKK_GENERIC_SECRET);
+        if (!mac_key) {
+          fail(ErrorCode::kNotFound, "master MAC key '" + master_mac_label(v) +
+                                         "' is not on the token; generate master key v" +
+                                         std::to_string(v) + " with aes-cbc-pad-hmac");
+        }
+        Bytes iv = fresh_bytes(16);
+        CK_MECHANISM m{CKM_AES_CBC_PAD, iv.data(), iv.size()};
+        check_rv(f()->C_EncryptInit(s.handle(), &m, mk), "C_EncryptInit");
+        Bytes ct(dk.size() + 16);
+        CK_ULONG len = ct.size();
+        check_rv(f()->C_Encrypt(s.handle(), const_cast<std::uint8_t*>(dk.data()), dk.size(),
+                                ct.data(), &len),
+                 "C_Encrypt");
+        ct.resize(len);
+        Bytes out = iv;
+        append(out, ct);
+        Bytes mac_input(binding.begin(), binding.end());
+        append(mac_input, out);
+        append(out, hmac(s, *mac_key, mac_input));
+        return out;
+      }
+    }
+    fail(ErrorCode::kInvalidArgument, "unknown wrap mechanism");
+  }
+
+  SecretBytes unprotect(const Session& s, std::uint8_t mech, std::uint32_t v, CK_OBJECT_HANDLE mk,
+                        std::span<const std::uint8_t> wrapped,
+                        std::span<const std::uint8_t> binding) {
+    switch (static_cast<WrapMechanism>(mech)) {
+      case WrapMechanism::kAesKeyWrapPad: {
+        static const CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+        static const CK_KEY_TYPE type = CKK_AES;
+        CK_ATTRIBUTE tmpl[] = {attr(CKA_CLASS, &cls),        attr(CKA_KEY_TYPE, &type),
+                               attr(CKA_TOKEN, &kFalse),     attr(CKA_PRIVATE, &kFalse),
+                               attr(CKA_SENSITIVE, &kFalse), attr(CKA_EXTRACTABLE, &kTrue),
+                               attr(CKA_ENCRYPT, &kFalse),   attr(CKA_DECRYPT, &kFalse),
+                               attr(CKA_WRAP, &kFalse),      attr(CKA_UNWRAP, &kFalse)};
+        CK_MECHANISM m{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
+        CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+        {
+          std::lock_guard lock(object_mu);
+          check_rv(f()->C_UnwrapKey(s.handle(), &m, mk, const_cast<std::uint8_t*>(wrapped.data()),
+                                    wrapped.size(), tmpl, std::size(tmpl), &h),
+                   "C_UnwrapKey");
+        }
+        ObjectGuard guard(s, h, &object_mu);
+        return s.secret_attribute(h, CKA_VALUE);
+      }
+      case WrapMechanism::kAesGcm: {
+        if (wrapped.size() != 12 + envelope::kDataKeyLen + 16) open_failed();
+        CK_GCM_PARAMS gp{};
+        gp.pIv = const_cast<std::uint8_t*>(wrapped.data());
+        gp.ulIvLen = 12;
+        gp.ulIvBits = 96;
+        gp.pAAD = const_cast<std::uint8_t*>(binding.data());
+        gp.ulAADLen = binding.size();
+        gp.ulTagBits = 128;
+        CK_MECHANISM m{CKM_AES_GCM, &gp, sizeof gp};
+        check_rv(f()->C_DecryptInit(s.handle(), &m, mk), "C_DecryptInit");
+        auto ct = wrapped.subspan(12);
+        SecretBytes out(ct.size());
+        CK_ULONG len = out.size();
+        check_rv(f()->C_Decrypt(s.handle(), const_cast<std::uint8_t*>(ct.data()), ct.size(),
+                                out.data(), &len),
+                 "C_Decrypt");
+        out.resize(len);
+        return out;
+      }
+      case WrapMechanism::kAesCbcPadHmac: {
+        if (wrapped.size() != 16 + 48 + 32) open_failed();
+        auto mac_key = find_secret(s, master_mac_label(v), CKK_GENERIC_SECRET);
+        if (!mac_key) open_failed();
+        auto iv_ct = wrapped.subspan(0, 64);
+        Bytes mac_input(binding.begin(), binding.end());
+        append(mac_input, iv_ct);
+        Bytes mac = hmac(s, *mac_key, mac_input);
+        if (!constant_time_equal(mac, wrapped.subspan(64))) open_failed();
+        CK_MECHANISM m{CKM_AES_CBC_PAD, const_cast<std::uint8_t*>(wrapped.data()), 16};
+        check_rv(f()->C_DecryptInit(s.handle(), &m, mk), "C_DecryptInit");
+        SecretBytes out(48);
+        CK_ULONG len = out.size();
+        check_rv(f()->C_Decrypt(s.handle(), const_cast<std::uint8_t*>(wrapped.data() + 16), 48,
+                                out.data(), &len),
+                 "C_Decrypt");
+        out.resize(len);
+        return out;
+      }
+    }
+    open_failed();
+  }
+
+  Bytes hmac(const Session& s, CK_OBJECT_HANDLE key, std::span<const std::uint8_t> data) {
+    CK_MECHANISM m{CKM_SHA256_HMAC, nullptr, 0};
+    check_rv(f()->C_SignInit(s.handle(), &m, key), "C_SignInit");
+    Bytes out(32);
+    CK_ULONG len = out.size();
+    check_rv(f()->C_Sign(s.handle(), const_cast<std::uint8_t*>(data.data()), data.size(),
+                         out.data(), &len),
+             "C_Sign");
+    out.resize(len);
+    return out;
+  }
+
+  // A generated key's object must not exist yet.
+  void refuse_existing(const Session& s, CK_OBJECT_CLASS cls, const std::string& label) {
+    CK_ATTRIBUTE tmpl[] = {attr(CKA_CLASS, &cls), attr_str(CKA_LABEL, label)};
+    if (!s.find(tmpl, 2).empty()) {
+      fail(ErrorCode::kAlreadyExists, "a key labelled '" + label + "' is already on token " +
+                                          token_name() + "; refusing to generate another");
+    }
+  }
+
+  // ---- libp11 private key ----
+  ossl::EvpPkeyPtr libp11_private_key(std::span<const std::uint8_t> id, CK_SLOT_ID slot_id) {
+    std::lock_guard lock(p11_mu);
+    auto libp11_fail = [](const std::string& what) {
+      fail(ErrorCode::kCrypto, "libp11: " + what + " (" + ossl::drain_errors() + ")");
+    };
+    if (p11_ctx == nullptr) {
+      p11_ctx = libp11_context(opts.module_path);
+      if (p11_ctx == nullptr) libp11_fail("could not load PKCS#11 module " + opts.module_path);
+    }
+    if (p11_slots == nullptr) {
+      if (PKCS11_enumerate_slots(p11_ctx, &p11_slots, &p11_nslots) != 0) {
+        p11_slots = nullptr;
+        p11_nslots = 0;
+        libp11_fail("could not enumerate slots");
+      }
+    }
+    PKCS11_SLOT* slot = nullptr;
+    for (unsigned int i = 0; i < p11_nslots; ++i) {
+      if (PKCS11_get_slotid_from_slot(&p11_slots[i]) == slot_id && p11_slots[i].token) {
+        slot = &p11_slots[i];
+      }
+    }
+    if (slot == nullptr) libp11_fail("slot " + std::to_string(slot_id) + " has no token");
+    PKCS11_KEY* keys = nullptr;
+    unsigned int nkeys = 0;
+    if (PKCS11_enumerate_keys(slot->token, &keys, &nkeys) != 0) {
+      libp11_fail("could not list the keys on the token");
+    }
+    for (unsigned int i = 0; i < nkeys; ++i) {
+      PKCS11_KEY& k = keys[i];
+      if (!k.isPrivate || k.label == nullptr || opts.labels.ca != k.label) continue;
+      if (k.id_len != id.size() || !std::equal(id.begin(), id.end(), k.id)) continue;
+      EVP_PKEY* pkey = PKCS11_get_private_key(&k);
+      if (pkey == nullptr) libp11_fail("PKCS11_get_private_key failed for '" + opts.labels.ca + "'");
+      return ossl::EvpPkeyPtr(pkey);
+    }
+    fail(ErrorCode::kNotFound, "libp11 does not see the CA private key '" + opts.labels.ca +
+                                   "' on the token (is the token logged in?)");
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+
+Token::Token(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Token::~Token() = default;
+
+Result<std::vector<SlotInfo>> Token::list_slots(const std::string& module_path) {
+  KMSD_ASSIGN_OR_RETURN(auto module, Module::load(module_path));
+  try {
+    return p11::slots_with_tokens(*module);
+  } catch (const TokenError& e) {
+    return e.error.context("listing the tokens of " + module_path);
+  }
+}
+
+Result<std::unique_ptr<Token>> Token::open(const TokenOptions& options) {
+  KMSD_ASSIGN_OR_RETURN(auto uri, TokenUri::parse(options.token_uri));
+  KMSD_ASSIGN_OR_RETURN(auto module, Module::load(options.module_path));
+  std::vector<SlotInfo> slots;
+  try {
+    slots = p11::slots_with_tokens(*module);
+  } catch (const TokenError& e) {
+    return e.error.context("listing the tokens of " + options.module_path);
+  }
+  std::vector<SlotInfo> matching;
+  for (const auto& s : slots) {
+    if (uri.matches(s)) matching.push_back(s);
+  }
+  if (matching.empty()) {
+    return make_error(ErrorCode::kNotFound, "no token matches " + uri.text + "; " +
+                                                describe_tokens(slots) +
+                                                "; check token.uri in kmsd.toml");
+  }
+  if (matching.size() > 1) {
+    return make_error(ErrorCode::kConfig, std::to_string(matching.size()) + " tokens match " +
+                                              uri.text + " (" + describe_tokens(matching) +
+                                              "); add serial= to token.uri in kmsd.toml");
+  }
+  if (!matching[0].initialized) {
+    return make_error(ErrorCode::kFailedPrecondition,
+                      "token '" + matching[0].token_label + "' is not initialized; initialize it "
+                      "first (softhsm2-util --init-token / pkcs11-tool --init-token)");
+  }
+  auto impl = std::make_unique<Impl>(options, std::move(uri), std::move(module), matching[0]);
+  return std::unique_ptr<Token>(new Token(std::move(impl)));
+}
+
+Status Token::login(const SecretBytes& pin) {
+  Impl& d = *impl_;
+  for (int attempt = 0;; ++attempt) {
+    std::uint64_t seen = d.epoch.load();
+    try {
+      auto lease = d.pool.acquire();
+      CK_SESSION_HANDLE h = lease->session().handle();
+      auto do_login = [&] {
+        return d.f()->C_Login(h, CKU_USER, const_cast<std::uint8_t*>(pin.data()), pin.size());
+      };
+      CK_RV rv = do_login();
+      if (rv == CKR_USER_ALREADY_LOGGED_IN) {
+        // Logged in already (another Token in this process, or an earlier login): the token
+        // did not check this PIN. Check it, so a wrong PIN is never retained.
+        bool same = false;
+        {
+          std::lock_guard lock(d.state_mu);
+          same = d.pin && constant_time_equal(d.pin->span(), pin.span());
+        }
+        if (!same) {
+          d.f()->C_Logout(h);
+          rv = do_login();
+        } else {
+          rv = CKR_OK;
+        }
+      }
+      Fault fault = p11::classify(rv);
+      if (fault == Fault::kSessionLost || fault == Fault::kTokenGone) {
+        lease->mark_broken();
+        if (attempt > 0) check_rv(rv, "C_Login");
+        lease.reset();
+        d.forget_pin();
+        Status st = d.recover(seen);
+        if (!st.ok()) return d.unavailable(st.error().message);
+        continue;
+      }
+      if (fault == Fault::kPinIncorrect) {
+        d.forget_pin();
+        CK_TOKEN_INFO ti{};
+        std::string hint;
+        if (d.f()->C_GetTokenInfo(d.pool.slot(), &ti) == CKR_OK) {
+          if (ti.flags & CKF_USER_PIN_LOCKED) {
+            hint = "; the PIN is now locked";
+          } else if (ti.flags & CKF_USER_PIN_FINAL_TRY) {
+            hint = "; one more wrong PIN will lock the token";
+          } else if (ti.flags & CKF_USER_PIN_COUNT_LOW) {
+            hint = "; few tries remain before the token locks";
+          }
+        }
+        return make_error(ErrorCode::kUnauthenticated, "token " + d.token_name() +
+                                                           " rejected the user PIN (" +
+                                                           p11::rv_name(rv) + ")" + hint);
+      }
+      if (fault == Fault::kPinLocked) {
+        d.forget_pin();
+        return make_error(ErrorCode::kPinLocked,
+                          "the user PIN of token " + d.token_name() + " is locked or expired (" +
+                              p11::rv_name(rv) +
+                              "); a security officer must reset it (pkcs11-tool --init-pin "
+                              "--login --login-type so)");
+      }
+      check_rv(rv, "C_Login");
+      {
+        std::lock_guard lock(d.state_mu);
+        d.pin = pin.clone();
+        d.logged_in = true;
+      }
+      d.drop_caches();  // private objects are visible now
+      d.mark_healthy();
+      return {};
+    } catch (const TokenError& e) {
+      return e.error.context("logging in to token " + d.token_name());
+    }
+  }
+}
+
+void Token::logout() noexcept {
+  Impl& d = *impl_;
+  d.reset_libp11();
+  d.drop_caches();
+  try {
+    auto lease = d.pool.acquire();
+    d.f()->C_Logout(lease->session().handle());
+  } catch (...) {
+    // Best effort: the sessions are closed below anyway, which ends the login too.
+  }
+  d.pool.reset(d.pool.slot(), /*forget=*/false);
+  d.forget_pin();
+}
+
+bool Token::logged_in() const noexcept {
+  std::lock_guard lock(impl_->state_mu);
+  return impl_->logged_in;
+}
+
+TokenStatus Token::status() const {
+  Impl& d = *impl_;
+  TokenStatus st;
+  CK_TOKEN_INFO ti{};
+  CK_RV rv = d.f()->C_GetTokenInfo(d.pool.slot(), &ti);
+  std::lock_guard lock(d.state_mu);
+  st.logged_in = d.logged_in;
+  st.degraded = d.degraded;
+  st.last_error = d.last_error;
+  st.token_label = d.info.token_label;
+  st.token_serial = d.info.token_serial;
+  if (rv == CKR_OK) {
+    st.pin_count_low = (ti.flags & CKF_USER_PIN_COUNT_LOW) != 0;
+    st.pin_final_try = (ti.flags & CKF_USER_PIN_FINAL_TRY) != 0;
+    st.pin_locked = (ti.flags & CKF_USER_PIN_LOCKED) != 0;
+  } else if (st.last_error.empty()) {
+    st.last_error = "C_GetTokenInfo failed: " + p11::rv_name(rv);
+  }
+  return st;
+}
+
+// ---- key creation ----
+
+Status Token::generate_master_key(std::uint32_t version) {
+  Impl& d = *impl_;
+  if (version == 0) {
+    return make_error(ErrorCode::kInvalidArgument, "master key versions start at 1");
+  }
+  const std::string label = d.master_label(version);
+  const std::string mac_label = d.master_mac_label(version);
+  const WrapMechanism mech = d.opts.wrap;
+  auto r = d.run("generating master key " + label, true, [&](Session& s) {
+    std::lock_guard lock(d.object_mu);
+    d.refuse_existing(s, CKO_SECRET_KEY, label);
+    if (mech == WrapMechanism::kAesCbcPadHmac) d.refuse_existing(s, CKO_SECRET_KEY, mac_label);
+    const bool cipher = mech != WrapMechanism::kAesKeyWrapPad;
+    static const CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    static const CK_KEY_TYPE aes = CKK_AES;
+    static const CK_ULONG len = 32;
+    CK_ATTRIBUTE tmpl[] = {
+        attr(CKA_CLASS, &cls),          attr(CKA_KEY_TYPE, &aes),
+        attr(CKA_VALUE_LEN, &len),      attr(CKA_TOKEN, &kTrue),
+        attr(CKA_PRIVATE, &kTrue),      attr(CKA_SENSITIVE, &kTrue),
+        attr(CKA_EXTRACTABLE, &kFalse), attr(CKA_WRAP, &kTrue),
+        attr(CKA_UNWRAP, &kTrue),       attr(CKA_ENCRYPT, flag(cipher)),
+        attr(CKA_DECRYPT, flag(cipher)), attr(CKA_SIGN, &kFalse),
+        attr(CKA_VERIFY, &kFalse),      attr(CKA_DERIVE, &kFalse),
+        attr_str(CKA_LABEL, label),     attr_str(CKA_ID, label)};
+    CK_MECHANISM m{CKM_AES_KEY_GEN, nullptr, 0};
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    check_rv(d.f()->C_GenerateKey(s.handle(), &m, tmpl, std::size(tmpl), &h), "C_GenerateKey");
+    if (mech == WrapMechanism::kAesCbcPadHmac) {
+      static const CK_KEY_TYPE gs = CKK_GENERIC_SECRET;
+      CK_ATTRIBUTE mt[] = {attr(CKA_CLASS, &cls),          attr(CKA_KEY_TYPE, &gs),
+                           attr(CKA_VALUE_LEN, &len),      attr(CKA_TOKEN, &kTrue),
+                           attr(CKA_PRIVATE, &kTrue),      attr(CKA_SENSITIVE, &kTrue),
+                           attr(CKA_EXTRACTABLE, &kFalse), attr(CKA_SIGN, &kTrue),
+                           attr(CKA_VERIFY, &kTrue),       attr(CKA_ENCRYPT, &kFalse),
+                           attr(CKA_DECRYPT, &kFalse),     attr(CKA_WRAP, &kFalse),
+                           attr(CKA_UNWRAP, &kFalse),      attr(CKA_DERIVE, &kFalse),
+                           attr_str(CKA_LABEL, mac_label), attr_str(CKA_ID, mac_label)};
+      CK_MECHANISM gm{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
+      CK_OBJECT_HANDLE mh = CK_INVALID_HANDLE;
+      CK_RV rv = d.f()->C_GenerateKey(s.handle(), &gm, mt, std::size(mt), &mh);
+      if (rv != CKR_OK) s.destroy(h);  // no half-made version
+      check_rv(rv, "C_GenerateKey");
+    }
+    std::lock_guard clock(d.cache_mu);
+    d.versions.reset();
+    return true;
+  });
+  if (!r.ok()) return r.error();
+  return {};
+}
+
+Status Token::generate_ca_key(KeyType type) {
+  Impl& d = *impl_;
+  const std::string& label = d.opts.labels.ca;
+  auto r = d.run(std::string("generating CA key '") + label + "' (" + to_string(type) + ")", true,
+                 [&](Session& s) {
+                   std::lock_guard lock(d.object_mu);
+                   d.refuse_existing(s, CKO_PRIVATE_KEY, label);
+                   d.refuse_existing(s, CKO_PUBLIC_KEY, label);
+                   Bytes id = fresh_bytes(16);
+                   const bool ec = type == KeyType::kEcP256 || type == KeyType::kEcP384;
+                   static const CK_OBJECT_CLASS pub_cls = CKO_PUBLIC_KEY;
+                   static const CK_OBJECT_CLASS priv_cls = CKO_PRIVATE_KEY;
+                   const CK_KEY_TYPE kt = ec ? CKK_EC : CKK_RSA;
+                   const CK_ULONG bits = type == KeyType::kRsa3072 ? 3072 : 2048;
+                   static const std::uint8_t e65537[] = {0x01, 0x00, 0x01};
+                   std::vector<CK_ATTRIBUTE> pub = {
+                       attr(CKA_CLASS, &pub_cls),   attr(CKA_KEY_TYPE, &kt),
+                       attr(CKA_TOKEN, &kTrue),     attr(CKA_PRIVATE, &kFalse),
+                       attr(CKA_VERIFY, &kTrue),    attr(CKA_ENCRYPT, &kFalse),
+                       attr(CKA_WRAP, &kFalse),     attr(CKA_DERIVE, &kFalse),
+                       attr_str(CKA_LABEL, label),  attr_bytes(CKA_ID, id)};
+                   if (type == KeyType::kEcP256) {
+                     pub.push_back(attr(CKA_EC_PARAMS, kOidP256, sizeof kOidP256));
+                   } else if (type == KeyType::kEcP384) {
+                     pub.push_back(attr(CKA_EC_PARAMS, kOidP384, sizeof kOidP384));
+                   } else {
+                     pub.push_back(attr(CKA_MODULUS_BITS, &bits));
+                     pub.push_back(attr(CKA_PUBLIC_EXPONENT, e65537, sizeof e65537));
+                   }
+                   std::vector<CK_ATTRIBUTE> priv = {
+                       attr(CKA_CLASS, &priv_cls),     attr(CKA_KEY_TYPE, &kt),
+                       attr(CKA_TOKEN, &kTrue),        attr(CKA_PRIVATE, &kTrue),
+                       attr(CKA_SENSITIVE, &kTrue),    attr(CKA_EXTRACTABLE, &kFalse),
+                       attr(CKA_SIGN, &kTrue),         attr(CKA_DECRYPT, &kFalse),
+                       attr(CKA_UNWRAP, &kFalse),      attr(CKA_DERIVE, &kFalse),
+                       attr(CKA_SIGN_RECOVER, &kFalse), attr_str(CKA_LABEL, label),
+                       attr_bytes(CKA_ID, id)};
+                   CK_MECHANISM m{ec ? CKM_EC_KEY_PAIR_GEN : CKM_RSA_PKCS_KEY_PAIR_GEN, nullptr,
+                                  0};
+                   CK_OBJECT_HANDLE hpub = CK_INVALID_HANDLE;
+                   CK_OBJECT_HANDLE hpriv = CK_INVALID_HANDLE;
+                   check_rv(d.f()->C_GenerateKeyPair(s.handle(), &m, pub.data(), pub.size(),
+                                                     priv.data(), priv.size(), &hpub, &hpriv),
+                            "C_GenerateKeyPair");
+                   return true;
+                 });
+  if (!r.ok()) return r.error();
+  return {};
+}
+
+Status Token::generate_audit_key() {
+  Impl& d = *impl_;
+  const std::string& label = d.opts.labels.audit;
+  auto r = d.run("generating audit key '" + label + "'", true, [&](Session& s) {
+    std::lock_guard lock(d.object_mu);
+    d.refuse_existing(s, CKO_SECRET_KEY, label);
+    static const CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    static const CK_KEY_TYPE gs = CKK_GENERIC_SECRET;
+    static const CK_ULONG len = 32;
+    CK_ATTRIBUTE t[] = {attr(CKA_CLASS, &cls),          attr(CKA_KEY_TYPE, &gs),
+                        attr(CKA_VALUE_LEN, &len),      attr(CKA_TOKEN, &kTrue),
+                        attr(CKA_PRIVATE, &kTrue),      attr(CKA_SENSITIVE, &kTrue),
+                        attr(CKA_EXTRACTABLE, &kFalse), attr(CKA_SIGN, &kTrue),
+                        attr(CKA_VERIFY, &kTrue),       attr(CKA_ENCRYPT, &kFalse),
+                        attr(CKA_DECRYPT, &kFalse),     attr(CKA_WRAP, &kFalse),
+                        attr(CKA_UNWRAP, &kFalse),      attr(CKA_DERIVE, &kFalse),
+                        attr_str(CKA_LABEL, label),     attr_str(CKA_ID, label)};
+    CK_MECHANISM m{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    check_rv(d.f()->C_GenerateKey(s.handle(), &m, t, std::size(t), &h), "C_GenerateKey");
+    return true;
+  });
+  if (!r.ok()) return r.error();
+  return {};
+}
+
+Result<std::vector<std::uint32_t>> Token::master_key_versions() {
+  Impl& d = *impl_;
+  return d.run("listing master keys", true, [&](Session& s) { return d.scan_versions(s); });
+}
+
+bool Token::has_ca_key() {
+  Impl& d = *impl_;
+  auto r = d.run("", false, [&](Session& s) {
+    return d.find_key(s, CKO_PUBLIC_KEY, d.opts.labels.ca).has_value();
+  });
+  return r.ok() && *r;
+}
+
+bool Token::has_audit_key() {
+  Impl& d = *impl_;
+  auto r = d.run("", true, [&](Session& s) {
+    return d.find_secret(s, d.opts.labels.audit, CKK_GENERIC_SECRET).has_value();
+  });
+  return r.ok() && *r;
+}
+
+// ---- envelope ----
+
+Result<Bytes> Token::seal(std::span<const std::uint8_t> plaintext,
+                          std::span<const std::uint8_t> aad, std::uint32_t master_version) {
+  Impl& d = *impl_;
+  const WrapMechanism mech = d.opts.wrap;
+  return d.run("sealing a record", true, [&](Session& s) -> Bytes {
+    std::uint32_t v = master_version;
+    if (v == 0) {
+      auto all = d.scan_versions(s);
+      if (all.empty()) {
+        fail(ErrorCode::kFailedPrecondition,
+             "no master key '" + d.opts.labels.master_prefix +
+                 "-vN' is on the token; generate one first (kmsctl init)");
+      }
+      v = all.back();
+    }
+    auto mk = d.find_secret(s, d.master_label(v), CKK_AES);
+    if (!mk) fail(ErrorCode::kNotFound, "master key '" + d.master_label(v) + "' is not on the token");
+    SecretBytes dk = fresh_secret(envelope::kDataKeyLen);
+    Bytes nonce = fresh_bytes(envelope::kNonceLen);
+    Bytes binding = envelope::bind(envelope::key_header(mech, v), aad);
+    Bytes wrapped = d.protect(s, mech, v, *mk, dk, binding);
+    Bytes blob = envelope::prefix(mech, v, wrapped, nonce);
+    auto ct = envelope::gcm_seal(dk, nonce, plaintext, envelope::bind(blob, aad));
+    if (!ct.ok()) throw TokenError(ct.error(), Fault::kCallerError);
+    append(blob, *ct);
+    return blob;
+  });
+}
+
+Result<SecretBytes> Token::open(std::span<const std::uint8_t> blob,
+                                std::span<const std::uint8_t> aad) {
+  Impl& d = *impl_;
+  return d.run("", true, [&](Session& s) -> SecretBytes {
+    auto p = envelope::parse(blob);
+    if (!p || p->master_version == 0 || p->mechanism < 1 || p->mechanism > 3) open_failed();
+    auto mk = d.find_secret(s, d.master_label(p->master_version), CKK_AES);
+    if (!mk) open_failed();
+    SecretBytes dk;
+    try {
+      dk = d.unprotect(s, p->mechanism, p->master_version, *mk, p->wrapped,
+                       envelope::bind(p->key_header, aad));
+    } catch (const TokenError& e) {
+      if (e.fault == Fault::kSessionLost || e.fault == Fault::kTokenGone) throw;
+      open_failed();
+    }
+    if (dk.size() != envelope::kDataKeyLen) open_failed();
+    auto pt = envelope::gcm_open(dk, p->nonce, p->ciphertext, envelope::bind(p->authenticated, aad));
+    if (!pt.ok()) open_failed();
+    return std::move(pt).value();
+  });
+}
+
+// ---- signing ----
+
+Result<ossl::EvpPkeyPtr> Token::ca_private_key() {
+  Impl& d = *impl_;
+  return d.run("loading the CA private key '" + d.opts.labels.ca + "'", true,
+               [&](Session& s) -> ossl::EvpPkeyPtr {
+                 // libp11 keeps its own sessions and cannot tell us they died; check ours
+                 // (same login state) so a lost session or login is recovered first.
+                 CK_SESSION_INFO si{};
+                 check_rv(d.f()->C_GetSessionInfo(s.handle(), &si), "C_GetSessionInfo");
+                 if (si.state != CKS_RW_USER_FUNCTIONS && si.state != CKS_RO_USER_FUNCTIONS) {
+                   check_rv(CKR_USER_NOT_LOGGED_IN, "C_GetSessionInfo");
+                 }
+                 auto h = d.find_key(s, CKO_PRIVATE_KEY, d.opts.labels.ca);
+                 if (!h) {
+                   fail(ErrorCode::kNotFound, "no CA private key '" + d.opts.labels.ca +
+                                                  "' is on the token; generate one first "
+                                                  "(kmsctl init)");
+                 }
+                 Bytes id = s.attribute(*h, CKA_ID);
+                 return d.libp11_private_key(id, d.pool.slot());
+               });
+}
+
+namespace {
+
+ossl::EvpPkeyPtr ec_public_key(std::span<const std::uint8_t> params,
+                               std::span<const std::uint8_t> point) {
+  const char* group = nullptr;
+  if (std::equal(params.begin(), params.end(), std::begin(kOidP256), std::end(kOidP256))) {
+    group = "P-256";
+  } else if (std::equal(params.begin(), params.end(), std::begin(kOidP384),
+                        std::end(kOidP384))) {
+    group = "P-384";
+  } else {
+    fail(ErrorCode::kFailedPrecondition, "the CA key uses an EC curve kmsd does not support");
+  }
+  // CKA_EC_POINT is a DER OCTET STRING around the point (some tokens give the raw point).
+  Bytes raw(point.begin(), point.end());
+  if (!point.empty() && point[0] == 0x04 && point.size() >= 2) {
+    const unsigned char* p = point.data();
+    ASN1_OCTET_STRING* os = d2i_ASN1_OCTET_STRING(nullptr, &p, static_cast<long>(point.size()));
+    if (os != nullptr && p == point.data() + point.size()) {
+      raw.assign(ASN1_STRING_get0_data(os), ASN1_STRING_get0_data(os) + ASN1_STRING_length(os));
+    }
+    ASN1_OCTET_STRING_free(os);
+    ossl::drain_errors();
+  }
+  std::unique_ptr<OSSL_PARAM_BLD, ossl::Deleter<OSSL_PARAM_BLD_free>> bld(OSSL_PARAM_BLD_new());
+  if (!bld ||
+      OSSL_PARAM_BLD_push_utf8_string(bld.get(), OSSL_PKEY_PARAM_GROUP_NAME, group, 0) != 1 ||
+      OSSL_PARAM_BLD_push_octet_string(bld.get(), OSSL_PKEY_PARAM_PUB_KEY, raw.data(),
+                                       raw.size()) != 1) {
+    throw TokenError(ossl::crypto_error("building the CA public key"), Fault::kCallerError);
+  }
+  std::unique_ptr<OSSL_PARAM, ossl::Deleter<OSSL_PARAM_free>> params_out(
+      OSSL_PARAM_BLD_to_param(bld.get()));
+  ossl::EvpPkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr));
+  EVP_PKEY* key = nullptr;
+  if (!params_out || !ctx || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
+      EVP_PKEY_fromdata(ctx.get(), &key, EVP_PKEY_PUBLIC_KEY, params_out.get()) != 1) {
+    throw TokenError(ossl::crypto_error("building the CA public key (EC)"), Fault::kCallerError);
+  }
+  return ossl::EvpPkeyPtr(key);
+}
+
+ossl::EvpPkeyPtr rsa_public_key(std::span<const std::uint8_t> n, std::span<const std::uint8_t> e) {
+  ossl::BignumPtr bn_n(BN_bin2bn(n.data(), static_cast<int>(n.size()), nullptr));
+  ossl::BignumPtr bn_e(BN_bin2bn(e.data(), static_cast<int>(e.size()), nullptr));
+  std::unique_ptr<OSSL_PARAM_BLD, ossl::Deleter<OSSL_PARAM_BLD_free>> bld(OSSL_PARAM_BLD_new());
+  if (!bn_n || !bn_e || !bld ||
+      OSSL_PARAM_BLD_push_BN(bld.get(), OSSL_PKEY_PARAM_RSA_N, bn_n.get()) != 1 ||
+      OSSL_PARAM_BLD_push_BN(bld.get(), OSSL_PKEY_PARAM_RSA_E, bn_e.get()) != 1) {
+    throw TokenError(ossl::crypto_error("building the CA public key"), Fault::kCallerError);
+  }
+  std::unique_ptr<OSSL_PARAM, ossl::Deleter<OSSL_PARAM_free>> params(
+      OSSL_PARAM_BLD_to_param(bld.get()));
+  ossl::EvpPkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_name(nullptr, "RSA", nullptr));
+  EVP_PKEY* key = nullptr;
+  if (!params || !ctx || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
+      EVP_PKEY_fromdata(ctx.get(), &key, EVP_PKEY_PUBLIC_KEY, params.get()) != 1) {
+    throw TokenError(ossl::crypto_error("building the CA public key (RSA)"),
+                     Fault::kCallerError);
+  }
+  return ossl::EvpPkeyPtr(key);
+}
+
+}  // namespace
+
+Result<ossl::EvpPkeyPtr> Token::ca_public_key() {
+  Impl& d = *impl_;
+  return d.run("reading the CA public key '" + d.opts.labels.ca + "'", false,
+               [&](Session& s) -> ossl::EvpPkeyPtr {
+                 auto h = d.find_key(s, CKO_PUBLIC_KEY, d.opts.labels.ca);
+                 if (!h) {
+                   fail(ErrorCode::kNotFound, "no CA public key '" + d.opts.labels.ca +
+                                                  "' is on the token; generate the CA key "
+                                                  "first (kmsctl init)");
+                 }
+                 CK_KEY_TYPE kt = 0;
+                 CK_ATTRIBUTE a = attr(CKA_KEY_TYPE, &kt);
+                 check_rv(d.f()->C_GetAttributeValue(s.handle(), *h, &a, 1),
+                          "C_GetAttributeValue");
+                 if (kt == CKK_EC) {
+                   return ec_public_key(s.attribute(*h, CKA_EC_PARAMS),
+                                        s.attribute(*h, CKA_EC_POINT));
+                 }
+                 if (kt == CKK_RSA) {
+                   return rsa_public_key(s.attribute(*h, CKA_MODULUS),
+                                         s.attribute(*h, CKA_PUBLIC_EXPONENT));
+                 }
+                 fail(ErrorCode::kFailedPrecondition,
+                      "the CA key on the token is neither EC nor RSA");
+               });
+}
+
+// ---- misc ----
+
+Result<Bytes> Token::hmac_sha256(std::span<const std::uint8_t> data) {
+  Impl& d = *impl_;
+  return d.run("computing the audit HMAC", true, [&](Session& s) {
+    auto h = d.find_secret(s, d.opts.labels.audit, CKK_GENERIC_SECRET);
+    if (!h) {
+      fail(ErrorCode::kNotFound, "no audit key '" + d.opts.labels.audit +
+                                     "' is on the token; generate one first (kmsctl init)");
+    }
+    return d.hmac(s, *h, data);
+  });
+}
+
+Result<SecretBytes> Token::random(std::size_t n) {
+  Impl& d = *impl_;
+  if (n > (1u << 20)) {
+    return make_error(ErrorCode::kInvalidArgument, "at most 1 MiB of random bytes per call");
+  }
+  return d.run("drawing random bytes from the token", false, [&](Session& s) {
+    SecretBytes out(n);
+    if (n > 0) check_rv(d.f()->C_GenerateRandom(s.handle(), out.data(), n), "C_GenerateRandom");
+    return out;
+  });
+}
+
+Status Token::write_data_object(const std::string& label, const SecretBytes& value,
+                                bool overwrite) {
+  Impl& d = *impl_;
+  if (label.empty()) return make_error(ErrorCode::kInvalidArgument, "data object label is empty");
+  auto r = d.run("writing data object '" + label + "'", true, [&](Session& s) {
+    static const CK_OBJECT_CLASS cls = CKO_DATA;
+    CK_ATTRIBUTE find[] = {attr(CKA_CLASS, &cls), attr_str(CKA_LABEL, label)};
+    std::lock_guard lock(d.object_mu);
+    auto existing = s.find(find, 2);
+    if (!existing.empty() && !overwrite) {
+      fail(ErrorCode::kAlreadyExists, "a data object labelled '" + label +
+                                          "' is already on token " + d.token_name() +
+                                          "; refusing to overwrite it");
+    }
+    static const std::string app = "kmsd";
+    CK_ATTRIBUTE t[] = {attr(CKA_CLASS, &cls),       attr(CKA_TOKEN, &kTrue),
+                        attr(CKA_PRIVATE, &kTrue),   attr(CKA_MODIFIABLE, &kTrue),
+                        attr_str(CKA_LABEL, label),  attr_str(CKA_APPLICATION, app),
+                        attr_bytes(CKA_VALUE, value.span())};
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    // Create the new object before removing the old one: a crash in between leaves two
+    // copies (read refuses) rather than none.
+    check_rv(d.f()->C_CreateObject(s.handle(), t, std::size(t), &h), "C_CreateObject");
+    for (CK_OBJECT_HANDLE old : existing) {
+      check_rv(d.f()->C_DestroyObject(s.handle(), old), "C_DestroyObject");
+    }
+    return true;
+  });
+  if (!r.ok()) return r.error();
+  return {};
+}
+
+Result<SecretBytes> Token::read_data_object(const std::string& label) {
+  Impl& d = *impl_;
+  return d.run("reading data object '" + label + "'", true, [&](Session& s) {
+    static const CK_OBJECT_CLASS cls = CKO_DATA;
+    CK_ATTRIBUTE find[] = {attr(CKA_CLASS, &cls), attr_str(CKA_LABEL, label)};
+    std::vector<CK_OBJECT_HANDLE> found;
+    {
+      std::lock_guard lock(d.object_mu);
+      found = s.find(find, 2);
+    }
+    if (found.empty()) {
+      fail(ErrorCode::kNotFound,
+           "no data object labelled '" + label + "' is on token " + d.token_name());
+    }
+    if (found.size() > 1) {
+      fail(ErrorCode::kFailedPrecondition,
+           std::to_string(found.size()) + " data objects labelled '" + label +
+               "' are on the token; remove the extra ones");
+    }
+    return s.secret_attribute(found[0], CKA_VALUE);
+  });
+}
+
+void Token::close_all_sessions_for_test() {
+  impl_->f()->C_CloseAllSessions(impl_->pool.slot());
+}
+
+}  // namespace kmsd::hsm

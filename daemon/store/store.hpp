@@ -9,6 +9,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/result.hpp"
@@ -20,11 +21,12 @@ using Bytes = std::vector<std::uint8_t>;
 // Kinds of certificate the CA has issued.
 enum class CertKind { kCa, kAdmin, kServer };
 const char* to_string(CertKind k) noexcept;  // "ca", "admin", "server"
+std::optional<CertKind> parse_cert_kind(std::string_view s) noexcept;
 
 struct CertificateRecord {
-  std::string serial;         // lower-case hex, no leading zeros stripped
+  std::string serial;  // lower-case hex, no leading zeros stripped
   CertKind kind = CertKind::kAdmin;
-  std::string subject;        // one-line RFC 2253 form
+  std::string subject;          // one-line RFC 2253 form
   std::int64_t not_before = 0;  // unix seconds
   std::int64_t not_after = 0;
   Bytes der;
@@ -37,9 +39,9 @@ const char* to_string(AdminRole r) noexcept;  // "admin", "auditor", "approver"
 std::optional<AdminRole> parse_admin_role(std::string_view s) noexcept;
 
 struct AdminRecord {
-  std::string name;           // unique; the certificate's CN
+  std::string name;  // unique; the certificate's CN
   AdminRole role = AdminRole::kAdmin;
-  std::string cert_serial;    // references certificates.serial
+  std::string cert_serial;  // references certificates.serial
   std::int64_t created_at = 0;
   std::optional<std::int64_t> removed_at;
 };

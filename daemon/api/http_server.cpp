@@ -1,0 +1,288 @@
+#include "daemon/api/http_server.hpp"
+
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/ssl.hpp>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+namespace kmsd::api {
+
+namespace beast = boost::beast;
+namespace net = boost::asio;
+using tcp = net::ip::tcp;
+
+struct HttpServer::Impl : std::enable_shared_from_this<HttpServer::Impl> {
+  Impl(net::io_context& io, Handler h, ServerOptions o, net::thread_pool& w, TlsProvider t)
+      : ioc(io), acceptor(net::make_strand(io)), handler(std::move(h)), opts(std::move(o)),
+        workers(w), tls(std::move(t)) {}
+
+  net::io_context& ioc;
+  tcp::acceptor acceptor;
+  Handler handler;
+  ServerOptions opts;
+  net::thread_pool& workers;
+  TlsProvider tls;
+
+  void do_accept();
+  void on_accept(beast::error_code ec, tcp::socket socket);
+};
+
+namespace {
+
+std::string endpoint_text(const tcp::socket& s) {
+  beast::error_code ec;
+  auto ep = s.remote_endpoint(ec);
+  if (ec) return "?";
+  return ep.address().to_string() + ":" + std::to_string(ep.port());
+}
+
+Response run_handler(HttpServer::Impl& server, const Request& req, const Peer& peer) {
+  try {
+    return server.handler(req, peer);
+  } catch (const std::exception& e) {
+    spdlog::error("{} listener: handler for {} failed: {}", server.opts.name,
+                  std::string(req.target()), e.what());
+    return error_response(req, http::status::internal_server_error,
+                          "internal error; the daemon log has details");
+  }
+}
+
+// Shared read / dispatch / write loop of plain and TLS sessions.
+template <class Derived>
+class Session {
+ public:
+  explicit Session(std::shared_ptr<HttpServer::Impl> server) : server_(std::move(server)) {}
+
+ protected:
+  Derived& derived() { return static_cast<Derived&>(*this); }
+
+  void do_read() {
+    parser_.emplace();
+    parser_->body_limit(server_->opts.max_body_bytes);
+    parser_->header_limit(static_cast<std::uint32_t>(server_->opts.max_header_bytes));
+    beast::get_lowest_layer(derived().stream()).expires_after(server_->opts.timeout);
+    http::async_read(derived().stream(), buffer_, *parser_,
+                     beast::bind_front_handler(&Session::on_read, derived().shared_from_this()));
+  }
+
+  void on_read(beast::error_code ec, std::size_t) {
+    if (ec == http::error::end_of_stream) return derived().do_eof();
+    if (ec == http::error::body_limit || ec == http::error::header_limit) {
+      bool body = ec == http::error::body_limit;
+      spdlog::warn("{} listener: {} refused: {} too large", server_->opts.name, peer_.address,
+                   body ? "body" : "header");
+      Request dummy;
+      dummy.version(11);
+      auto res = error_response(dummy,
+                                body ? http::status::payload_too_large
+                                     : http::status::request_header_fields_too_large,
+                                body ? "request body exceeds " +
+                                           std::to_string(server_->opts.max_body_bytes) + " bytes"
+                                     : "request header too large");
+      res.keep_alive(false);
+      return send(std::move(res));
+    }
+    if (ec) return;  // timeout, reset, garbage: drop the connection
+    auto self = derived().shared_from_this();
+    net::post(server_->workers, [self, req = parser_->release()]() mutable {
+      Response res = run_handler(*self->server_, req, self->peer_);
+      res.keep_alive(req.keep_alive() && res.keep_alive());
+      net::post(self->stream().get_executor(),
+                [self, res = std::move(res)]() mutable { self->send(std::move(res)); });
+    });
+  }
+
+  void send(Response res) {
+    res_ = std::make_shared<Response>(std::move(res));
+    res_->prepare_payload();
+    beast::get_lowest_layer(derived().stream()).expires_after(server_->opts.timeout);
+    http::async_write(derived().stream(), *res_,
+                      beast::bind_front_handler(&Session::on_write, derived().shared_from_this(),
+                                                res_->need_eof()));
+  }
+
+  void on_write(bool close, beast::error_code ec, std::size_t) {
+    if (ec) return;
+    res_.reset();
+    if (close) return derived().do_eof();
+    do_read();
+  }
+
+  std::shared_ptr<HttpServer::Impl> server_;
+  beast::flat_buffer buffer_;
+  std::optional<http::request_parser<http::string_body>> parser_;
+  std::shared_ptr<Response> res_;
+  Peer peer_;
+};
+
+class PlainSession : public Session<PlainSession>,
+                     public std::enable_shared_from_this<PlainSession> {
+ public:
+  PlainSession(tcp::socket&& socket, std::shared_ptr<HttpServer::Impl> server)
+      : Session(std::move(server)), stream_(std::move(socket)) {
+    peer_.address = endpoint_text(stream_.socket());
+  }
+  beast::tcp_stream& stream() { return stream_; }
+  void run() {
+    net::dispatch(stream_.get_executor(),
+                  beast::bind_front_handler(&PlainSession::do_read, shared_from_this()));
+  }
+  void do_eof() {
+    beast::error_code ec;
+    stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+  }
+
+ private:
+  friend class Session<PlainSession>;
+  beast::tcp_stream stream_;
+};
+
+class TlsSession : public Session<TlsSession>, public std::enable_shared_from_this<TlsSession> {
+ public:
+  TlsSession(tcp::socket&& socket, std::shared_ptr<net::ssl::context> ctx,
+             std::shared_ptr<HttpServer::Impl> server)
+      : Session(std::move(server)), ctx_(std::move(ctx)), stream_(std::move(socket), *ctx_) {
+    peer_.address = endpoint_text(beast::get_lowest_layer(stream_).socket());
+    peer_.tls = true;
+  }
+  beast::ssl_stream<beast::tcp_stream>& stream() { return stream_; }
+  void run() {
+    net::dispatch(stream_.get_executor(),
+                  beast::bind_front_handler(&TlsSession::do_handshake, shared_from_this()));
+  }
+  void do_handshake() {
+    beast::get_lowest_layer(stream_).expires_after(server_->opts.timeout);
+    stream_.async_handshake(net::ssl::stream_base::server,
+                            beast::bind_front_handler(&TlsSession::on_handshake, shared_from_this()));
+  }
+  void on_handshake(beast::error_code ec) {
+    if (ec) {
+      spdlog::info("{} listener: TLS handshake with {} failed: {}", server_->opts.name,
+                   peer_.address, ec.message());
+      return;
+    }
+    SSL* ssl = stream_.native_handle();
+    peer_.client_cert.reset(SSL_get1_peer_certificate(ssl));
+    if (peer_.client_cert) {
+      long v = SSL_get_verify_result(ssl);
+      peer_.client_cert_verified = v == X509_V_OK;
+      if (v != X509_V_OK) peer_.client_cert_error = X509_verify_cert_error_string(v);
+    }
+    do_read();
+  }
+  void do_eof() {
+    beast::get_lowest_layer(stream_).expires_after(std::chrono::seconds(5));
+    stream_.async_shutdown([self = shared_from_this()](beast::error_code) {});
+  }
+
+ private:
+  friend class Session<TlsSession>;
+  std::shared_ptr<net::ssl::context> ctx_;
+  beast::ssl_stream<beast::tcp_stream> stream_;
+};
+
+}  // namespace
+
+void HttpServer::Impl::do_accept() {
+  acceptor.async_accept(net::make_strand(ioc),
+                        beast::bind_front_handler(&Impl::on_accept, shared_from_this()));
+}
+
+void HttpServer::Impl::on_accept(beast::error_code ec, tcp::socket socket) {
+  if (ec == net::error::operation_aborted || !acceptor.is_open()) return;
+  if (ec) {
+    spdlog::warn("{} listener: accept failed: {}", opts.name, ec.message());
+  } else if (tls) {
+    auto ctx = tls();
+    if (!ctx) {
+      spdlog::info("{} listener: connection from {} closed: kmsd is sealed", opts.name,
+                   endpoint_text(socket));
+      beast::error_code ignored;
+      socket.close(ignored);
+    } else {
+      std::make_shared<TlsSession>(std::move(socket), std::move(ctx), shared_from_this())->run();
+    }
+  } else {
+    std::make_shared<PlainSession>(std::move(socket), shared_from_this())->run();
+  }
+  do_accept();
+}
+
+Result<std::shared_ptr<HttpServer>> HttpServer::listen(net::io_context& ioc,
+                                                       const std::string& host, std::uint16_t port,
+                                                       Handler handler, ServerOptions options,
+                                                       net::thread_pool& workers, TlsProvider tls) {
+  auto impl = std::make_shared<Impl>(ioc, std::move(handler), std::move(options), workers,
+                                     std::move(tls));
+  beast::error_code ec;
+  tcp::resolver resolver(ioc);
+  auto results = resolver.resolve(host, std::to_string(port), ec);
+  if (ec || results.empty())
+    return make_error(ErrorCode::kConfig, "cannot resolve listen address " + host + ": " +
+                                              ec.message());
+  tcp::endpoint ep = results.begin()->endpoint();
+  impl->acceptor.open(ep.protocol(), ec);
+  if (!ec) impl->acceptor.set_option(net::socket_base::reuse_address(true), ec);
+  if (!ec) impl->acceptor.bind(ep, ec);
+  if (!ec) impl->acceptor.listen(net::socket_base::max_listen_connections, ec);
+  if (ec)
+    return make_error(ErrorCode::kIo, "cannot listen on " + host + ":" + std::to_string(port) +
+                                          " (" + impl->opts.name + " listener): " + ec.message());
+  return std::make_shared<HttpServer>(impl);
+}
+
+void HttpServer::start() { impl_->do_accept(); }
+
+void HttpServer::stop() {
+  net::post(impl_->acceptor.get_executor(), [impl = impl_] {
+    beast::error_code ec;
+    impl->acceptor.close(ec);
+  });
+}
+
+std::uint16_t HttpServer::port() const {
+  beast::error_code ec;
+  return impl_->acceptor.local_endpoint(ec).port();
+}
+
+Response text_response(const Request& req, http::status status, std::string body,
+                       const std::string& content_type) {
+  Response res{status, req.version()};
+  res.set(http::field::server, "kmsd");
+  res.set(http::field::content_type, content_type);
+  res.set(http::field::cache_control, "no-store");
+  res.keep_alive(req.keep_alive());
+  res.body() = std::move(body);
+  res.prepare_payload();
+  return res;
+}
+
+Response json_response(const Request& req, http::status status, std::string body) {
+  return text_response(req, status, std::move(body), "application/json");
+}
+
+Response error_response(const Request& req, http::status status, const std::string& message) {
+  return json_response(req, status, nlohmann::json{{"error", message}}.dump());
+}
+
+Result<std::shared_ptr<net::ssl::context>> make_mtls_context(X509* server_cert,
+                                                              EVP_PKEY* server_key, X509* ca_cert) {
+  auto ctx = std::make_shared<net::ssl::context>(net::ssl::context::tls_server);
+  SSL_CTX* c = ctx->native_handle();
+  SSL_CTX_set_min_proto_version(c, TLS1_2_VERSION);
+  SSL_CTX_set_options(c, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
+  if (SSL_CTX_use_certificate(c, server_cert) != 1 || SSL_CTX_use_PrivateKey(c, server_key) != 1 ||
+      SSL_CTX_check_private_key(c) != 1 || SSL_CTX_add1_chain_cert(c, ca_cert) != 1)
+    return ossl::crypto_error("configuring the admin listener's certificate");
+  if (X509_STORE_add_cert(SSL_CTX_get_cert_store(c), ca_cert) != 1 ||
+      SSL_CTX_add_client_CA(c, ca_cert) != 1)
+    return ossl::crypto_error("trusting the KMS CA for client certificates");
+  // Ask for a client certificate, let the handshake complete either way, judge in the handler.
+  SSL_CTX_set_verify(c, SSL_VERIFY_PEER, [](int, X509_STORE_CTX*) { return 1; });
+  return ctx;
+}
+
+}  // namespace kmsd::api

@@ -1,0 +1,243 @@
+#include "daemon/app.hpp"
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/thread_pool.hpp>
+#include <spdlog/sinks/basic_file_sink.h>
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <mutex>
+#include <thread>
+
+#include "daemon/api/http_server.hpp"
+#include "daemon/api/routes.hpp"
+#include "daemon/provision/initializer.hpp"
+#include "daemon/startup/seal.hpp"
+#include "daemon/startup/secret_source.hpp"
+#include "daemon/startup/unseal_socket.hpp"
+#include "daemon/store/store.hpp"
+#include "hsm/token.hpp"
+
+namespace kmsd {
+
+namespace net = boost::asio;
+
+Status configure_logging(const config::LogConfig& log) {
+  std::shared_ptr<spdlog::logger> logger;
+  try {
+    if (log.file.empty())
+      logger = std::make_shared<spdlog::logger>("kmsd", std::make_shared<spdlog::sinks::stderr_sink_mt>());
+    else
+      logger = std::make_shared<spdlog::logger>(
+          "kmsd", std::make_shared<spdlog::sinks::basic_file_sink_mt>(log.file.string()));
+  } catch (const spdlog::spdlog_ex& e) {
+    return make_error(ErrorCode::kIo, std::string("cannot open the log: ") + e.what());
+  }
+  logger->set_pattern("%Y-%m-%dT%H:%M:%S.%e%z %l %v");
+  logger->set_level(spdlog::level::from_str(log.level));
+  logger->flush_on(spdlog::level::info);
+  spdlog::set_default_logger(logger);
+  return {};
+}
+
+struct Daemon::Impl {
+  std::shared_ptr<const config::Config> cfg;
+  std::mutex cfg_mu;
+  std::unique_ptr<store::Store> store;
+  std::unique_ptr<hsm::Token> token;
+  std::unique_ptr<startup::Seal> seal;
+
+  // TLS context for the admin listener, rebuilt whenever the key material changes.
+  std::mutex tls_mu;
+  std::shared_ptr<const startup::KeyMaterial> tls_for;
+  std::shared_ptr<net::ssl::context> tls_ctx;
+
+  std::atomic<bool> stopping{false};
+
+  std::shared_ptr<const config::Config> config() {
+    std::lock_guard lk(cfg_mu);
+    return cfg;
+  }
+
+  std::shared_ptr<net::ssl::context> admin_tls() {
+    auto m = seal->material();
+    if (!m) return nullptr;
+    std::lock_guard lk(tls_mu);
+    if (m != tls_for) {
+      auto ctx = api::make_mtls_context(m->tls_cert.get(), m->tls_key.get(), m->ca_cert.get());
+      if (!ctx.ok()) {
+        spdlog::error("admin listener: {}", ctx.error().message);
+        return nullptr;
+      }
+      tls_ctx = *ctx;
+      tls_for = m;
+    }
+    return tls_ctx;
+  }
+
+  void reload() {
+    auto current = config();
+    auto loaded = config::load(current->source_path);
+    if (!loaded.ok()) {
+      spdlog::error("SIGHUP: {} has {} problem(s); keeping the configuration in force",
+                    current->source_path.string(), loaded.problems.size());
+      for (const auto& p : loaded.problems) spdlog::error("  {}", p.to_string(current->source_path));
+      return;
+    }
+    const auto& n = loaded.config;
+    std::vector<std::string> restart;
+    if (n.server.public_listen.to_string() != current->server.public_listen.to_string() ||
+        n.server.admin_listen.to_string() != current->server.admin_listen.to_string())
+      restart.push_back("server listeners");
+    if (n.token.module != current->token.module || n.token.uri != current->token.uri)
+      restart.push_back("token");
+    if (n.store.path != current->store.path) restart.push_back("store.path");
+    if (n.server.unseal_socket != current->server.unseal_socket) restart.push_back("unseal_socket");
+    spdlog::set_level(spdlog::level::from_str(n.log.level));
+    {
+      std::lock_guard lk(cfg_mu);
+      cfg = std::make_shared<const config::Config>(loaded.config);
+    }
+    spdlog::info("SIGHUP: configuration reloaded from {}", current->source_path.string());
+    for (const auto& r : restart)
+      spdlog::warn("SIGHUP: the change to {} takes effect only after a restart", r);
+  }
+};
+
+Daemon::Daemon(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Daemon::~Daemon() = default;
+
+Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
+  auto impl = std::make_unique<Impl>();
+  KMSD_ASSIGN_OR_RETURN(impl->store, store::Store::open(cfg.store.path));
+  if (auto ca = provision::load_ca_certificate(*impl->store); !ca.ok())
+    return ca.error().context("store " + cfg.store.path.string());
+  hsm::TokenOptions topts;
+  topts.module_path = cfg.token.module.string();
+  topts.token_uri = cfg.token.uri;
+  topts.pool_size = cfg.token.pool_size;
+  topts.wrap = cfg.token.wrap;
+  topts.labels = cfg.token.labels;
+  KMSD_ASSIGN_OR_RETURN(impl->token, hsm::Token::open(topts));
+  startup::SealOptions sopts;
+  sopts.tls_names = cfg.server.tls_names;
+  sopts.digest = cfg.ca.digest;
+  impl->seal = std::make_unique<startup::Seal>(*impl->token, *impl->store, sopts);
+  impl->cfg = std::make_shared<const config::Config>(std::move(cfg));
+  return std::unique_ptr<Daemon>(new Daemon(std::move(impl)));
+}
+
+int Daemon::run() {
+  Impl& d = *impl_;
+  auto cfg = d.config();
+  net::io_context ioc(static_cast<int>(cfg->server.io_threads));
+  net::thread_pool workers(cfg->server.worker_threads);
+
+  api::PublicRoutes public_routes(*d.seal);
+  api::AdminRoutes admin_routes(*d.seal, *d.store);
+  auto logged = [](const char* listener, auto routes) {
+    return [listener, routes](const api::Request& req, const api::Peer& peer) {
+      auto t0 = std::chrono::steady_clock::now();
+      api::Response res = routes.handle(req, peer);
+      auto ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0);
+      std::string target(req.target());
+      target = target.substr(0, target.find('?'));  // query strings are never logged
+      spdlog::info("{} {} {} {} {:.1f}ms peer={}", listener, std::string(req.method_string()),
+                   target, res.result_int(), ms.count(), peer.address);
+      return res;
+    };
+  };
+  api::ServerOptions popts{cfg->server.max_body_bytes, 16 * 1024,
+                           std::chrono::seconds(cfg->server.request_timeout_seconds), "public"};
+  api::ServerOptions aopts = popts;
+  aopts.name = "admin";
+  auto pub = api::HttpServer::listen(ioc, cfg->server.public_listen.host, cfg->server.public_listen.port,
+                                     logged("public", public_routes), popts, workers);
+  if (!pub.ok()) {
+    spdlog::critical("{}", pub.error().message);
+    return 1;
+  }
+  auto adm = api::HttpServer::listen(ioc, cfg->server.admin_listen.host, cfg->server.admin_listen.port,
+                                     logged("admin", admin_routes), aopts, workers,
+                                     [&d] { return d.admin_tls(); });
+  if (!adm.ok()) {
+    spdlog::critical("{}", adm.error().message);
+    return 1;
+  }
+  auto sock = startup::UnsealSocket::listen(cfg->server.unseal_socket, *d.seal);
+  if (!sock.ok()) {
+    spdlog::critical("{}", sock.error().message);
+    return 1;
+  }
+  (*pub)->start();
+  (*adm)->start();
+  spdlog::info("kmsd listening: public http://{} admin https://{} (mutual TLS) unseal socket {}",
+               cfg->server.public_listen.to_string(), cfg->server.admin_listen.to_string(),
+               cfg->server.unseal_socket.string());
+  spdlog::info("kmsd is SEALED: present the startup secret ({} source) to unseal",
+               config::to_string(cfg->startup.source));
+
+  net::signal_set signals(ioc, SIGTERM, SIGINT, SIGHUP);
+  std::function<void(const boost::system::error_code&, int)> on_signal =
+      [&](const boost::system::error_code& ec, int sig) {
+        if (ec) return;
+        if (sig == SIGHUP) {
+          net::post(workers, [&d] { d.reload(); });
+          signals.async_wait(on_signal);
+          return;
+        }
+        spdlog::info("received {}, stopping", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+        d.stopping = true;
+        (*pub)->stop();
+        (*adm)->stop();
+        ioc.stop();
+      };
+  signals.async_wait(on_signal);
+
+  std::thread prompt_thread;
+  if (cfg->startup.source == config::StartupSource::kFile) {
+    net::post(workers, [&d, file = cfg->startup.file] {
+      spdlog::warn("startup secret read from file {}: a weak, development-only setting; use a "
+                   "card or quorum source in production", file.string());
+      auto secret = startup::read_secret_from_file(file);
+      if (!secret.ok()) {
+        spdlog::error("cannot unseal from the startup file: {}; kmsd stays sealed "
+                      "(`kmsctl unseal` still works)", secret.error().message);
+        return;
+      }
+      (void)d.seal->unseal(*secret);
+    });
+  } else if (startup::have_terminal()) {
+    prompt_thread = std::thread([&d] {
+      while (!d.stopping && !d.seal->material()) {
+        auto secret = startup::read_secret_from_terminal("kmsd startup secret: ", &d.stopping);
+        if (!secret.ok()) {
+          if (!d.stopping) spdlog::warn("terminal prompt: {}", secret.error().message);
+          return;
+        }
+        auto st = d.seal->unseal(*secret);
+        if (!st.ok() && st.error().code == ErrorCode::kPinLocked) return;
+      }
+    });
+  } else {
+    spdlog::info("no terminal attached: unseal with `kmsctl unseal --socket {}`",
+                 cfg->server.unseal_socket.string());
+  }
+
+  std::vector<std::thread> io;
+  for (unsigned i = 1; i < cfg->server.io_threads; ++i) io.emplace_back([&ioc] { ioc.run(); });
+  ioc.run();
+  for (auto& t : io) t.join();
+  d.stopping = true;
+  if (prompt_thread.joinable()) prompt_thread.join();
+  workers.join();
+  sock->reset();
+  d.seal->seal();
+  spdlog::info("kmsd stopped");
+  return 0;
+}
+
+}  // namespace kmsd

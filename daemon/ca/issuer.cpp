@@ -1,0 +1,243 @@
+#include "daemon/ca/issuer.hpp"
+
+#include <openssl/bn.h>
+#include <openssl/ec.h>
+#include <openssl/err.h>
+#include <openssl/pkcs12.h>
+#include <openssl/rsa.h>
+
+#include <ctime>
+
+namespace kmsd::ca {
+
+using ossl::crypto_error;
+
+Result<ossl::X509NamePtr> parse_subject(std::string_view s) {
+  if (s.empty() || s.front() != '/')
+    return make_error(ErrorCode::kInvalidArgument,
+                      "subject '" + std::string(s) + "' must have the form /O=Org/CN=Name");
+  ossl::X509NamePtr name(X509_NAME_new());
+  std::size_t i = 1;
+  while (i <= s.size()) {
+    std::string part;
+    while (i < s.size() && s[i] != '/') {
+      if (s[i] == '\\' && i + 1 < s.size()) ++i;
+      part.push_back(s[i++]);
+    }
+    ++i;  // skip '/'
+    if (part.empty()) {
+      if (i > s.size()) break;
+      return make_error(ErrorCode::kInvalidArgument,
+                        "subject '" + std::string(s) + "' has an empty component");
+    }
+    auto eq = part.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == part.size())
+      return make_error(ErrorCode::kInvalidArgument, "subject component '" + part +
+                                                         "' is not of the form KEY=VALUE");
+    std::string key = part.substr(0, eq), value = part.substr(eq + 1);
+    if (X509_NAME_add_entry_by_txt(name.get(), key.c_str(), MBSTRING_UTF8,
+                                   reinterpret_cast<const unsigned char*>(value.data()),
+                                   static_cast<int>(value.size()), -1, 0) != 1)
+      return crypto_error("subject attribute '" + key + "' is not accepted");
+  }
+  if (X509_NAME_entry_count(name.get()) == 0)
+    return make_error(ErrorCode::kInvalidArgument, "subject is empty");
+  return name;
+}
+
+std::string name_to_string(const X509_NAME* name) {
+  ossl::BioPtr bio(BIO_new(BIO_s_mem()));
+  X509_NAME_print_ex(bio.get(), name, 0, XN_FLAG_RFC2253 & ~ASN1_STRFLGS_ESC_MSB);
+  char* p = nullptr;
+  long n = BIO_get_mem_data(bio.get(), &p);
+  return std::string(p, static_cast<std::size_t>(n));
+}
+
+Result<ossl::EvpPkeyPtr> generate_key(hsm::KeyType type) {
+  EVP_PKEY* key = nullptr;
+  switch (type) {
+    case hsm::KeyType::kEcP256: key = EVP_EC_gen("P-256"); break;
+    case hsm::KeyType::kEcP384: key = EVP_EC_gen("P-384"); break;
+    case hsm::KeyType::kRsa2048: key = EVP_RSA_gen(2048); break;
+    case hsm::KeyType::kRsa3072: key = EVP_RSA_gen(3072); break;
+  }
+  if (key == nullptr) return crypto_error("generating a key pair");
+  return ossl::EvpPkeyPtr(key);
+}
+
+const EVP_MD* digest_by_name(std::string_view name) {
+  if (name == "sha256") return EVP_sha256();
+  if (name == "sha384") return EVP_sha384();
+  if (name == "sha512") return EVP_sha512();
+  return nullptr;
+}
+
+namespace {
+
+Status add_ext(X509* cert, X509* issuer, int nid, const char* value) {
+  X509V3_CTX ctx;
+  X509V3_set_ctx(&ctx, issuer != nullptr ? issuer : cert, cert, nullptr, nullptr, 0);
+  ossl::X509ExtPtr ext(X509V3_EXT_conf_nid(nullptr, &ctx, nid, value));
+  if (!ext || X509_add_ext(cert, ext.get(), -1) != 1)
+    return crypto_error(std::string("adding extension ") + OBJ_nid2sn(nid) + "=" + value);
+  return {};
+}
+
+bool is_ip_address(const std::string& s) {
+  ASN1_OCTET_STRING* ip = a2i_IPADDRESS(s.c_str());
+  if (ip == nullptr) {
+    ERR_clear_error();
+    return false;
+  }
+  ASN1_OCTET_STRING_free(ip);
+  return true;
+}
+
+}  // namespace
+
+Result<ossl::X509Ptr> issue(const IssueRequest& req, X509* issuer_cert, EVP_PKEY* ca_key,
+                            const EVP_MD* md) {
+  if (req.subject == nullptr || req.public_key == nullptr || ca_key == nullptr || md == nullptr)
+    return make_error(ErrorCode::kInvalidArgument, "incomplete certificate request");
+  if (issuer_cert == nullptr && req.profile != Profile::kCa)
+    return make_error(ErrorCode::kInvalidArgument, "only a CA certificate may be self-signed");
+  if (req.serial.empty() || req.serial.size() > 20)
+    return make_error(ErrorCode::kInvalidArgument, "serial must be 1 to 20 bytes");
+
+  ossl::X509Ptr cert(X509_new());
+  if (!cert || X509_set_version(cert.get(), X509_VERSION_3) != 1)
+    return crypto_error("creating certificate");
+  ossl::BignumPtr bn(BN_bin2bn(req.serial.data(), static_cast<int>(req.serial.size()), nullptr));
+  ossl::Asn1IntegerPtr serial(BN_to_ASN1_INTEGER(bn.get(), nullptr));
+  if (!serial || X509_set_serialNumber(cert.get(), serial.get()) != 1)
+    return crypto_error("setting serial number");
+  if (X509_set_subject_name(cert.get(), req.subject) != 1 ||
+      X509_set_issuer_name(cert.get(), issuer_cert != nullptr ? X509_get_subject_name(issuer_cert)
+                                                              : req.subject) != 1)
+    return crypto_error("setting names");
+  // Five minutes of back-dating tolerates clients whose clocks run slightly behind.
+  if (X509_gmtime_adj(X509_getm_notBefore(cert.get()), -300) == nullptr ||
+      X509_gmtime_adj(X509_getm_notAfter(cert.get()), static_cast<long>(req.validity.count())) ==
+          nullptr)
+    return crypto_error("setting validity");
+  if (X509_set_pubkey(cert.get(), req.public_key) != 1) return crypto_error("setting public key");
+
+  X509* issuer = issuer_cert != nullptr ? issuer_cert : cert.get();
+  KMSD_TRY(add_ext(cert.get(), issuer, NID_subject_key_identifier, "hash"));
+  KMSD_TRY(add_ext(cert.get(), issuer, NID_authority_key_identifier, "keyid:always"));
+  switch (req.profile) {
+    case Profile::kCa:
+      KMSD_TRY(add_ext(cert.get(), issuer, NID_basic_constraints, "critical,CA:TRUE"));
+      KMSD_TRY(add_ext(cert.get(), issuer, NID_key_usage, "critical,keyCertSign,cRLSign"));
+      break;
+    case Profile::kAdminClient:
+      KMSD_TRY(add_ext(cert.get(), issuer, NID_basic_constraints, "critical,CA:FALSE"));
+      KMSD_TRY(add_ext(cert.get(), issuer, NID_key_usage, "critical,digitalSignature"));
+      KMSD_TRY(add_ext(cert.get(), issuer, NID_ext_key_usage, "clientAuth"));
+      break;
+    case Profile::kTlsServer: {
+      KMSD_TRY(add_ext(cert.get(), issuer, NID_basic_constraints, "critical,CA:FALSE"));
+      KMSD_TRY(add_ext(cert.get(), issuer, NID_key_usage,
+                       "critical,digitalSignature,keyEncipherment"));
+      KMSD_TRY(add_ext(cert.get(), issuer, NID_ext_key_usage, "serverAuth"));
+      std::string san;
+      for (const auto& n : req.dns_or_ip) {
+        if (!san.empty()) san += ",";
+        san += (is_ip_address(n) ? "IP:" : "DNS:") + n;
+      }
+      if (!san.empty()) KMSD_TRY(add_ext(cert.get(), issuer, NID_subject_alt_name, san.c_str()));
+      break;
+    }
+  }
+  if (X509_sign(cert.get(), ca_key, md) <= 0)
+    return crypto_error("signing the certificate with the CA key on the token");
+  return cert;
+}
+
+Result<ossl::X509ReqPtr> make_ca_request(const X509_NAME* subject, EVP_PKEY* ca_public_key,
+                                         EVP_PKEY* ca_signing_key, const EVP_MD* md) {
+  ossl::X509ReqPtr req(X509_REQ_new());
+  if (!req || X509_REQ_set_version(req.get(), X509_REQ_VERSION_1) != 1 ||
+      X509_REQ_set_subject_name(req.get(), subject) != 1 ||
+      X509_REQ_set_pubkey(req.get(), ca_public_key) != 1)
+    return crypto_error("building the CA certificate request");
+  X509V3_CTX ctx;
+  X509V3_set_ctx(&ctx, nullptr, nullptr, req.get(), nullptr, 0);
+  STACK_OF(X509_EXTENSION)* exts = sk_X509_EXTENSION_new_null();
+  X509_EXTENSION* bc = X509V3_EXT_conf_nid(nullptr, &ctx, NID_basic_constraints, "critical,CA:TRUE");
+  X509_EXTENSION* ku =
+      X509V3_EXT_conf_nid(nullptr, &ctx, NID_key_usage, "critical,keyCertSign,cRLSign");
+  bool ok = bc != nullptr && ku != nullptr && sk_X509_EXTENSION_push(exts, bc) > 0 &&
+            sk_X509_EXTENSION_push(exts, ku) > 0 && X509_REQ_add_extensions(req.get(), exts) == 1;
+  sk_X509_EXTENSION_pop_free(exts, X509_EXTENSION_free);
+  if (!ok) return crypto_error("adding CA extensions to the request");
+  if (X509_REQ_sign(req.get(), ca_signing_key, md) <= 0)
+    return crypto_error("signing the request with the CA key on the token");
+  return req;
+}
+
+Result<std::vector<std::uint8_t>> new_serial(hsm::Token& token) {
+  KMSD_ASSIGN_OR_RETURN(auto rnd, token.random(16));
+  std::vector<std::uint8_t> serial(rnd.data(), rnd.data() + rnd.size());
+  serial[0] &= 0x7f;
+  if (serial[0] == 0) serial[0] = 0x01;  // keep 16 octets: never a short serial
+  return serial;
+}
+
+std::string serial_hex(const X509* cert) {
+  const ASN1_INTEGER* s = X509_get0_serialNumber(cert);
+  ossl::BignumPtr bn(ASN1_INTEGER_to_BN(s, nullptr));
+  std::vector<std::uint8_t> bytes(static_cast<std::size_t>(BN_num_bytes(bn.get())));
+  BN_bn2bin(bn.get(), bytes.data());
+  return ossl::hex(bytes);
+}
+
+bool public_key_matches(X509* cert, EVP_PKEY* key) {
+  EVP_PKEY* pub = X509_get0_pubkey(cert);
+  return pub != nullptr && key != nullptr && EVP_PKEY_eq(pub, key) == 1;
+}
+
+bool signed_by(X509* cert, X509* issuer) {
+  EVP_PKEY* pub = X509_get0_pubkey(issuer);
+  bool ok = pub != nullptr && X509_verify(cert, pub) == 1;
+  ERR_clear_error();
+  return ok;
+}
+
+Result<std::vector<std::uint8_t>> make_pkcs12(EVP_PKEY* key, X509* cert, X509* ca,
+                                              const std::string& friendly_name,
+                                              const SecretBytes& passphrase) {
+  if (passphrase.empty())
+    return make_error(ErrorCode::kInvalidArgument, "a PKCS#12 passphrase must not be empty");
+  std::string pass(passphrase.view());  // PKCS12_create wants a C string
+  ossl::X509StackPtr chain(sk_X509_new_null());
+  if (ca != nullptr) {
+    X509_up_ref(ca);
+    sk_X509_push(chain.get(), ca);
+  }
+  ossl::Pkcs12Ptr p12(PKCS12_create(pass.c_str(), friendly_name.c_str(), key, cert, chain.get(),
+                                    0, 0, 0, 0, 0));
+  secure_wipe(pass.data(), pass.size());
+  if (!p12) return crypto_error("building the PKCS#12 file");
+  int n = i2d_PKCS12(p12.get(), nullptr);
+  if (n <= 0) return crypto_error("encoding the PKCS#12 file");
+  std::vector<std::uint8_t> out(static_cast<std::size_t>(n));
+  unsigned char* p = out.data();
+  i2d_PKCS12(p12.get(), &p);
+  return out;
+}
+
+namespace {
+std::int64_t asn1_time_unix(const ASN1_TIME* t) {
+  struct tm tm {};
+  if (ASN1_TIME_to_tm(t, &tm) != 1) return 0;
+  return static_cast<std::int64_t>(timegm(&tm));
+}
+}  // namespace
+
+std::int64_t not_after_unix(const X509* cert) { return asn1_time_unix(X509_get0_notAfter(cert)); }
+std::int64_t not_before_unix(const X509* cert) {
+  return asn1_time_unix(X509_get0_notBefore(cert));
+}
+
+}  // namespace kmsd::ca

@@ -1,0 +1,71 @@
+// Certificate issuance: the CA's own certificate, administrator TLS client certificates and
+// the admin listener's server certificate. Every signature is made with an EVP_PKEY whose
+// private half lives on the token (hsm::Token::ca_private_key); this module never sees it.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/ossl.hpp"
+#include "common/result.hpp"
+#include "common/secret.hpp"
+#include "hsm/token.hpp"
+
+namespace kmsd::ca {
+
+// Parses the one-line form "/O=Example/OU=Unit/CN=Name" ('\/' escapes a slash).
+Result<ossl::X509NamePtr> parse_subject(std::string_view one_line);
+// RFC 2253 text of a name, for records and logs.
+std::string name_to_string(const X509_NAME* name);
+
+// Software key pair (administrator TLS keys, the ephemeral TLS server key).
+Result<ossl::EvpPkeyPtr> generate_key(hsm::KeyType type);
+
+const EVP_MD* digest_by_name(std::string_view name);  // sha256|sha384|sha512, else nullptr
+
+enum class Profile {
+  kCa,          // basicConstraints CA:TRUE critical, keyCertSign|cRLSign
+  kAdminClient, // digitalSignature, extendedKeyUsage clientAuth
+  kTlsServer,   // digitalSignature|keyEncipherment, serverAuth, subjectAltName from names
+};
+
+struct IssueRequest {
+  Profile profile = Profile::kAdminClient;
+  const X509_NAME* subject = nullptr;
+  EVP_PKEY* public_key = nullptr;       // the subject's key (public half used)
+  std::chrono::seconds validity{86400};
+  std::vector<std::string> dns_or_ip;   // kTlsServer only: SAN entries
+  std::vector<std::uint8_t> serial;     // 16 random bytes from the token; high bit cleared
+};
+
+// Signs REQ with the CA: ISSUER_CERT may be null only for Profile::kCa (self-signed).
+// The result is always X.509 v3 with SKI and AKI.
+Result<ossl::X509Ptr> issue(const IssueRequest& req, X509* issuer_cert, EVP_PKEY* ca_signing_key,
+                            const EVP_MD* md);
+
+// CSR for the CA key, for signature by an external root (`kmsctl init --csr`).
+Result<ossl::X509ReqPtr> make_ca_request(const X509_NAME* subject, EVP_PKEY* ca_public_key,
+                                         EVP_PKEY* ca_signing_key, const EVP_MD* md);
+
+// 16 bytes from the token's RNG as a positive serial number (RFC 5280: at most 20 octets).
+Result<std::vector<std::uint8_t>> new_serial(hsm::Token& token);
+std::string serial_hex(const X509* cert);
+
+// True when CERT's public key is KEY (compares the public halves).
+bool public_key_matches(X509* cert, EVP_PKEY* key);
+
+// Checks that CERT was signed by ISSUER's key.
+bool signed_by(X509* cert, X509* issuer);
+
+// PKCS#12 with KEY, CERT and the CA chain, AES-256-CBC + PBKDF2 (OpenSSL 3 defaults), with
+// FRIENDLY_NAME, protected by PASSPHRASE. Readable by `openssl pkcs12` and mail clients.
+Result<std::vector<std::uint8_t>> make_pkcs12(EVP_PKEY* key, X509* cert, X509* ca,
+                                              const std::string& friendly_name,
+                                              const SecretBytes& passphrase);
+
+std::int64_t not_after_unix(const X509* cert);
+std::int64_t not_before_unix(const X509* cert);
+
+}  // namespace kmsd::ca

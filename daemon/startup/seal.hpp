@@ -1,0 +1,78 @@
+// The seal: kmsd starts sealed and holds no usable key until the startup secret (the key
+// token's user PIN) is presented. Unsealing logs in to the token, checks that the token's CA
+// key matches the CA certificate in the store, runs a seal/open self-test, and issues the
+// admin listener's TLS server certificate with an in-memory key. Sealing forgets all of it.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common/ossl.hpp"
+#include "common/result.hpp"
+#include "common/secret.hpp"
+#include "daemon/store/store.hpp"
+#include "hsm/token.hpp"
+
+namespace kmsd::startup {
+
+// What an unsealed daemon can use. Immutable once built; replaced on every unseal.
+struct KeyMaterial {
+  ossl::X509Ptr ca_cert;
+  ossl::EvpPkeyPtr ca_key;        // private operations run on the token
+  ossl::X509Ptr tls_cert;         // admin listener certificate, issued at unseal
+  ossl::EvpPkeyPtr tls_key;       // in memory only, never written anywhere
+  std::string ca_pem;
+};
+
+enum class State { kSealed, kUnsealed, kDegraded };
+const char* to_string(State s) noexcept;  // "sealed", "unsealed", "degraded"
+
+struct SealStatus {
+  State state = State::kSealed;
+  std::uint64_t failed_unseal_attempts = 0;  // since the daemon started
+  std::string last_failure;                  // why the last unseal failed, "" if none
+  hsm::TokenStatus token;
+};
+
+struct SealOptions {
+  std::vector<std::string> tls_names;       // SANs of the admin server certificate
+  std::string digest = "sha256";
+  unsigned tls_validity_days = 30;
+};
+
+// Thread-safety: all methods may be called concurrently; unseal/seal are serialized.
+class Seal {
+ public:
+  Seal(hsm::Token& token, store::Store& store, SealOptions options);
+
+  // Presents the startup secret. Wrong secrets are counted and logged with the token's own
+  // PIN state; the daemon stays sealed. Unsealing an unsealed daemon is a no-op.
+  Status unseal(const SecretBytes& secret);
+  // Logs out of the token and drops every key handle.
+  void seal();
+
+  // nullptr while sealed.
+  std::shared_ptr<const KeyMaterial> material() const;
+  SealStatus status() const;
+  // The CA certificate in PEM, available sealed or not (it is public).
+  std::string ca_pem() const;
+
+ private:
+  Result<std::shared_ptr<const KeyMaterial>> build_material();
+
+  hsm::Token& token_;
+  store::Store& store_;
+  SealOptions options_;
+  std::mutex unseal_mu_;
+  mutable std::mutex mu_;
+  std::shared_ptr<const KeyMaterial> material_;
+  std::string ca_pem_;
+  std::uint64_t failures_ = 0;
+  std::string last_failure_;
+};
+
+}  // namespace kmsd::startup

@@ -1,0 +1,227 @@
+#include "daemon/startup/unseal_socket.hpp"
+
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include <cerrno>
+#include <cstring>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+namespace kmsd::startup {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+constexpr std::size_t kMaxHeader = 4096;
+constexpr std::size_t kMaxSecret = 4096;
+constexpr int kIoTimeoutMs = 10000;
+
+Error sys_error(const std::string& what) {
+  return make_error(ErrorCode::kIo, what + ": " + std::strerror(errno));
+}
+
+Result<sockaddr_un> address_of(const fs::path& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.native().size() >= sizeof addr.sun_path)
+    return make_error(ErrorCode::kInvalidArgument,
+                      "unseal socket path " + path.string() + " is too long for a Unix socket");
+  std::memcpy(addr.sun_path, path.c_str(), path.native().size() + 1);
+  return addr;
+}
+
+// Waits for FD to be readable (or writable) within the I/O timeout.
+bool wait_fd(int fd, short events) {
+  pollfd p{fd, events, 0};
+  int r;
+  do r = ::poll(&p, 1, kIoTimeoutMs);
+  while (r < 0 && errno == EINTR);
+  return r > 0;
+}
+
+bool read_exact(int fd, std::uint8_t* p, std::size_t n) {
+  std::size_t got = 0;
+  while (got < n) {
+    if (!wait_fd(fd, POLLIN)) return false;
+    ssize_t r = ::read(fd, p + got, n - got);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    got += static_cast<std::size_t>(r);
+  }
+  return true;
+}
+
+bool write_all(int fd, std::string_view s) {
+  std::size_t done = 0;
+  while (done < s.size()) {
+    if (!wait_fd(fd, POLLOUT)) return false;
+    ssize_t r = ::send(fd, s.data() + done, s.size() - done, MSG_NOSIGNAL);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    done += static_cast<std::size_t>(r);
+  }
+  return true;
+}
+
+// Reads up to '\n' one byte at a time, so no byte after the header is consumed.
+std::optional<std::string> read_line(int fd) {
+  std::string line;
+  while (line.size() < kMaxHeader) {
+    std::uint8_t c;
+    if (!read_exact(fd, &c, 1)) return std::nullopt;
+    if (c == '\n') return line;
+    line.push_back(static_cast<char>(c));
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+std::string status_json(const SealStatus& s) {
+  json j;
+  j["state"] = to_string(s.state);
+  j["failed_unseal_attempts"] = s.failed_unseal_attempts;
+  if (!s.last_failure.empty()) j["last_failure"] = s.last_failure;
+  j["token"] = {{"label", s.token.token_label},
+                {"serial", s.token.token_serial},
+                {"logged_in", s.token.logged_in},
+                {"degraded", s.token.degraded},
+                {"pin_count_low", s.token.pin_count_low},
+                {"pin_final_try", s.token.pin_final_try},
+                {"pin_locked", s.token.pin_locked}};
+  if (!s.token.last_error.empty()) j["token"]["last_error"] = s.token.last_error;
+  return j.dump();
+}
+
+Result<std::unique_ptr<UnsealSocket>> UnsealSocket::listen(const fs::path& path, Seal& seal) {
+  std::error_code ec;
+  if (!path.parent_path().empty() && !fs::exists(path.parent_path())) {
+    fs::create_directories(path.parent_path(), ec);
+    if (ec)
+      return make_error(ErrorCode::kIo, "cannot create " + path.parent_path().string() + ": " +
+                                            ec.message());
+    ::chmod(path.parent_path().c_str(), 0700);
+  }
+  KMSD_ASSIGN_OR_RETURN(auto addr, address_of(path));
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return sys_error("creating the unseal socket");
+  // A socket file left by a crashed daemon is stale if nobody answers on it.
+  if (fs::exists(path)) {
+    UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (::connect(probe.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0)
+      return make_error(ErrorCode::kAlreadyExists,
+                        "another kmsd is listening on " + path.string() + "; stop it first");
+    fs::remove(path, ec);
+  }
+  mode_t old = ::umask(0177);
+  int r = ::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  ::umask(old);
+  if (r != 0) return sys_error("binding the unseal socket " + path.string());
+  ::chmod(path.c_str(), 0600);
+  if (::listen(fd.get(), 8) != 0) return sys_error("listening on " + path.string());
+  return std::unique_ptr<UnsealSocket>(new UnsealSocket(path, std::move(fd), seal));
+}
+
+UnsealSocket::UnsealSocket(fs::path path, UniqueFd fd, Seal& seal)
+    : path_(std::move(path)), fd_(std::move(fd)), seal_(seal) {
+  thread_ = std::thread([this] { serve(); });
+}
+
+UnsealSocket::~UnsealSocket() {
+  stopping_ = true;
+  ::shutdown(fd_.get(), SHUT_RDWR);
+  if (thread_.joinable()) thread_.join();
+  std::error_code ec;
+  fs::remove(path_, ec);
+}
+
+void UnsealSocket::serve() {
+  while (!stopping_) {
+    pollfd p{fd_.get(), POLLIN, 0};
+    int r = ::poll(&p, 1, 200);
+    if (stopping_) break;
+    if (r <= 0) continue;
+    UniqueFd client(::accept4(fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!client.valid()) continue;
+    handle(client.get());
+  }
+}
+
+void UnsealSocket::handle(int client) {
+  ucred cred{};
+  socklen_t len = sizeof cred;
+  if (::getsockopt(client, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 ||
+      (cred.uid != ::geteuid() && cred.uid != 0)) {
+    spdlog::warn("unseal socket: refused a connection from uid {}", cred.uid);
+    write_all(client, R"({"ok":false,"error":"only the daemon's user or root may use this socket"})"
+                      "\n");
+    return;
+  }
+  auto reply = [&](bool ok, const std::string& error) {
+    json j = json::parse(status_json(seal_.status()));
+    j["ok"] = ok;
+    if (!error.empty()) j["error"] = error;
+    write_all(client, j.dump() + "\n");
+  };
+  auto line = read_line(client);
+  if (!line) return reply(false, "request header missing, too long or too slow");
+  json req = json::parse(*line, nullptr, /*allow_exceptions=*/false);
+  if (!req.is_object() || !req.contains("op") || !req["op"].is_string())
+    return reply(false, "request header is not a JSON object with an \"op\"");
+  std::string op = req["op"];
+  if (op == "status") return reply(true, "");
+  if (op == "seal") {
+    seal_.seal();
+    spdlog::info("sealed on request over the unseal socket (uid {})", cred.uid);
+    return reply(true, "");
+  }
+  if (op == "unseal") {
+    if (!req.contains("secret_length") || !req["secret_length"].is_number_unsigned())
+      return reply(false, "unseal needs \"secret_length\"");
+    std::size_t n = req["secret_length"];
+    if (n == 0 || n > kMaxSecret) return reply(false, "secret length out of range");
+    SecretBytes secret(n);
+    if (!read_exact(client, secret.data(), n)) return reply(false, "secret not received in time");
+    spdlog::info("unseal requested over the unseal socket (uid {})", cred.uid);
+    auto st = seal_.unseal(secret);
+    return reply(st.ok(), st.ok() ? "" : st.error().message);
+  }
+  reply(false, "unknown op '" + op + "'; expected status, seal or unseal");
+}
+
+Result<std::string> unseal_request(const fs::path& socket, const std::string& op,
+                                   const SecretBytes* secret) {
+  KMSD_ASSIGN_OR_RETURN(auto addr, address_of(socket));
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return sys_error("creating a socket");
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0)
+    return make_error(ErrorCode::kUnavailable,
+                      "cannot reach kmsd at " + socket.string() + ": " + std::strerror(errno) +
+                          "; is kmsd running, and is this the unseal_socket from its config?");
+  json header = {{"v", 1}, {"op", op}};
+  if (secret != nullptr) header["secret_length"] = secret->size();
+  if (!write_all(fd.get(), header.dump() + "\n") ||
+      (secret != nullptr && !write_all(fd.get(), secret->view())))
+    return sys_error("sending the request to kmsd");
+  std::string reply;
+  char c;
+  // Unsealing may take a while on a slow token: wait up to a minute for the reply.
+  for (int waited = 0; reply.size() < 65536;) {
+    pollfd p{fd.get(), POLLIN, 0};
+    int r = ::poll(&p, 1, 1000);
+    if (r == 0 && ++waited < 60) continue;
+    if (r <= 0) break;
+    ssize_t n = ::read(fd.get(), &c, 1);
+    if (n <= 0 || c == '\n') break;
+    reply.push_back(c);
+  }
+  if (reply.empty()) return make_error(ErrorCode::kUnavailable, "kmsd closed the connection without a reply");
+  return reply;
+}
+
+}  // namespace kmsd::startup

@@ -1,0 +1,53 @@
+// The local unseal socket: how `kmsctl unseal|seal|status` reach a daemon that has no
+// terminal (systemd). A Unix stream socket, mode 0600, peers checked with SO_PEERCRED.
+//
+// Wire format, version 1. One request per connection:
+//   request  = header-line [secret]
+//   header-line = JSON object on one line, terminated by '\n', at most 4096 bytes:
+//                 {"v":1,"op":"status"} | {"v":1,"op":"seal"} |
+//                 {"v":1,"op":"unseal","secret_length":N}   (1 <= N <= 4096)
+//   secret   = exactly N raw bytes (only for "unseal"); never JSON, so the secret lands
+//              straight in a wiping buffer and in no string or log.
+//   response = one JSON line: {"ok":true,"state":"unsealed",...} or
+//              {"ok":false,"error":"what happened and what to do", "state": ...}
+#pragma once
+
+#include <atomic>
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <thread>
+
+#include "common/fd.hpp"
+#include "common/result.hpp"
+#include "common/secret.hpp"
+#include "daemon/startup/seal.hpp"
+
+namespace kmsd::startup {
+
+class UnsealSocket {
+ public:
+  // Binds PATH (removing a stale socket, creating the parent directory 0700 if missing).
+  static Result<std::unique_ptr<UnsealSocket>> listen(const std::filesystem::path& path, Seal& seal);
+  ~UnsealSocket();  // stops the thread, removes the socket file
+
+ private:
+  UnsealSocket(std::filesystem::path path, UniqueFd fd, Seal& seal);
+  void serve();
+  void handle(int client);
+
+  std::filesystem::path path_;
+  UniqueFd fd_;
+  Seal& seal_;
+  std::atomic<bool> stopping_{false};
+  std::thread thread_;
+};
+
+// Client side, used by kmsctl. Returns the daemon's JSON reply line.
+Result<std::string> unseal_request(const std::filesystem::path& socket, const std::string& op,
+                                   const SecretBytes* secret = nullptr);
+
+// JSON text of a seal status (shared by the socket and /readyz).
+std::string status_json(const SealStatus& s);
+
+}  // namespace kmsd::startup
