@@ -181,7 +181,7 @@ std::optional<std::string_view> nearest(std::string_view word,
       best = c;
     }
   }
-  const std::size_t limit = std::clamp<std::size_t>(w.size() / 3, 1, 3);
+  const std::size_t limit = std::clamp<std::size_t>(w.size() / 4, 1, 3);
   if (best && best_d <= limit) return best;
   return std::nullopt;
 }
@@ -606,6 +606,7 @@ struct Section {
   std::string name;                    // dotted path
   const toml::table* table = nullptr;  // null when absent (or not a table)
   std::uint32_t line = 0;              // header line, 0 when absent
+  bool wrong_type = false;             // present but not a table (reported once, as such)
 };
 
 class Loader {
@@ -695,6 +696,7 @@ class Loader {
     problem(line_of(*n), s.name,
             "expected a table ([" + s.name + "]), found " + type_name(n->type()));
     s.line = line_of(*n);
+    s.wrong_type = true;
     return s;
   }
 
@@ -704,7 +706,7 @@ class Loader {
 
   const toml::node* get(const Section& s, std::string_view key, bool required) {
     const toml::node* n = s.table != nullptr ? s.table->get(key) : nullptr;
-    if (n == nullptr && required) {
+    if (n == nullptr && required && !s.wrong_type) {
       problem(s.line, key_of(s, key),
               "required key is missing" +
                   (s.table != nullptr ? " from [" + s.name + "]"

@@ -20,7 +20,9 @@ std::uint64_t get_be(std::span<const std::uint8_t> s) {
   return v;
 }
 
-Error open_failed() { return make_error(ErrorCode::kCrypto, kOpenFailed); }
+Error open_failed() {
+  return make_error(ErrorCode::kCrypto, kOpenFailed);
+}
 
 }  // namespace
 
@@ -91,8 +93,7 @@ Result<std::vector<std::uint8_t>> gcm_seal(const SecretBytes& key,
       EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_SET_IVLEN, static_cast<int>(kNonceLen),
                           nullptr) != 1 ||
       EVP_EncryptInit_ex(ctx.get(), nullptr, nullptr, key.data(), nonce.data()) != 1 ||
-      EVP_EncryptUpdate(ctx.get(), nullptr, &len, aad.data(), static_cast<int>(aad.size())) !=
-          1 ||
+      EVP_EncryptUpdate(ctx.get(), nullptr, &len, aad.data(), static_cast<int>(aad.size())) != 1 ||
       EVP_EncryptUpdate(ctx.get(), out.data(), &len, plaintext.data(),
                         static_cast<int>(plaintext.size())) != 1) {
     return ossl::crypto_error("sealing the payload (AES-256-GCM)");
@@ -133,14 +134,12 @@ Result<SecretBytes> gcm_open(const SecretBytes& key, std::span<const std::uint8_
       EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_SET_IVLEN, static_cast<int>(kNonceLen),
                           nullptr) == 1 &&
       EVP_DecryptInit_ex(ctx.get(), nullptr, nullptr, key.data(), nonce.data()) == 1 &&
-      EVP_DecryptUpdate(ctx.get(), nullptr, &len, aad.data(), static_cast<int>(aad.size())) ==
-          1 &&
+      EVP_DecryptUpdate(ctx.get(), nullptr, &len, aad.data(), static_cast<int>(aad.size())) == 1 &&
       EVP_DecryptUpdate(ctx.get(), out.data(), &len, ciphertext_and_tag.data(),
                         static_cast<int>(n)) == 1;
   int total = len;
   ok = ok &&
-       EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_SET_TAG, static_cast<int>(kTagLen), tag) ==
-           1 &&
+       EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_SET_TAG, static_cast<int>(kTagLen), tag) == 1 &&
        EVP_DecryptFinal_ex(ctx.get(), out.data() + total, &len) == 1;
   if (!ok) {
     ossl::drain_errors();  // the uniform message says all there is to say

@@ -80,8 +80,7 @@ void check_rv(CK_RV rv, std::string_view function) {
       }
       break;
   }
-  throw TokenError(Error{code, std::string(function) + " failed: " + rv_name(rv) + hex}, fault,
-                   rv);
+  throw TokenError(Error{code, std::string(function) + " failed: " + rv_name(rv) + hex}, fault, rv);
 }
 
 Result<std::shared_ptr<Module>> Module::load(const std::string& path) {
@@ -135,9 +134,9 @@ CK_RV Module::initialize() const noexcept {
 
 Session Session::open(std::shared_ptr<const Module> module, CK_SLOT_ID slot) {
   CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
-  check_rv(module->f()->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr,
-                                      nullptr, &h),
-           "C_OpenSession");
+  check_rv(
+      module->f()->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &h),
+      "C_OpenSession");
   return Session(std::move(module), h);
 }
 
@@ -190,7 +189,9 @@ bool Session::bool_attribute(CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_TYPE type) const
   return b == CK_TRUE;
 }
 
-void Session::destroy(CK_OBJECT_HANDLE obj) const noexcept { f()->C_DestroyObject(h_, obj); }
+void Session::destroy(CK_OBJECT_HANDLE obj) const noexcept {
+  f()->C_DestroyObject(h_, obj);
+}
 
 std::string trimmed(const unsigned char* p, std::size_t n) {
   std::string s(reinterpret_cast<const char*>(p), n);

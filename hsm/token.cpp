@@ -43,8 +43,8 @@ const char* to_string(WrapMechanism m) noexcept {
 }
 
 std::optional<WrapMechanism> parse_wrap_mechanism(std::string_view s) noexcept {
-  for (auto m : {WrapMechanism::kAesKeyWrapPad, WrapMechanism::kAesGcm,
-                 WrapMechanism::kAesCbcPadHmac}) {
+  for (auto m :
+       {WrapMechanism::kAesKeyWrapPad, WrapMechanism::kAesGcm, WrapMechanism::kAesCbcPadHmac}) {
     if (s == to_string(m)) return m;
   }
   return std::nullopt;
@@ -75,7 +75,9 @@ namespace {
 
 constexpr CK_BBOOL kTrue = CK_TRUE;
 constexpr CK_BBOOL kFalse = CK_FALSE;
-const CK_BBOOL* flag(bool b) { return b ? &kTrue : &kFalse; }
+const CK_BBOOL* flag(bool b) {
+  return b ? &kTrue : &kFalse;
+}
 
 template <typename T>
 CK_ATTRIBUTE attr(CK_ATTRIBUTE_TYPE type, const T* value, std::size_t n = sizeof(T)) {
@@ -113,9 +115,13 @@ Bytes fresh_bytes(std::size_t n) {
   return out;
 }
 
-void append(Bytes& out, std::span<const std::uint8_t> b) { out.insert(out.end(), b.begin(), b.end()); }
+void append(Bytes& out, std::span<const std::uint8_t> b) {
+  out.insert(out.end(), b.begin(), b.end());
+}
 
-[[noreturn]] void open_failed() { fail(ErrorCode::kCrypto, envelope::kOpenFailed); }
+[[noreturn]] void open_failed() {
+  fail(ErrorCode::kCrypto, envelope::kOpenFailed);
+}
 
 std::string describe_tokens(const std::vector<SlotInfo>& slots) {
   if (slots.empty()) return "no tokens are present on this module";
@@ -144,6 +150,19 @@ PKCS11_CTX* libp11_context(const std::string& module_path) {
   }
   contexts.emplace(module_path, ctx);
   return ctx;
+}
+
+// See Token::Impl::reset_libp11: retired libp11 slot arrays stay reachable for the life of
+// the process.
+void park_libp11_slots(PKCS11_SLOT* slots, unsigned int n) noexcept {
+  static std::mutex mu;
+  static std::vector<std::pair<PKCS11_SLOT*, unsigned int>> parked;
+  std::lock_guard lock(mu);
+  try {
+    parked.emplace_back(slots, n);
+  } catch (...) {
+    // Out of memory: leaking the array is still the safe choice.
+  }
 }
 
 }  // namespace
@@ -321,12 +340,15 @@ struct Token::Impl {
   }
 
   // ---- libp11 ----
+  // Forgets libp11's slots so the next ca_private_key() enumerates afresh (libp11 0.4.12
+  // never notices that its pooled sessions died). The old slot array is parked, not released:
+  // releasing frees the PKCS11_KEYs that EVP_PKEYs handed out earlier point into (use after
+  // free, checked here) and makes libp11 C_CloseAllSessions, killing our fresh sessions.
+  // A parked key fails cleanly instead; a few hundred bytes per recovery.
   void reset_libp11() noexcept {
     std::lock_guard lock(p11_mu);
     if (p11_slots != nullptr) {
-      // Note: releasing a slot makes libp11 call C_CloseAllSessions on it once its last
-      // reference goes, which also ends our sessions and the login; callers re-open after.
-      PKCS11_release_all_slots(p11_ctx, p11_slots, p11_nslots);
+      park_libp11_slots(p11_slots, p11_nslots);
       p11_slots = nullptr;
       p11_nslots = 0;
     }
@@ -445,8 +467,7 @@ struct Token::Impl {
           std::string why = fault == Fault::kPinLocked
                                 ? "the user PIN is locked; a security officer must reset it"
                                 : "the token no longer accepts the retained PIN";
-          Error e{fault == Fault::kPinLocked ? ErrorCode::kPinLocked
-                                             : ErrorCode::kUnauthenticated,
+          Error e{fault == Fault::kPinLocked ? ErrorCode::kPinLocked : ErrorCode::kUnauthenticated,
                   "re-login after a lost session failed: " + why + " (" + p11::rv_name(rv) +
                       "); log in again"};
           mark_degraded(e.message);
@@ -475,9 +496,7 @@ struct Token::Impl {
   auto run(std::string_view what, bool needs_login, Op&& op)
       -> Result<std::invoke_result_t<Op&, Session&>> {
     using R = std::invoke_result_t<Op&, Session&>;
-    auto with_context = [&](const Error& e) {
-      return what.empty() ? e : e.context(what);
-    };
+    auto with_context = [&](const Error& e) { return what.empty() ? e : e.context(what); };
     if (needs_login && !has_pin()) {
       return with_context(make_error(
           ErrorCode::kFailedPrecondition,
@@ -529,12 +548,12 @@ struct Token::Impl {
       case WrapMechanism::kAesKeyWrapPad: {
         static const CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
         static const CK_KEY_TYPE type = CKK_AES;
-        CK_ATTRIBUTE tmpl[] = {attr(CKA_CLASS, &cls),         attr(CKA_KEY_TYPE, &type),
-                               attr(CKA_TOKEN, &kFalse),      attr(CKA_PRIVATE, &kFalse),
-                               attr(CKA_SENSITIVE, &kFalse),  attr(CKA_EXTRACTABLE, &kTrue),
-                               attr(CKA_ENCRYPT, &kFalse),    attr(CKA_DECRYPT, &kFalse),
-                               attr(CKA_SIGN, &kFalse),       attr(CKA_VERIFY, &kFalse),
-                               attr(CKA_WRAP, &kFalse),       attr(CKA_UNWRAP, &kFalse),
+        CK_ATTRIBUTE tmpl[] = {attr(CKA_CLASS, &cls),           attr(CKA_KEY_TYPE, &type),
+                               attr(CKA_TOKEN, &kFalse),        attr(CKA_PRIVATE, &kFalse),
+                               attr(CKA_SENSITIVE, &kFalse),    attr(CKA_EXTRACTABLE, &kTrue),
+                               attr(CKA_ENCRYPT, &kFalse),      attr(CKA_DECRYPT, &kFalse),
+                               attr(CKA_SIGN, &kFalse),         attr(CKA_VERIFY, &kFalse),
+                               attr(CKA_WRAP, &kFalse),         attr(CKA_UNWRAP, &kFalse),
                                attr_bytes(CKA_VALUE, dk.span())};
         CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
         {
@@ -719,7 +738,8 @@ struct Token::Impl {
       if (!k.isPrivate || k.label == nullptr || opts.labels.ca != k.label) continue;
       if (k.id_len != id.size() || !std::equal(id.begin(), id.end(), k.id)) continue;
       EVP_PKEY* pkey = PKCS11_get_private_key(&k);
-      if (pkey == nullptr) libp11_fail("PKCS11_get_private_key failed for '" + opts.labels.ca + "'");
+      if (pkey == nullptr)
+        libp11_fail("PKCS11_get_private_key failed for '" + opts.labels.ca + "'");
       return ossl::EvpPkeyPtr(pkey);
     }
     fail(ErrorCode::kNotFound, "libp11 does not see the CA private key '" + opts.labels.ca +
@@ -766,8 +786,9 @@ Result<std::unique_ptr<Token>> Token::open(const TokenOptions& options) {
   }
   if (!matching[0].initialized) {
     return make_error(ErrorCode::kFailedPrecondition,
-                      "token '" + matching[0].token_label + "' is not initialized; initialize it "
-                      "first (softhsm2-util --init-token / pkcs11-tool --init-token)");
+                      "token '" + matching[0].token_label +
+                          "' is not initialized; initialize it "
+                          "first (softhsm2-util --init-token / pkcs11-tool --init-token)");
   }
   auto impl = std::make_unique<Impl>(options, std::move(uri), std::move(module), matching[0]);
   return std::unique_ptr<Token>(new Token(std::move(impl)));
@@ -822,9 +843,9 @@ Status Token::login(const SecretBytes& pin) {
             hint = "; few tries remain before the token locks";
           }
         }
-        return make_error(ErrorCode::kUnauthenticated, "token " + d.token_name() +
-                                                           " rejected the user PIN (" +
-                                                           p11::rv_name(rv) + ")" + hint);
+        return make_error(
+            ErrorCode::kUnauthenticated,
+            "token " + d.token_name() + " rejected the user PIN (" + p11::rv_name(rv) + ")" + hint);
       }
       if (fault == Fault::kPinLocked) {
         d.forget_pin();
@@ -907,15 +928,14 @@ Status Token::generate_master_key(std::uint32_t version) {
     static const CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
     static const CK_KEY_TYPE aes = CKK_AES;
     static const CK_ULONG len = 32;
-    CK_ATTRIBUTE tmpl[] = {
-        attr(CKA_CLASS, &cls),          attr(CKA_KEY_TYPE, &aes),
-        attr(CKA_VALUE_LEN, &len),      attr(CKA_TOKEN, &kTrue),
-        attr(CKA_PRIVATE, &kTrue),      attr(CKA_SENSITIVE, &kTrue),
-        attr(CKA_EXTRACTABLE, &kFalse), attr(CKA_WRAP, &kTrue),
-        attr(CKA_UNWRAP, &kTrue),       attr(CKA_ENCRYPT, flag(cipher)),
-        attr(CKA_DECRYPT, flag(cipher)), attr(CKA_SIGN, &kFalse),
-        attr(CKA_VERIFY, &kFalse),      attr(CKA_DERIVE, &kFalse),
-        attr_str(CKA_LABEL, label),     attr_str(CKA_ID, label)};
+    CK_ATTRIBUTE tmpl[] = {attr(CKA_CLASS, &cls),           attr(CKA_KEY_TYPE, &aes),
+                           attr(CKA_VALUE_LEN, &len),       attr(CKA_TOKEN, &kTrue),
+                           attr(CKA_PRIVATE, &kTrue),       attr(CKA_SENSITIVE, &kTrue),
+                           attr(CKA_EXTRACTABLE, &kFalse),  attr(CKA_WRAP, &kTrue),
+                           attr(CKA_UNWRAP, &kTrue),        attr(CKA_ENCRYPT, flag(cipher)),
+                           attr(CKA_DECRYPT, flag(cipher)), attr(CKA_SIGN, &kFalse),
+                           attr(CKA_VERIFY, &kFalse),       attr(CKA_DERIVE, &kFalse),
+                           attr_str(CKA_LABEL, label),      attr_str(CKA_ID, label)};
     CK_MECHANISM m{CKM_AES_KEY_GEN, nullptr, 0};
     CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
     check_rv(d.f()->C_GenerateKey(s.handle(), &m, tmpl, std::size(tmpl), &h), "C_GenerateKey");
@@ -946,49 +966,48 @@ Status Token::generate_master_key(std::uint32_t version) {
 Status Token::generate_ca_key(KeyType type) {
   Impl& d = *impl_;
   const std::string& label = d.opts.labels.ca;
-  auto r = d.run(std::string("generating CA key '") + label + "' (" + to_string(type) + ")", true,
-                 [&](Session& s) {
-                   std::lock_guard lock(d.object_mu);
-                   d.refuse_existing(s, CKO_PRIVATE_KEY, label);
-                   d.refuse_existing(s, CKO_PUBLIC_KEY, label);
-                   Bytes id = fresh_bytes(16);
-                   const bool ec = type == KeyType::kEcP256 || type == KeyType::kEcP384;
-                   static const CK_OBJECT_CLASS pub_cls = CKO_PUBLIC_KEY;
-                   static const CK_OBJECT_CLASS priv_cls = CKO_PRIVATE_KEY;
-                   const CK_KEY_TYPE kt = ec ? CKK_EC : CKK_RSA;
-                   const CK_ULONG bits = type == KeyType::kRsa3072 ? 3072 : 2048;
-                   static const std::uint8_t e65537[] = {0x01, 0x00, 0x01};
-                   std::vector<CK_ATTRIBUTE> pub = {
-                       attr(CKA_CLASS, &pub_cls),   attr(CKA_KEY_TYPE, &kt),
-                       attr(CKA_TOKEN, &kTrue),     attr(CKA_PRIVATE, &kFalse),
-                       attr(CKA_VERIFY, &kTrue),    attr(CKA_ENCRYPT, &kFalse),
-                       attr(CKA_WRAP, &kFalse),     attr(CKA_DERIVE, &kFalse),
-                       attr_str(CKA_LABEL, label),  attr_bytes(CKA_ID, id)};
-                   if (type == KeyType::kEcP256) {
-                     pub.push_back(attr(CKA_EC_PARAMS, kOidP256, sizeof kOidP256));
-                   } else if (type == KeyType::kEcP384) {
-                     pub.push_back(attr(CKA_EC_PARAMS, kOidP384, sizeof kOidP384));
-                   } else {
-                     pub.push_back(attr(CKA_MODULUS_BITS, &bits));
-                     pub.push_back(attr(CKA_PUBLIC_EXPONENT, e65537, sizeof e65537));
-                   }
-                   std::vector<CK_ATTRIBUTE> priv = {
-                       attr(CKA_CLASS, &priv_cls),     attr(CKA_KEY_TYPE, &kt),
-                       attr(CKA_TOKEN, &kTrue),        attr(CKA_PRIVATE, &kTrue),
-                       attr(CKA_SENSITIVE, &kTrue),    attr(CKA_EXTRACTABLE, &kFalse),
-                       attr(CKA_SIGN, &kTrue),         attr(CKA_DECRYPT, &kFalse),
-                       attr(CKA_UNWRAP, &kFalse),      attr(CKA_DERIVE, &kFalse),
-                       attr(CKA_SIGN_RECOVER, &kFalse), attr_str(CKA_LABEL, label),
-                       attr_bytes(CKA_ID, id)};
-                   CK_MECHANISM m{ec ? CKM_EC_KEY_PAIR_GEN : CKM_RSA_PKCS_KEY_PAIR_GEN, nullptr,
-                                  0};
-                   CK_OBJECT_HANDLE hpub = CK_INVALID_HANDLE;
-                   CK_OBJECT_HANDLE hpriv = CK_INVALID_HANDLE;
-                   check_rv(d.f()->C_GenerateKeyPair(s.handle(), &m, pub.data(), pub.size(),
-                                                     priv.data(), priv.size(), &hpub, &hpriv),
-                            "C_GenerateKeyPair");
-                   return true;
-                 });
+  auto r =
+      d.run(std::string("generating CA key '") + label + "' (" + to_string(type) + ")", true,
+            [&](Session& s) {
+              std::lock_guard lock(d.object_mu);
+              d.refuse_existing(s, CKO_PRIVATE_KEY, label);
+              d.refuse_existing(s, CKO_PUBLIC_KEY, label);
+              Bytes id = fresh_bytes(16);
+              const bool ec = type == KeyType::kEcP256 || type == KeyType::kEcP384;
+              static const CK_OBJECT_CLASS pub_cls = CKO_PUBLIC_KEY;
+              static const CK_OBJECT_CLASS priv_cls = CKO_PRIVATE_KEY;
+              const CK_KEY_TYPE kt = ec ? CKK_EC : CKK_RSA;
+              const CK_ULONG bits = type == KeyType::kRsa3072 ? 3072 : 2048;
+              static const std::uint8_t e65537[] = {0x01, 0x00, 0x01};
+              std::vector<CK_ATTRIBUTE> pub = {
+                  attr(CKA_CLASS, &pub_cls),  attr(CKA_KEY_TYPE, &kt),   attr(CKA_TOKEN, &kTrue),
+                  attr(CKA_PRIVATE, &kFalse), attr(CKA_VERIFY, &kTrue),  attr(CKA_ENCRYPT, &kFalse),
+                  attr(CKA_WRAP, &kFalse),    attr(CKA_DERIVE, &kFalse), attr_str(CKA_LABEL, label),
+                  attr_bytes(CKA_ID, id)};
+              if (type == KeyType::kEcP256) {
+                pub.push_back(attr(CKA_EC_PARAMS, kOidP256, sizeof kOidP256));
+              } else if (type == KeyType::kEcP384) {
+                pub.push_back(attr(CKA_EC_PARAMS, kOidP384, sizeof kOidP384));
+              } else {
+                pub.push_back(attr(CKA_MODULUS_BITS, &bits));
+                pub.push_back(attr(CKA_PUBLIC_EXPONENT, e65537, sizeof e65537));
+              }
+              std::vector<CK_ATTRIBUTE> priv = {
+                  attr(CKA_CLASS, &priv_cls),      attr(CKA_KEY_TYPE, &kt),
+                  attr(CKA_TOKEN, &kTrue),         attr(CKA_PRIVATE, &kTrue),
+                  attr(CKA_SENSITIVE, &kTrue),     attr(CKA_EXTRACTABLE, &kFalse),
+                  attr(CKA_SIGN, &kTrue),          attr(CKA_DECRYPT, &kFalse),
+                  attr(CKA_UNWRAP, &kFalse),       attr(CKA_DERIVE, &kFalse),
+                  attr(CKA_SIGN_RECOVER, &kFalse), attr_str(CKA_LABEL, label),
+                  attr_bytes(CKA_ID, id)};
+              CK_MECHANISM m{ec ? CKM_EC_KEY_PAIR_GEN : CKM_RSA_PKCS_KEY_PAIR_GEN, nullptr, 0};
+              CK_OBJECT_HANDLE hpub = CK_INVALID_HANDLE;
+              CK_OBJECT_HANDLE hpriv = CK_INVALID_HANDLE;
+              check_rv(d.f()->C_GenerateKeyPair(s.handle(), &m, pub.data(), pub.size(), priv.data(),
+                                                priv.size(), &hpub, &hpriv),
+                       "C_GenerateKeyPair");
+              return true;
+            });
   if (!r.ok()) return r.error();
   return {};
 }
@@ -1002,14 +1021,13 @@ Status Token::generate_audit_key() {
     static const CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
     static const CK_KEY_TYPE gs = CKK_GENERIC_SECRET;
     static const CK_ULONG len = 32;
-    CK_ATTRIBUTE t[] = {attr(CKA_CLASS, &cls),          attr(CKA_KEY_TYPE, &gs),
-                        attr(CKA_VALUE_LEN, &len),      attr(CKA_TOKEN, &kTrue),
-                        attr(CKA_PRIVATE, &kTrue),      attr(CKA_SENSITIVE, &kTrue),
-                        attr(CKA_EXTRACTABLE, &kFalse), attr(CKA_SIGN, &kTrue),
-                        attr(CKA_VERIFY, &kTrue),       attr(CKA_ENCRYPT, &kFalse),
-                        attr(CKA_DECRYPT, &kFalse),     attr(CKA_WRAP, &kFalse),
-                        attr(CKA_UNWRAP, &kFalse),      attr(CKA_DERIVE, &kFalse),
-                        attr_str(CKA_LABEL, label),     attr_str(CKA_ID, label)};
+    CK_ATTRIBUTE t[] = {
+        attr(CKA_CLASS, &cls),          attr(CKA_KEY_TYPE, &gs),    attr(CKA_VALUE_LEN, &len),
+        attr(CKA_TOKEN, &kTrue),        attr(CKA_PRIVATE, &kTrue),  attr(CKA_SENSITIVE, &kTrue),
+        attr(CKA_EXTRACTABLE, &kFalse), attr(CKA_SIGN, &kTrue),     attr(CKA_VERIFY, &kTrue),
+        attr(CKA_ENCRYPT, &kFalse),     attr(CKA_DECRYPT, &kFalse), attr(CKA_WRAP, &kFalse),
+        attr(CKA_UNWRAP, &kFalse),      attr(CKA_DERIVE, &kFalse),  attr_str(CKA_LABEL, label),
+        attr_str(CKA_ID, label)};
     CK_MECHANISM m{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
     CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
     check_rv(d.f()->C_GenerateKey(s.handle(), &m, t, std::size(t), &h), "C_GenerateKey");
@@ -1058,7 +1076,8 @@ Result<Bytes> Token::seal(std::span<const std::uint8_t> plaintext,
       v = all.back();
     }
     auto mk = d.find_secret(s, d.master_label(v), CKK_AES);
-    if (!mk) fail(ErrorCode::kNotFound, "master key '" + d.master_label(v) + "' is not on the token");
+    if (!mk)
+      fail(ErrorCode::kNotFound, "master key '" + d.master_label(v) + "' is not on the token");
     SecretBytes dk = fresh_secret(envelope::kDataKeyLen);
     Bytes nonce = fresh_bytes(envelope::kNonceLen);
     Bytes binding = envelope::bind(envelope::key_header(mech, v), aad);
@@ -1088,7 +1107,8 @@ Result<SecretBytes> Token::open(std::span<const std::uint8_t> blob,
       open_failed();
     }
     if (dk.size() != envelope::kDataKeyLen) open_failed();
-    auto pt = envelope::gcm_open(dk, p->nonce, p->ciphertext, envelope::bind(p->authenticated, aad));
+    auto pt =
+        envelope::gcm_open(dk, p->nonce, p->ciphertext, envelope::bind(p->authenticated, aad));
     if (!pt.ok()) open_failed();
     return std::move(pt).value();
   });
@@ -1125,8 +1145,7 @@ ossl::EvpPkeyPtr ec_public_key(std::span<const std::uint8_t> params,
   const char* group = nullptr;
   if (std::equal(params.begin(), params.end(), std::begin(kOidP256), std::end(kOidP256))) {
     group = "P-256";
-  } else if (std::equal(params.begin(), params.end(), std::begin(kOidP384),
-                        std::end(kOidP384))) {
+  } else if (std::equal(params.begin(), params.end(), std::begin(kOidP384), std::end(kOidP384))) {
     group = "P-384";
   } else {
     fail(ErrorCode::kFailedPrecondition, "the CA key uses an EC curve kmsd does not support");
@@ -1175,8 +1194,7 @@ ossl::EvpPkeyPtr rsa_public_key(std::span<const std::uint8_t> n, std::span<const
   EVP_PKEY* key = nullptr;
   if (!params || !ctx || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
       EVP_PKEY_fromdata(ctx.get(), &key, EVP_PKEY_PUBLIC_KEY, params.get()) != 1) {
-    throw TokenError(ossl::crypto_error("building the CA public key (RSA)"),
-                     Fault::kCallerError);
+    throw TokenError(ossl::crypto_error("building the CA public key (RSA)"), Fault::kCallerError);
   }
   return ossl::EvpPkeyPtr(key);
 }
@@ -1185,29 +1203,26 @@ ossl::EvpPkeyPtr rsa_public_key(std::span<const std::uint8_t> n, std::span<const
 
 Result<ossl::EvpPkeyPtr> Token::ca_public_key() {
   Impl& d = *impl_;
-  return d.run("reading the CA public key '" + d.opts.labels.ca + "'", false,
-               [&](Session& s) -> ossl::EvpPkeyPtr {
-                 auto h = d.find_key(s, CKO_PUBLIC_KEY, d.opts.labels.ca);
-                 if (!h) {
-                   fail(ErrorCode::kNotFound, "no CA public key '" + d.opts.labels.ca +
-                                                  "' is on the token; generate the CA key "
-                                                  "first (kmsctl init)");
-                 }
-                 CK_KEY_TYPE kt = 0;
-                 CK_ATTRIBUTE a = attr(CKA_KEY_TYPE, &kt);
-                 check_rv(d.f()->C_GetAttributeValue(s.handle(), *h, &a, 1),
-                          "C_GetAttributeValue");
-                 if (kt == CKK_EC) {
-                   return ec_public_key(s.attribute(*h, CKA_EC_PARAMS),
-                                        s.attribute(*h, CKA_EC_POINT));
-                 }
-                 if (kt == CKK_RSA) {
-                   return rsa_public_key(s.attribute(*h, CKA_MODULUS),
-                                         s.attribute(*h, CKA_PUBLIC_EXPONENT));
-                 }
-                 fail(ErrorCode::kFailedPrecondition,
-                      "the CA key on the token is neither EC nor RSA");
-               });
+  return d.run(
+      "reading the CA public key '" + d.opts.labels.ca + "'", false,
+      [&](Session& s) -> ossl::EvpPkeyPtr {
+        auto h = d.find_key(s, CKO_PUBLIC_KEY, d.opts.labels.ca);
+        if (!h) {
+          fail(ErrorCode::kNotFound, "no CA public key '" + d.opts.labels.ca +
+                                         "' is on the token; generate the CA key "
+                                         "first (kmsctl init)");
+        }
+        CK_KEY_TYPE kt = 0;
+        CK_ATTRIBUTE a = attr(CKA_KEY_TYPE, &kt);
+        check_rv(d.f()->C_GetAttributeValue(s.handle(), *h, &a, 1), "C_GetAttributeValue");
+        if (kt == CKK_EC) {
+          return ec_public_key(s.attribute(*h, CKA_EC_PARAMS), s.attribute(*h, CKA_EC_POINT));
+        }
+        if (kt == CKK_RSA) {
+          return rsa_public_key(s.attribute(*h, CKA_MODULUS), s.attribute(*h, CKA_PUBLIC_EXPONENT));
+        }
+        fail(ErrorCode::kFailedPrecondition, "the CA key on the token is neither EC nor RSA");
+      });
 }
 
 // ---- misc ----
@@ -1251,9 +1266,12 @@ Status Token::write_data_object(const std::string& label, const SecretBytes& val
                                           "; refusing to overwrite it");
     }
     static const std::string app = "kmsd";
-    CK_ATTRIBUTE t[] = {attr(CKA_CLASS, &cls),       attr(CKA_TOKEN, &kTrue),
-                        attr(CKA_PRIVATE, &kTrue),   attr(CKA_MODIFIABLE, &kTrue),
-                        attr_str(CKA_LABEL, label),  attr_str(CKA_APPLICATION, app),
+    CK_ATTRIBUTE t[] = {attr(CKA_CLASS, &cls),
+                        attr(CKA_TOKEN, &kTrue),
+                        attr(CKA_PRIVATE, &kTrue),
+                        attr(CKA_MODIFIABLE, &kTrue),
+                        attr_str(CKA_LABEL, label),
+                        attr_str(CKA_APPLICATION, app),
                         attr_bytes(CKA_VALUE, value.span())};
     CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
     // Create the new object before removing the old one: a crash in between leaves two
@@ -1283,9 +1301,9 @@ Result<SecretBytes> Token::read_data_object(const std::string& label) {
            "no data object labelled '" + label + "' is on token " + d.token_name());
     }
     if (found.size() > 1) {
-      fail(ErrorCode::kFailedPrecondition,
-           std::to_string(found.size()) + " data objects labelled '" + label +
-               "' are on the token; remove the extra ones");
+      fail(ErrorCode::kFailedPrecondition, std::to_string(found.size()) +
+                                               " data objects labelled '" + label +
+                                               "' are on the token; remove the extra ones");
     }
     return s.secret_attribute(found[0], CKA_VALUE);
   });

@@ -130,6 +130,9 @@ class Token {
   // ---- signing ----
   // An EVP_PKEY whose private operations run on the token (libp11), for X509_sign,
   // X509_CRL_sign, OCSP_basic_sign, CMS_sign. Valid while the token stays logged in.
+  // libp11 0.4.12 cannot re-open its own sessions: after a lost session (and the recovery
+  // of the next Token call) a key fetched earlier fails to sign, cleanly. Fetch a key per
+  // signing batch, or fetch again and retry once when a signature fails.
   Result<ossl::EvpPkeyPtr> ca_private_key();
   // The CA public key (no login needed for the public object).
   Result<ossl::EvpPkeyPtr> ca_public_key();

@@ -405,6 +405,14 @@ TEST_F(ConfigTest, SectionThatIsNotATableIsATypeError) {
   expect_one(r, 1, "log", "expected a table ([log]), found a string");
 }
 
+TEST_F(ConfigTest, SectionOfTheWrongTypeIsNotAlsoReportedAsMissingItsKeys) {
+  // [startup] as a key instead of a table; its required key is not reported again.
+  std::string text = replace_all(Minimal{}.text(), "[startup]\nsource = \"prompt\"\n", "");
+  text = "startup = \"prompt\"\n" + text;
+  const LoadResult r = load_text(text);
+  expect_one(r, 1, "startup", "expected a table ([startup]), found a string");
+}
+
 TEST_F(ConfigTest, OutOfRangeValuesNameTheRange) {
   Minimal m;
   m.unseal_socket = join_lines({"\"unseal.sock\"", "worker_threads = 0", "io_threads = 17",

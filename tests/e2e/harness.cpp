@@ -1,0 +1,172 @@
+#include "tests/e2e/harness.hpp"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+namespace kmsd::testing {
+
+namespace fs = std::filesystem;
+
+fs::path build_dir() {
+  const char* b = std::getenv("KMSD_BUILD_DIR");
+  return b != nullptr ? fs::path(b) : fs::current_path();
+}
+fs::path kmsd_bin() { return build_dir() / "daemon" / "kmsd"; }
+fs::path kmsctl_bin() { return build_dir() / "cli" / "kmsctl"; }
+
+std::uint16_t free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+std::string shell_quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+CommandResult sh(const std::string& cmd) {
+  CommandResult r;
+  r.status = run_command(cmd, &r.output);
+  return r;
+}
+
+void KmsdTest::SetUp() {
+  TokenSandbox::SetUp();
+  public_port_ = free_port();
+  admin_port_ = free_port();
+  while (admin_port_ == public_port_) admin_port_ = free_port();
+  std::ofstream(pass_path()) << "correct horse battery staple\n";
+  fs::permissions(pass_path(), fs::perms::owner_read | fs::perms::owner_write);
+}
+
+void KmsdTest::TearDown() {
+  if (pid_ > 0) {
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+  TokenSandbox::TearDown();
+}
+
+void KmsdTest::write_config(const std::string& source, const std::string& extra) {
+  std::ofstream f(conf_path());
+  f << "[server]\n"
+    << "public_listen = \"127.0.0.1:" << public_port_ << "\"\n"
+    << "admin_listen = \"127.0.0.1:" << admin_port_ << "\"\n"
+    << "tls_names = [\"localhost\", \"127.0.0.1\"]\n"
+    << "unseal_socket = \"" << socket_path().string() << "\"\n"
+    << "[token]\n"
+    << "module = \"" << kSoftHsmModule << "\"\n"
+    << "uri = \"" << token().uri() << "\"\n"
+    << "[ca]\n"
+    << "subject = \"/O=kmsd test/CN=kmsd test CA\"\n"
+    << "[store]\n"
+    << "path = \"" << db_path().string() << "\"\n"
+    << "[startup]\n"
+    << "source = \"" << source << "\"\n";
+  if (source == "file") f << "file = \"" << secret_path().string() << "\"\n";
+  f << "[log]\nlevel = \"debug\"\nfile = \"" << log_path().string() << "\"\n" << extra;
+}
+
+void KmsdTest::write_secret_file(const std::string& secret, unsigned mode) {
+  std::ofstream(secret_path()) << secret << "\n";
+  ::chmod(secret_path().c_str(), mode);
+}
+
+CommandResult KmsdTest::init() {
+  write_secret_file(kUserPin);
+  return kmsctl("init --config " + shell_quote(conf_path()) + " --admin alice --admin-p12 " +
+                shell_quote(admin_p12()) + " --passphrase-file " + shell_quote(pass_path()) +
+                " --pin-file " + shell_quote(secret_path()));
+}
+
+CommandResult KmsdTest::kmsctl(const std::string& args) {
+  return sh(shell_quote(kmsctl_bin()) + " " + args + " </dev/null");
+}
+
+void KmsdTest::start() {
+  pid_ = ::fork();
+  if (pid_ == 0) {
+    int devnull = ::open("/dev/null", O_RDONLY);
+    ::dup2(devnull, STDIN_FILENO);  // no terminal: the prompt source must not block
+    int err = ::open((dir() / "kmsd.stderr").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    ::dup2(err, STDERR_FILENO);
+    ::dup2(err, STDOUT_FILENO);
+    ::setpgid(0, 0);
+    ::execl(kmsd_bin().c_str(), "kmsd", "--config", conf_path().c_str(), nullptr);
+    ::_exit(127);
+  }
+  for (int i = 0; i < 200; ++i) {
+    if (http_code("/healthz") == "200") return;
+    int status;
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      std::string err;
+      std::ifstream e(dir() / "kmsd.stderr");
+      std::getline(e, err, '\0');
+      FAIL() << "kmsd exited during startup: " << err << "\nlog:\n" << log_text();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  FAIL() << "kmsd did not answer /healthz within 10 s\nlog:\n" << log_text();
+}
+
+int KmsdTest::stop() {
+  if (pid_ <= 0) return -1;
+  ::kill(pid_, SIGTERM);
+  int status = 0;
+  for (int i = 0; i < 200; ++i) {
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return -2;  // still running; TearDown kills it
+}
+
+bool KmsdTest::wait_ready(int code, int seconds) {
+  for (int i = 0; i < seconds * 20; ++i) {
+    if (http_code("/readyz") == std::to_string(code)) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
+}
+
+CommandResult KmsdTest::get_public(const std::string& path) {
+  return sh("curl -s -m 10 -w '\\n%{http_code}' " + shell_quote(public_url() + path));
+}
+
+std::string KmsdTest::http_code(const std::string& path) {
+  auto r = sh("curl -s -m 5 -o /dev/null -w '%{http_code}' " + shell_quote(public_url() + path));
+  return r.output;
+}
+
+std::string KmsdTest::log_text() const {
+  std::ifstream f(log_path());
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+}  // namespace kmsd::testing

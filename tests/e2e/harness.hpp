@@ -1,0 +1,66 @@
+// End-to-end harness: a throw-away SoftHSM token, a config, `kmsctl init`, and a real kmsd
+// process driven by real clients (curl, openssl, pkcs11-tool, kmsctl). Every process started
+// here is stopped in TearDown.
+#pragma once
+
+#include <sys/types.h>
+
+#include <filesystem>
+#include <string>
+
+#include "tests/support/sandbox.hpp"
+
+namespace kmsd::testing {
+
+std::filesystem::path build_dir();  // from $KMSD_BUILD_DIR
+std::filesystem::path kmsd_bin();
+std::filesystem::path kmsctl_bin();
+std::uint16_t free_port();
+std::string shell_quote(const std::string& s);
+
+struct CommandResult {
+  int status = -1;
+  std::string output;  // stdout + stderr
+};
+CommandResult sh(const std::string& cmd);
+
+class KmsdTest : public TokenSandbox {
+ protected:
+  void SetUp() override;
+  void TearDown() override;
+
+  // Writes kmsd.toml. SOURCE is "file" or "prompt". EXTRA is appended verbatim.
+  void write_config(const std::string& source = "file", const std::string& extra = "");
+  // Writes the startup secret file with MODE.
+  void write_secret_file(const std::string& secret, unsigned mode = 0600);
+  // kmsctl init with the admin PKCS#12 at admin_p12().
+  CommandResult init();
+  // Starts kmsd and waits until /healthz answers.
+  void start();
+  // SIGTERM and wait; returns the exit status.
+  int stop();
+  // Waits until /readyz has HTTP status CODE (or times out, failing the test).
+  bool wait_ready(int code, int seconds = 20);
+
+  CommandResult kmsctl(const std::string& args);
+  // curl against the public listener; returns "HTTPCODE\nBODY".
+  CommandResult get_public(const std::string& path);
+  std::string http_code(const std::string& path);
+  std::string log_text() const;
+
+  std::filesystem::path conf_path() const { return dir() / "kmsd.toml"; }
+  std::filesystem::path secret_path() const { return dir() / "startup.secret"; }
+  std::filesystem::path admin_p12() const { return dir() / "admin.p12"; }
+  std::filesystem::path pass_path() const { return dir() / "p12.pass"; }
+  std::filesystem::path socket_path() const { return dir() / "unseal.sock"; }
+  std::filesystem::path log_path() const { return dir() / "kmsd.log"; }
+  std::filesystem::path db_path() const { return dir() / "kmsd.db"; }
+  std::string public_url() const { return "http://127.0.0.1:" + std::to_string(public_port_); }
+  std::string admin_url() const { return "https://127.0.0.1:" + std::to_string(admin_port_); }
+
+  pid_t pid_ = -1;
+  std::uint16_t public_port_ = 0;
+  std::uint16_t admin_port_ = 0;
+};
+
+}  // namespace kmsd::testing
