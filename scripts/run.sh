@@ -21,18 +21,24 @@ banner() {
     "$@" "==================================================================" >&2
 }
 
-if [ ! -f "$conf" ]; then
-  umask 077
-  mkdir -p "$var/tokens" "$var/log"
+# Each first-run step is guarded by its own result, so an interrupted first run resumes.
+umask 077
+mkdir -p "$var/tokens"
+if [ ! -f "$SOFTHSM2_CONF" ]; then
   sed "s|@TOKEN_DIR@|$var/tokens|" "$root/config/softhsm2.conf.in" >"$SOFTHSM2_CONF"
+fi
+if [ ! -f "$var/startup.secret" ]; then
   # Development secrets: random, in 0600 files. A production KMS keeps the startup secret on
   # operator cards, never in a file.
-  openssl rand -hex 16 >"$var/startup.secret"
   openssl rand -hex 16 >"$var/so-pin.secret"
   openssl rand -hex 16 >"$var/admin-p12.pass"
-  chmod 600 "$var"/*.secret "$var/admin-p12.pass"
+  openssl rand -hex 16 >"$var/startup.secret.new"
+  chmod 600 "$var"/*.secret "$var/startup.secret.new" "$var/admin-p12.pass"
   softhsm2-util --init-token --free --label kmsd-dev \
-    --pin "$(cat "$var/startup.secret")" --so-pin "$(cat "$var/so-pin.secret")" >/dev/null
+    --pin "$(cat "$var/startup.secret.new")" --so-pin "$(cat "$var/so-pin.secret")" >/dev/null
+  mv "$var/startup.secret.new" "$var/startup.secret"
+fi
+if [ ! -f "$conf" ]; then
   cat >"$conf" <<TOML
 # Development configuration written by scripts/run.sh. See config/kmsd.toml for every key.
 [server]
@@ -60,7 +66,9 @@ file = "$var/startup.secret"
 [log]
 level = "info"
 TOML
-  "$bin/kmsctl" init --config "$conf" --admin admin --admin-p12 "$var/admin.p12" \
+fi
+if [ ! -f "$var/admin.p12" ]; then
+  "$bin/cli/kmsctl" init --config "$conf" --admin admin --admin-p12 "$var/admin.p12" \
     --passphrase-file "$var/admin-p12.pass"
   banner "DEVELOPMENT SETUP created under $var" \
     "  SoftHSM token 'kmsd-dev' in $var/tokens (SOFTHSM2_CONF=$SOFTHSM2_CONF)" \
@@ -74,8 +82,8 @@ adm=$(sed -n 's/^admin_listen = "\(.*\)"/\1/p' "$conf")
 banner "kmsd (development) — config $conf" \
   "  public:  curl -s http://$pub/ca.pem | openssl x509 -noout -text" \
   "           curl -s http://$pub/readyz" \
-  "  admin:   openssl pkcs12 -in $var/admin.p12 -passin file:$var/admin-p12.pass -nodes -out /tmp/admin.pem" \
-  "           curl --cacert <(curl -s http://$pub/ca.pem) --cert /tmp/admin.pem https://$adm/v1/whoami" \
-  "  status:  $bin/kmsctl status --config $conf" \
+  "  admin:   curl -s http://$pub/ca.pem > $var/ca.pem" \
+  "           curl --cacert $var/ca.pem --cert-type P12 --cert $var/admin.p12:\$(cat $var/admin-p12.pass) https://$adm/v1/whoami" \
+  "  status:  $bin/cli/kmsctl status --config $conf" \
   "  logs:    this terminal (stderr); stop with Ctrl-C"
-exec "$bin/kmsd" --config "$conf"
+exec "$bin/daemon/kmsd" --config "$conf"

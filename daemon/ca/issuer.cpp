@@ -154,6 +154,15 @@ Result<ossl::X509Ptr> issue(const IssueRequest& req, X509* issuer_cert, EVP_PKEY
   return cert;
 }
 
+Result<ossl::X509Ptr> issue_on_token(const IssueRequest& req, X509* issuer_cert,
+                                     hsm::Token& token, const EVP_MD* md) {
+  KMSD_ASSIGN_OR_RETURN(auto key, token.ca_private_key());
+  auto first = issue(req, issuer_cert, key.get(), md);
+  if (first.ok() || first.error().code != ErrorCode::kCrypto) return first;
+  KMSD_ASSIGN_OR_RETURN(auto fresh, token.ca_private_key());
+  return issue(req, issuer_cert, fresh.get(), md);
+}
+
 Result<ossl::X509ReqPtr> make_ca_request(const X509_NAME* subject, EVP_PKEY* ca_public_key,
                                          EVP_PKEY* ca_signing_key, const EVP_MD* md) {
   ossl::X509ReqPtr req(X509_REQ_new());

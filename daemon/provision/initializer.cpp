@@ -64,7 +64,7 @@ Status generate_token_keys(const config::Config& cfg, hsm::Token& token) {
 // Issues the first administrator's certificate and writes the PKCS#12 (0600, never over an
 // existing file). Returns the record to store.
 Result<store::CertificateRecord> issue_first_admin(const config::Config& cfg, hsm::Token& token,
-                                                   X509* ca_cert, EVP_PKEY* ca_key,
+                                                   X509* ca_cert,
                                                    const AdminOptions& admin) {
   if (admin.name.empty())
     return make_error(ErrorCode::kInvalidArgument, "the first administrator needs a name (--admin)");
@@ -80,7 +80,7 @@ Result<store::CertificateRecord> issue_first_admin(const config::Config& cfg, hs
   req.public_key = key.get();
   req.validity = std::chrono::hours(24) * cfg.admin.cert_validity_days;
   req.serial = std::move(serial);
-  KMSD_ASSIGN_OR_RETURN(auto cert, ca::issue(req, ca_cert, ca_key, ca::digest_by_name(cfg.ca.digest)));
+  KMSD_ASSIGN_OR_RETURN(auto cert, ca::issue_on_token(req, ca_cert, token, ca::digest_by_name(cfg.ca.digest)));
   KMSD_ASSIGN_OR_RETURN(auto p12, ca::make_pkcs12(key.get(), cert.get(), ca_cert, admin.name,
                                                   admin.p12_passphrase));
   KMSD_TRY(files::write_atomic(admin.p12_out,
@@ -133,7 +133,6 @@ Result<InitReport> initialize(const config::Config& cfg, hsm::Token& token, stor
   KMSD_ASSIGN_OR_RETURN(auto subject, ca::parse_subject(cfg.ca.subject));
   KMSD_TRY(generate_token_keys(cfg, token));
   KMSD_ASSIGN_OR_RETURN(auto ca_pub, token.ca_public_key());
-  KMSD_ASSIGN_OR_RETURN(auto ca_key, token.ca_private_key());
   KMSD_ASSIGN_OR_RETURN(auto serial, ca::new_serial(token));
   ca::IssueRequest req;
   req.profile = ca::Profile::kCa;
@@ -141,13 +140,13 @@ Result<InitReport> initialize(const config::Config& cfg, hsm::Token& token, stor
   req.public_key = ca_pub.get();
   req.validity = std::chrono::hours(24) * cfg.ca.validity_days;
   req.serial = std::move(serial);
-  KMSD_ASSIGN_OR_RETURN(auto ca_cert, ca::issue(req, nullptr, ca_key.get(), md));
+  KMSD_ASSIGN_OR_RETURN(auto ca_cert, ca::issue_on_token(req, nullptr, token, md));
   if (!ca::signed_by(ca_cert.get(), ca_cert.get()))
     return make_error(ErrorCode::kCrypto,
                       "the CA certificate signed on the token does not verify; the token's CA key "
                       "is not usable for signing");
   KMSD_ASSIGN_OR_RETURN(auto admin_rec,
-                        issue_first_admin(cfg, token, ca_cert.get(), ca_key.get(), admin));
+                        issue_first_admin(cfg, token, ca_cert.get(), admin));
   auto st = record_initialized(store, ca_cert.get(), admin_rec, admin.name, false);
   if (!st.ok()) {
     std::filesystem::remove(admin.p12_out);
@@ -209,9 +208,8 @@ Result<InitReport> install_ca_certificate(const config::Config& cfg, hsm::Token&
                       ca_cert_pem.string() + " is not a CA certificate (basicConstraints CA:TRUE)");
   if (X509_get_version(ca_cert.get()) != X509_VERSION_3)
     return make_error(ErrorCode::kInvalidArgument, "the CA certificate must be X.509 v3");
-  KMSD_ASSIGN_OR_RETURN(auto ca_key, token.ca_private_key());
   KMSD_ASSIGN_OR_RETURN(auto admin_rec,
-                        issue_first_admin(cfg, token, ca_cert.get(), ca_key.get(), admin));
+                        issue_first_admin(cfg, token, ca_cert.get(), admin));
   auto st = record_initialized(store, ca_cert.get(), admin_rec, admin.name, false);
   if (!st.ok()) {
     std::filesystem::remove(admin.p12_out);

@@ -44,7 +44,6 @@ Result<std::shared_ptr<const KeyMaterial>> Seal::build_material() {
     return make_error(ErrorCode::kFailedPrecondition,
                       "the CA key on this token does not match the CA certificate in the store: "
                       "the configured token or store belongs to another installation");
-  KMSD_ASSIGN_OR_RETURN(m->ca_key, token_.ca_private_key());
 
   // Self-test: the master key must seal and open before we call ourselves ready.
   static constexpr std::uint8_t kProbe[] = {'k', 'm', 's', 'd'};
@@ -67,8 +66,8 @@ Result<std::shared_ptr<const KeyMaterial>> Seal::build_material() {
   req.validity = std::chrono::hours(24) * options_.tls_validity_days;
   req.dns_or_ip = options_.tls_names;
   req.serial = std::move(serial);
-  KMSD_ASSIGN_OR_RETURN(m->tls_cert, ca::issue(req, m->ca_cert.get(), m->ca_key.get(),
-                                               ca::digest_by_name(options_.digest)));
+  KMSD_ASSIGN_OR_RETURN(m->tls_cert, ca::issue_on_token(req, m->ca_cert.get(), token_,
+                                                        ca::digest_by_name(options_.digest)));
   KMSD_TRY(store_.insert_certificate(
       provision::certificate_record(m->tls_cert.get(), store::CertKind::kServer)));
   KMSD_ASSIGN_OR_RETURN(m->ca_pem, ossl::x509_to_pem(m->ca_cert.get()));
