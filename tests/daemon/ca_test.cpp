@@ -1,0 +1,167 @@
+// Certificate issuance against a throw-away token: every signature made on the token.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <openssl/err.h>
+#include <openssl/pkcs12.h>
+
+#include "daemon/ca/issuer.hpp"
+#include "hsm/token.hpp"
+#include "tests/support/sandbox.hpp"
+
+namespace kmsd {
+namespace {
+
+using ::testing::HasSubstr;
+
+class IssuerTest : public testing::TokenSandbox {
+ protected:
+  void SetUp() override {
+    TokenSandbox::SetUp();
+    hsm::TokenOptions o;
+    o.module_path = testing::kSoftHsmModule;
+    o.token_uri = token().uri();
+    auto t = hsm::Token::open(o);
+    ASSERT_TRUE(t.ok()) << t.error().message;
+    tok = std::move(*t);
+    ASSERT_TRUE(tok->login(SecretBytes::from_string(testing::kUserPin)).ok());
+    ASSERT_TRUE(tok->generate_ca_key(hsm::KeyType::kEcP256).ok());
+    auto pub = tok->ca_public_key();
+    ASSERT_TRUE(pub.ok());
+    ca_pub = std::move(*pub);
+    auto subject = ca::parse_subject("/O=Test/CN=Test CA");
+    ASSERT_TRUE(subject.ok());
+    ca::IssueRequest req;
+    req.profile = ca::Profile::kCa;
+    req.subject = subject->get();
+    req.public_key = ca_pub.get();
+    req.validity = std::chrono::hours(24 * 365);
+    req.serial = *ca::new_serial(*tok);
+    auto cert = ca::issue_on_token(req, nullptr, *tok, EVP_sha256());
+    ASSERT_TRUE(cert.ok()) << cert.error().message;
+    ca_cert = std::move(*cert);
+  }
+
+  std::unique_ptr<hsm::Token> tok;
+  ossl::EvpPkeyPtr ca_pub;
+  ossl::X509Ptr ca_cert;
+};
+
+TEST(SubjectTest, OneLineFormParsesIntoOrderedAttributes) {
+  auto n = ca::parse_subject("/C=DE/O=Example\\/Sub/CN=Jane Doe");
+  ASSERT_TRUE(n.ok()) << n.error().message;
+  EXPECT_EQ(ca::name_to_string(n->get()), "CN=Jane Doe,O=Example/Sub,C=DE");
+}
+
+TEST(SubjectTest, MalformedSubjectsSayWhatIsWrong) {
+  EXPECT_THAT(ca::parse_subject("CN=x").error().message, HasSubstr("must have the form"));
+  EXPECT_THAT(ca::parse_subject("/CN").error().message, HasSubstr("KEY=VALUE"));
+  EXPECT_THAT(ca::parse_subject("/CN=a//O=b").error().message, HasSubstr("empty component"));
+  EXPECT_FALSE(ca::parse_subject("/NOPE=x").ok());
+}
+
+TEST_F(IssuerTest, SelfSignedCaIsV3AndVerifiesWithTheTokenKey) {
+  EXPECT_EQ(X509_get_version(ca_cert.get()), X509_VERSION_3);
+  EXPECT_EQ(X509_check_ca(ca_cert.get()), 1);
+  EXPECT_TRUE(ca::signed_by(ca_cert.get(), ca_cert.get()));
+  EXPECT_TRUE(ca::public_key_matches(ca_cert.get(), ca_pub.get()));
+  EXPECT_EQ(ca::serial_hex(ca_cert.get()).size(), 32u);
+  EXPECT_EQ(X509_get_key_usage(ca_cert.get()), static_cast<uint32_t>(KU_KEY_CERT_SIGN | KU_CRL_SIGN));
+}
+
+TEST_F(IssuerTest, AdminClientCertificateChainsToTheCaAndIsForClientAuthOnly) {
+  auto key = ca::generate_key(hsm::KeyType::kEcP256);
+  auto subject = ca::parse_subject("/CN=alice");
+  ca::IssueRequest req;
+  req.profile = ca::Profile::kAdminClient;
+  req.subject = subject->get();
+  req.public_key = key->get();
+  req.serial = *ca::new_serial(*tok);
+  auto cert = ca::issue_on_token(req, ca_cert.get(), *tok, EVP_sha256());
+  ASSERT_TRUE(cert.ok()) << cert.error().message;
+  EXPECT_TRUE(ca::signed_by(cert->get(), ca_cert.get()));
+  EXPECT_EQ(X509_check_ca(cert->get()), 0);
+  EXPECT_EQ(X509_get_extended_key_usage(cert->get()), static_cast<uint32_t>(XKU_SSL_CLIENT));
+  ossl::X509StorePtr store(X509_STORE_new());
+  X509_STORE_add_cert(store.get(), ca_cert.get());
+  ossl::X509StoreCtxPtr ctx(X509_STORE_CTX_new());
+  X509_STORE_CTX_init(ctx.get(), store.get(), cert->get(), nullptr);
+  X509_STORE_CTX_set_purpose(ctx.get(), X509_PURPOSE_SSL_CLIENT);
+  EXPECT_EQ(X509_verify_cert(ctx.get()), 1)
+      << X509_verify_cert_error_string(X509_STORE_CTX_get_error(ctx.get()));
+}
+
+TEST_F(IssuerTest, ServerCertificateCarriesDnsAndIpNames) {
+  auto key = ca::generate_key(hsm::KeyType::kEcP256);
+  auto subject = ca::parse_subject("/CN=localhost");
+  ca::IssueRequest req;
+  req.profile = ca::Profile::kTlsServer;
+  req.subject = subject->get();
+  req.public_key = key->get();
+  req.dns_or_ip = {"localhost", "127.0.0.1", "::1"};
+  req.serial = *ca::new_serial(*tok);
+  auto cert = ca::issue_on_token(req, ca_cert.get(), *tok, EVP_sha256());
+  ASSERT_TRUE(cert.ok()) << cert.error().message;
+  EXPECT_EQ(X509_check_host(cert->get(), "localhost", 0, 0, nullptr), 1);
+  EXPECT_EQ(X509_check_ip_asc(cert->get(), "127.0.0.1", 0), 1);
+  EXPECT_EQ(X509_check_ip_asc(cert->get(), "::1", 0), 1);
+  EXPECT_NE(X509_check_host(cert->get(), "evil.example", 0, 0, nullptr), 1);
+}
+
+TEST_F(IssuerTest, SigningSurvivesALostTokenSession) {
+  tok->close_all_sessions_for_test();
+  auto key = ca::generate_key(hsm::KeyType::kEcP256);
+  auto subject = ca::parse_subject("/CN=after-outage");
+  ca::IssueRequest req;
+  req.subject = subject->get();
+  req.public_key = key->get();
+  req.serial = {0x01, 0x02};
+  auto cert = ca::issue_on_token(req, ca_cert.get(), *tok, EVP_sha256());
+  ASSERT_TRUE(cert.ok()) << cert.error().message;
+  EXPECT_TRUE(ca::signed_by(cert->get(), ca_cert.get()));
+}
+
+TEST_F(IssuerTest, OnlyACaCertificateMayBeSelfSigned) {
+  auto key = ca::generate_key(hsm::KeyType::kEcP256);
+  auto subject = ca::parse_subject("/CN=x");
+  ca::IssueRequest req;
+  req.subject = subject->get();
+  req.public_key = key->get();
+  req.serial = {0x01};
+  auto r = ca::issue_on_token(req, nullptr, *tok, EVP_sha256());
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kInvalidArgument);
+}
+
+TEST_F(IssuerTest, Pkcs12OpensWithThePassphraseOnlyAndHoldsKeyCertAndCa) {
+  auto key = ca::generate_key(hsm::KeyType::kRsa2048);
+  auto subject = ca::parse_subject("/CN=bob");
+  ca::IssueRequest req;
+  req.subject = subject->get();
+  req.public_key = key->get();
+  req.serial = *ca::new_serial(*tok);
+  auto cert = ca::issue_on_token(req, ca_cert.get(), *tok, EVP_sha256());
+  ASSERT_TRUE(cert.ok());
+  auto der = ca::make_pkcs12(key->get(), cert->get(), ca_cert.get(), "bob",
+                             SecretBytes::from_string("s3cret passphrase"));
+  ASSERT_TRUE(der.ok()) << der.error().message;
+  const unsigned char* p = der->data();
+  ossl::Pkcs12Ptr p12(d2i_PKCS12(nullptr, &p, static_cast<long>(der->size())));
+  ASSERT_TRUE(p12);
+  EVP_PKEY* k = nullptr;
+  X509* c = nullptr;
+  STACK_OF(X509)* chain = nullptr;
+  EXPECT_NE(PKCS12_parse(p12.get(), "wrong", &k, &c, &chain), 1);
+  ERR_clear_error();
+  ASSERT_EQ(PKCS12_parse(p12.get(), "s3cret passphrase", &k, &c, &chain), 1);
+  ossl::EvpPkeyPtr kk(k);
+  ossl::X509Ptr cc(c);
+  ossl::X509StackPtr ch(chain);
+  EXPECT_EQ(X509_cmp(cc.get(), cert->get()), 0);
+  EXPECT_EQ(EVP_PKEY_eq(kk.get(), key->get()), 1);
+  ASSERT_EQ(sk_X509_num(ch.get()), 1);
+  EXPECT_EQ(X509_cmp(sk_X509_value(ch.get(), 0), ca_cert.get()), 0);
+  EXPECT_FALSE(ca::make_pkcs12(key->get(), cert->get(), ca_cert.get(), "bob", SecretBytes()).ok());
+}
+
+}  // namespace
+}  // namespace kmsd

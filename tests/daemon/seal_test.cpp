@@ -1,0 +1,238 @@
+// The seal, the unseal socket and the HTTP handlers, against an initialized throw-away token.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include <nlohmann/json.hpp>
+
+#include "daemon/api/routes.hpp"
+#include "daemon/ca/issuer.hpp"
+#include "daemon/provision/initializer.hpp"
+#include "daemon/startup/seal.hpp"
+#include "daemon/startup/unseal_socket.hpp"
+#include "tests/support/sandbox.hpp"
+
+namespace kmsd {
+namespace {
+
+using ::testing::HasSubstr;
+using json = nlohmann::json;
+
+// An initialized KMS (token keys, CA, first admin) with the token logged out again.
+struct Kms {
+  config::Config cfg;
+  std::unique_ptr<hsm::Token> token;
+  std::unique_ptr<store::Store> store;
+};
+
+Kms make_kms(const std::filesystem::path& dir, const std::string& token_label) {
+  Kms k;
+  k.cfg.token.module = testing::kSoftHsmModule;
+  k.cfg.token.uri = "pkcs11:token=" + token_label;
+  k.cfg.store.path = dir / (token_label + ".db");
+  hsm::TokenOptions o;
+  o.module_path = testing::kSoftHsmModule;
+  o.token_uri = k.cfg.token.uri;
+  k.token = std::move(hsm::Token::open(o).value());
+  k.store = std::move(store::Store::open(k.cfg.store.path).value());
+  EXPECT_TRUE(k.token->login(SecretBytes::from_string(testing::kUserPin)).ok());
+  provision::AdminOptions admin{"root", dir / (token_label + "-admin.p12"),
+                                SecretBytes::from_string("passphrase")};
+  auto rep = provision::initialize(k.cfg, *k.token, *k.store, admin);
+  EXPECT_TRUE(rep.ok()) << rep.error().message;
+  k.token->logout();
+  return k;
+}
+
+class SealTest : public testing::TokenSandbox {
+ protected:
+  void SetUp() override {
+    TokenSandbox::SetUp();
+    kms = make_kms(dir(), token().label());
+    seal = std::make_unique<startup::Seal>(*kms.token, *kms.store,
+                                           startup::SealOptions{{"localhost", "127.0.0.1"}});
+  }
+  Kms kms;
+  std::unique_ptr<startup::Seal> seal;
+};
+
+TEST_F(SealTest, StartsSealedWithThePublicCaCertificateAvailable) {
+  EXPECT_EQ(seal->status().state, startup::State::kSealed);
+  EXPECT_EQ(seal->material(), nullptr);
+  EXPECT_THAT(seal->ca_pem(), HasSubstr("BEGIN CERTIFICATE"));
+}
+
+TEST_F(SealTest, WrongSecretIsCountedAndLeavesItSealed) {
+  auto st = seal->unseal(SecretBytes::from_string("00000000"));
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(st.error().code, ErrorCode::kUnauthenticated);
+  EXPECT_THAT(st.error().message, HasSubstr("rejected by the token"));
+  auto s = seal->status();
+  EXPECT_EQ(s.state, startup::State::kSealed);
+  EXPECT_EQ(s.failed_unseal_attempts, 1u);
+  EXPECT_THAT(s.last_failure, HasSubstr("rejected"));
+}
+
+TEST_F(SealTest, UnsealVerifiesTheCaKeyAndIssuesAnInMemoryTlsCertificate) {
+  ASSERT_TRUE(seal->unseal(SecretBytes::from_string(testing::kUserPin)).ok());
+  auto m = seal->material();
+  ASSERT_NE(m, nullptr);
+  EXPECT_EQ(seal->status().state, startup::State::kUnsealed);
+  EXPECT_TRUE(ca::signed_by(m->tls_cert.get(), m->ca_cert.get()));
+  EXPECT_EQ(X509_check_host(m->tls_cert.get(), "localhost", 0, 0, nullptr), 1);
+  // Every certificate the CA signs is recorded, the TLS one included.
+  auto servers = kms.store->certificates(store::CertKind::kServer);
+  ASSERT_TRUE(servers.ok());
+  ASSERT_EQ(servers->size(), 1u);
+  EXPECT_EQ(servers->front().serial, ca::serial_hex(m->tls_cert.get()));
+  // Unsealing again is a no-op, not a second certificate.
+  ASSERT_TRUE(seal->unseal(SecretBytes::from_string(testing::kUserPin)).ok());
+  EXPECT_EQ(kms.store->certificates(store::CertKind::kServer)->size(), 1u);
+}
+
+TEST_F(SealTest, SealForgetsTheMaterialAndTheLogin) {
+  ASSERT_TRUE(seal->unseal(SecretBytes::from_string(testing::kUserPin)).ok());
+  seal->seal();
+  EXPECT_EQ(seal->material(), nullptr);
+  EXPECT_FALSE(kms.token->logged_in());
+  EXPECT_EQ(seal->status().state, startup::State::kSealed);
+}
+
+// SoftHSM reads its token directory once per process, so both tokens exist before either opens.
+class TwoInstallationsTest : public testing::TokenSandbox {};
+
+TEST_F(TwoInstallationsTest, TokenOfAnotherInstallationIsRefused) {
+  token().add_token("other");
+  Kms ours = make_kms(dir(), token().label());
+  Kms other = make_kms(dir(), "other");
+  startup::Seal mixed(*other.token, *ours.store, startup::SealOptions{{"localhost"}});
+  auto st = mixed.unseal(SecretBytes::from_string(testing::kUserPin));
+  ASSERT_FALSE(st.ok());
+  EXPECT_THAT(st.error().message, HasSubstr("does not match the CA certificate in the store"));
+  EXPECT_FALSE(other.token->logged_in());
+  EXPECT_EQ(mixed.status().state, startup::State::kSealed);
+}
+
+TEST_F(SealTest, UnsealSocketServesStatusUnsealAndSealToTheOwnerOnly) {
+  auto path = dir() / "run" / "unseal.sock";
+  auto sock = startup::UnsealSocket::listen(path, *seal);
+  ASSERT_TRUE(sock.ok()) << sock.error().message;
+  struct stat st {};
+  ASSERT_EQ(::stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+
+  auto status = json::parse(*startup::unseal_request(path, "status"));
+  EXPECT_EQ(status["state"], "sealed");
+  EXPECT_TRUE(status["ok"]);
+
+  auto wrong = SecretBytes::from_string("nope");
+  auto bad = json::parse(*startup::unseal_request(path, "unseal", &wrong));
+  EXPECT_FALSE(bad["ok"]);
+  EXPECT_THAT(bad["error"].get<std::string>(), HasSubstr("rejected"));
+  EXPECT_EQ(bad["failed_unseal_attempts"], 1);
+
+  auto pin = SecretBytes::from_string(testing::kUserPin);
+  auto good = json::parse(*startup::unseal_request(path, "unseal", &pin));
+  EXPECT_TRUE(good["ok"]);
+  EXPECT_EQ(good["state"], "unsealed");
+
+  auto sealed = json::parse(*startup::unseal_request(path, "seal"));
+  EXPECT_EQ(sealed["state"], "sealed");
+
+  auto unknown = json::parse(*startup::unseal_request(path, "explode"));
+  EXPECT_FALSE(unknown["ok"]);
+  EXPECT_THAT(unknown["error"].get<std::string>(), HasSubstr("unknown op"));
+
+  // A second daemon cannot take over a live socket.
+  auto twice = startup::UnsealSocket::listen(path, *seal);
+  ASSERT_FALSE(twice.ok());
+  EXPECT_EQ(twice.error().code, ErrorCode::kAlreadyExists);
+  sock->reset();
+  EXPECT_FALSE(std::filesystem::exists(path));
+  auto gone = startup::unseal_request(path, "status");
+  ASSERT_FALSE(gone.ok());
+  EXPECT_THAT(gone.error().message, HasSubstr("is kmsd running"));
+}
+
+TEST_F(SealTest, UnsealSocketAnswersGarbageWithAnErrorAndKeepsServing) {
+  auto path = dir() / "unseal.sock";
+  auto sock = startup::UnsealSocket::listen(path, *seal);
+  ASSERT_TRUE(sock.ok());
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM, 0));
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  std::strcpy(a.sun_path, path.c_str());
+  ASSERT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  std::string junk = "this is not json\n";
+  ASSERT_EQ(::write(fd.get(), junk.data(), junk.size()), static_cast<ssize_t>(junk.size()));
+  char buf[512] = {};
+  ASSERT_GT(::read(fd.get(), buf, sizeof buf - 1), 0);
+  EXPECT_THAT(std::string(buf), HasSubstr("\"ok\":false"));
+  EXPECT_TRUE(json::parse(*startup::unseal_request(path, "status"))["ok"]);
+}
+
+api::Request get(const std::string& target) {
+  api::Request req{api::http::verb::get, target, 11};
+  return req;
+}
+
+TEST_F(SealTest, PublicRoutesReportSealStateAndServeTheCa) {
+  api::PublicRoutes routes(*seal);
+  api::Peer peer;
+  EXPECT_EQ(routes.handle(get("/healthz"), peer).result(), api::http::status::ok);
+  auto sealed = routes.handle(get("/readyz"), peer);
+  EXPECT_EQ(sealed.result(), api::http::status::service_unavailable);
+  EXPECT_EQ(json::parse(sealed.body())["state"], "sealed");
+  EXPECT_FALSE(sealed[api::http::field::retry_after].empty());
+  ASSERT_TRUE(seal->unseal(SecretBytes::from_string(testing::kUserPin)).ok());
+  EXPECT_EQ(routes.handle(get("/readyz"), peer).result(), api::http::status::ok);
+  auto pem = routes.handle(get("/ca.pem"), peer);
+  EXPECT_EQ(pem.result(), api::http::status::ok);
+  EXPECT_EQ(pem[api::http::field::content_type], "application/x-pem-file");
+  EXPECT_THAT(pem.body(), HasSubstr("BEGIN CERTIFICATE"));
+  auto der = routes.handle(get("/ca.der"), peer);
+  EXPECT_EQ(der.result(), api::http::status::ok);
+  EXPECT_TRUE(ossl::x509_from_der({reinterpret_cast<const std::uint8_t*>(der.body().data()),
+                                   der.body().size()})
+                  .ok());
+  EXPECT_EQ(routes.handle(get("/nope"), peer).result(), api::http::status::not_found);
+  api::Request post{api::http::verb::post, "/readyz", 11};
+  EXPECT_EQ(routes.handle(post, peer).result(), api::http::status::method_not_allowed);
+}
+
+TEST_F(SealTest, AdminRoutesNeedAVerifiedAdministratorCertificate) {
+  api::AdminRoutes routes(*seal, *kms.store);
+  api::Peer anonymous;
+  anonymous.tls = true;
+  EXPECT_EQ(routes.handle(get("/v1/whoami"), anonymous).result(), api::http::status::unauthorized);
+
+  auto admins = kms.store->certificates(store::CertKind::kAdmin);
+  ASSERT_TRUE(admins.ok());
+  ASSERT_EQ(admins->size(), 1u);
+  api::Peer admin;
+  admin.tls = true;
+  admin.client_cert = std::move(ossl::x509_from_der(admins->front().der).value());
+  admin.client_cert_verified = false;
+  admin.client_cert_error = "certificate has expired";
+  auto expired = routes.handle(get("/v1/whoami"), admin);
+  EXPECT_EQ(expired.result(), api::http::status::unauthorized);
+  EXPECT_THAT(expired.body(), HasSubstr("certificate has expired"));
+  admin.client_cert_verified = true;
+  admin.client_cert_error.clear();
+  auto ok = routes.handle(get("/v1/whoami"), admin);
+  EXPECT_EQ(ok.result(), api::http::status::ok);
+  EXPECT_EQ(json::parse(ok.body())["name"], "root");
+
+  // A verified certificate that is not an administrator's (the TLS server one) is forbidden.
+  ASSERT_TRUE(seal->unseal(SecretBytes::from_string(testing::kUserPin)).ok());
+  api::Peer server;
+  server.tls = true;
+  server.client_cert.reset(X509_dup(seal->material()->tls_cert.get()));
+  server.client_cert_verified = true;
+  EXPECT_EQ(routes.handle(get("/v1/whoami"), server).result(), api::http::status::forbidden);
+}
+
+}  // namespace
+}  // namespace kmsd
