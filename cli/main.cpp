@@ -23,13 +23,18 @@ enum Exit { kOk = 0, kFailed = 1, kUsage = 2, kExists = 3, kAuth = 4, kUnreachab
 
 int exit_for(const Error& e) {
   switch (e.code) {
-    case ErrorCode::kAlreadyExists: return kExists;
+    case ErrorCode::kAlreadyExists:
+      return kExists;
     case ErrorCode::kUnauthenticated:
-    case ErrorCode::kPinLocked: return kAuth;
+    case ErrorCode::kPinLocked:
+      return kAuth;
     case ErrorCode::kConfig:
-    case ErrorCode::kInvalidArgument: return kUsage;
-    case ErrorCode::kUnavailable: return kUnreachable;
-    default: return kFailed;
+    case ErrorCode::kInvalidArgument:
+      return kUsage;
+    case ErrorCode::kUnavailable:
+      return kUnreachable;
+    default:
+      return kFailed;
   }
 }
 
@@ -109,14 +114,16 @@ int run_init(const InitArgs& a) {
         for (const auto& e : existing) list += "\n  - " + e;
         return fail(make_error(ErrorCode::kAlreadyExists,
                                "refusing to initialize: this KMS already has state; nothing was "
-                               "changed." + list));
+                               "changed." +
+                                   list));
       }
     }
     auto pass = new_passphrase(a.passphrase_file);
     if (!pass.ok()) return fail(pass.error());
     provision::AdminOptions admin{a.admin, a.admin_p12, std::move(*pass)};
-    rep = a.ca_cert.empty() ? provision::initialize(*cfg, **token, **store, admin)
-                            : provision::install_ca_certificate(*cfg, **token, **store, a.ca_cert, admin);
+    rep = a.ca_cert.empty()
+              ? provision::initialize(*cfg, **token, **store, admin)
+              : provision::install_ca_certificate(*cfg, **token, **store, a.ca_cert, admin);
   }
   (*token)->logout();
   if (!rep.ok()) return fail(rep.error());
@@ -145,7 +152,9 @@ struct SocketArgs {
 Result<std::filesystem::path> socket_path(const SocketArgs& a) {
   if (!a.socket.empty()) return std::filesystem::path(a.socket);
   auto cfg = load_config(a.config.empty() ? "/etc/kmsd/kmsd.toml" : a.config);
-  if (!cfg) return make_error(ErrorCode::kConfig, "cannot read the configuration to find the unseal socket");
+  if (!cfg)
+    return make_error(ErrorCode::kConfig,
+                      "cannot read the configuration to find the unseal socket");
   return cfg->server.unseal_socket;
 }
 
@@ -164,7 +173,8 @@ int print_reply(const std::string& line, const std::string& output) {
     if (j.contains("token") && j["token"].is_object()) {
       const auto& t = j["token"];
       std::cout << "token:                  " << t.value("label", "") << " (serial "
-                << t.value("serial", "") << ")" << (t.value("pin_locked", false) ? ", PIN LOCKED" : "")
+                << t.value("serial", "") << ")"
+                << (t.value("pin_locked", false) ? ", PIN LOCKED" : "")
                 << (t.value("pin_final_try", false) ? ", final PIN try" : "")
                 << (t.value("pin_count_low", false) ? ", PIN count low" : "") << "\n";
     }
@@ -203,7 +213,8 @@ int main(int argc, char** argv) {
   InitArgs init;
   auto* init_cmd = app.add_subcommand(
       "init", "initialize an empty token and store: master key, CA, first administrator");
-  init_cmd->add_option("-c,--config", init.config, "kmsd configuration file")->capture_default_str();
+  init_cmd->add_option("-c,--config", init.config, "kmsd configuration file")
+      ->capture_default_str();
   init_cmd->add_option("--admin", init.admin, "name (CN) of the first administrator")
       ->capture_default_str();
   init_cmd->add_option("--admin-p12", init.admin_p12,
@@ -213,10 +224,11 @@ int main(int argc, char** argv) {
   init_cmd->add_option("--pin-file", init.pin_file,
                        "0600 file holding the token user PIN (default: the configured startup "
                        "file, else prompt)");
-  auto* csr_opt = init_cmd->add_option(
-      "--csr", init.csr, "write a CSR for an external root instead of self-signing");
-  init_cmd->add_option("--ca-cert", init.ca_cert,
-                       "install the CA certificate signed by the external root (after --csr)")
+  auto* csr_opt = init_cmd->add_option("--csr", init.csr,
+                                       "write a CSR for an external root instead of self-signing");
+  init_cmd
+      ->add_option("--ca-cert", init.ca_cert,
+                   "install the CA certificate signed by the external root (after --csr)")
       ->excludes(csr_opt);
 
   SocketArgs sock;

@@ -79,10 +79,11 @@ Result<SecretBytes> read_secret_file(const fs::path& path) {
     ::close(fd);
     char mode[8];
     std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
-    return make_error(ErrorCode::kPermissionDenied,
-                      "secret file " + path.string() + " has mode " + mode +
-                          ", readable or writable by group or others; refusing it. Run: chmod 600 " +
-                          path.string());
+    return make_error(
+        ErrorCode::kPermissionDenied,
+        "secret file " + path.string() + " has mode " + mode +
+            ", readable or writable by group or others; refusing it. Run: chmod 600 " +
+            path.string());
   }
   SecretBytes out(static_cast<std::size_t>(st.st_size) + 1);
   std::size_t got = 0;

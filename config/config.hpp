@@ -28,7 +28,7 @@ struct ServerConfig {
   // issues itself at unseal with an in-memory key (no TLS key on disk).
   std::vector<std::string> tls_names{"localhost", "127.0.0.1"};
   std::filesystem::path unseal_socket = "/run/kmsd/unseal.sock";
-  unsigned worker_threads = 2;     // token work runs here, never on I/O threads
+  unsigned worker_threads = 2;  // token work runs here, never on I/O threads
   unsigned io_threads = 1;
   std::size_t max_body_bytes = 1 << 20;
   unsigned request_timeout_seconds = 30;
@@ -97,8 +97,8 @@ struct Problem {
 };
 
 struct LoadResult {
-  Config config;                 // meaningful only when problems is empty
-  std::vector<Problem> problems; // every problem, in file order
+  Config config;                  // meaningful only when problems is empty
+  std::vector<Problem> problems;  // every problem, in file order
   bool ok() const { return problems.empty(); }
 };
 

@@ -1,12 +1,12 @@
 #include "daemon/app.hpp"
 
+#include <spdlog/sinks/basic_file_sink.h>
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/thread_pool.hpp>
-#include <spdlog/sinks/basic_file_sink.h>
-#include <spdlog/sinks/stdout_sinks.h>
-#include <spdlog/spdlog.h>
 
 #include <chrono>
 #include <mutex>
@@ -29,7 +29,8 @@ Status configure_logging(const config::LogConfig& log) {
   std::shared_ptr<spdlog::logger> logger;
   try {
     if (log.file.empty())
-      logger = std::make_shared<spdlog::logger>("kmsd", std::make_shared<spdlog::sinks::stderr_sink_mt>());
+      logger = std::make_shared<spdlog::logger>("kmsd",
+                                                std::make_shared<spdlog::sinks::stderr_sink_mt>());
     else
       logger = std::make_shared<spdlog::logger>(
           "kmsd", std::make_shared<spdlog::sinks::basic_file_sink_mt>(log.file.string()));
@@ -84,7 +85,8 @@ struct Daemon::Impl {
     if (!loaded.ok()) {
       spdlog::error("SIGHUP: {} has {} problem(s); keeping the configuration in force",
                     current->source_path.string(), loaded.problems.size());
-      for (const auto& p : loaded.problems) spdlog::error("  {}", p.to_string(current->source_path));
+      for (const auto& p : loaded.problems)
+        spdlog::error("  {}", p.to_string(current->source_path));
       return;
     }
     const auto& n = loaded.config;
@@ -154,15 +156,16 @@ int Daemon::run() {
                            std::chrono::seconds(cfg->server.request_timeout_seconds), "public"};
   api::ServerOptions aopts = popts;
   aopts.name = "admin";
-  auto pub = api::HttpServer::listen(ioc, cfg->server.public_listen.host, cfg->server.public_listen.port,
-                                     logged("public", public_routes), popts, workers);
+  auto pub =
+      api::HttpServer::listen(ioc, cfg->server.public_listen.host, cfg->server.public_listen.port,
+                              logged("public", public_routes), popts, workers);
   if (!pub.ok()) {
     spdlog::critical("{}", pub.error().message);
     return 1;
   }
-  auto adm = api::HttpServer::listen(ioc, cfg->server.admin_listen.host, cfg->server.admin_listen.port,
-                                     logged("admin", admin_routes), aopts, workers,
-                                     [&d] { return d.admin_tls(); });
+  auto adm = api::HttpServer::listen(ioc, cfg->server.admin_listen.host,
+                                     cfg->server.admin_listen.port, logged("admin", admin_routes),
+                                     aopts, workers, [&d] { return d.admin_tls(); });
   if (!adm.ok()) {
     spdlog::critical("{}", adm.error().message);
     return 1;
@@ -200,12 +203,16 @@ int Daemon::run() {
   std::thread prompt_thread;
   if (cfg->startup.source == config::StartupSource::kFile) {
     net::post(workers, [&d, file = cfg->startup.file] {
-      spdlog::warn("startup secret read from file {}: a weak, development-only setting; use a "
-                   "card or quorum source in production", file.string());
+      spdlog::warn(
+          "startup secret read from file {}: a weak, development-only setting; use a "
+          "card or quorum source in production",
+          file.string());
       auto secret = startup::read_secret_from_file(file);
       if (!secret.ok()) {
-        spdlog::error("cannot unseal from the startup file: {}; kmsd stays sealed "
-                      "(`kmsctl unseal` still works)", secret.error().message);
+        spdlog::error(
+            "cannot unseal from the startup file: {}; kmsd stays sealed "
+            "(`kmsctl unseal` still works)",
+            secret.error().message);
         return;
       }
       (void)d.seal->unseal(*secret);

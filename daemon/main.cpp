@@ -1,6 +1,6 @@
 // kmsd: the key custody daemon. A thin main over daemon/app.
-#include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
+#include <CLI/CLI.hpp>
 
 #include <iostream>
 

@@ -28,7 +28,8 @@ enum class WrapMechanism : std::uint8_t {
   kAesCbcPadHmac = 3,  // CKM_AES_CBC_PAD C_Encrypt + CKM_SHA256_HMAC on the token
 };
 const char* to_string(WrapMechanism m) noexcept;
-std::optional<WrapMechanism> parse_wrap_mechanism(std::string_view s) noexcept;  // "aes-key-wrap-pad"...
+std::optional<WrapMechanism> parse_wrap_mechanism(
+    std::string_view s) noexcept;  // "aes-key-wrap-pad"...
 
 enum class KeyType : std::uint8_t { kEcP256, kEcP384, kRsa2048, kRsa3072 };
 const char* to_string(KeyType t) noexcept;  // "ec-p256", "ec-p384", "rsa-2048", "rsa-3072"
@@ -36,15 +37,15 @@ std::optional<KeyType> parse_key_type(std::string_view s) noexcept;
 
 // Labels of the objects kmsd keeps on the key token.
 struct Labels {
-  std::string master_prefix = "kms-master";  // AES-256, versioned: kms-master-v1, -v2, ...
+  std::string master_prefix = "kms-master";          // AES-256, versioned: kms-master-v1, -v2, ...
   std::string master_mac_prefix = "kms-master-mac";  // HMAC key for kAesCbcPadHmac only
-  std::string ca = "kms-ca";                 // CA key pair (private + public share label/id)
-  std::string audit = "kms-audit";           // generic secret for CKM_SHA256_HMAC
+  std::string ca = "kms-ca";        // CA key pair (private + public share label/id)
+  std::string audit = "kms-audit";  // generic secret for CKM_SHA256_HMAC
 };
 
 struct TokenOptions {
-  std::string module_path;  // e.g. /usr/lib/softhsm/libsofthsm2.so (loaded directly, no proxy)
-  std::string token_uri;    // RFC 7512: "pkcs11:token=kmsd" or "pkcs11:serial=..."
+  std::string module_path;    // e.g. /usr/lib/softhsm/libsofthsm2.so (loaded directly, no proxy)
+  std::string token_uri;      // RFC 7512: "pkcs11:token=kmsd" or "pkcs11:serial=..."
   std::size_t pool_size = 4;  // sessions kept open; callers beyond this wait for a free one
   WrapMechanism wrap = WrapMechanism::kAesKeyWrapPad;
   Labels labels;
@@ -63,13 +64,13 @@ enum class Fault {
 // Token state as an operator would want it on /readyz.
 struct TokenStatus {
   bool logged_in = false;
-  bool degraded = false;           // last recovery attempt failed; operations fail fast
+  bool degraded = false;  // last recovery attempt failed; operations fail fast
   std::string token_label;
   std::string token_serial;
-  bool pin_count_low = false;      // CKF_USER_PIN_COUNT_LOW
-  bool pin_final_try = false;      // CKF_USER_PIN_FINAL_TRY
-  bool pin_locked = false;         // CKF_USER_PIN_LOCKED
-  std::string last_error;          // human text of the last fault, "" if none
+  bool pin_count_low = false;  // CKF_USER_PIN_COUNT_LOW
+  bool pin_final_try = false;  // CKF_USER_PIN_FINAL_TRY
+  bool pin_locked = false;     // CKF_USER_PIN_LOCKED
+  std::string last_error;      // human text of the last fault, "" if none
 };
 
 struct SlotInfo {

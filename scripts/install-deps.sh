@@ -4,16 +4,15 @@
 set -euo pipefail
 
 PACKAGES=(
-  build-essential cmake pkg-config ninja-build clang-format
+  build-essential cmake pkg-config
   libssl-dev openssl
-  libp11-dev libp11-kit-dev libengine-pkcs11-openssl
+  libp11-dev libp11-kit-dev
   softhsm2 opensc
   libboost-dev
   libsqlite3-dev sqlite3
   libtomlplusplus-dev libcli11-dev nlohmann-json3-dev libspdlog-dev libfmt-dev
-  libgfshare-dev
   libgtest-dev
-  curl procps
+  curl
 )
 
 missing=()

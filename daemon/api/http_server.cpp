@@ -1,12 +1,12 @@
 #include "daemon/api/http_server.hpp"
 
+#include <spdlog/spdlog.h>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/ssl.hpp>
 #include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
 
 namespace kmsd::api {
 
@@ -16,8 +16,12 @@ using tcp = net::ip::tcp;
 
 struct HttpServer::Impl : std::enable_shared_from_this<HttpServer::Impl> {
   Impl(net::io_context& io, Handler h, ServerOptions o, net::thread_pool& w, TlsProvider t)
-      : ioc(io), acceptor(net::make_strand(io)), handler(std::move(h)), opts(std::move(o)),
-        workers(w), tls(std::move(t)) {}
+      : ioc(io),
+        acceptor(net::make_strand(io)),
+        handler(std::move(h)),
+        opts(std::move(o)),
+        workers(w),
+        tls(std::move(t)) {}
 
   net::io_context& ioc;
   tcp::acceptor acceptor;
@@ -76,12 +80,11 @@ class Session {
                    body ? "body" : "header");
       Request dummy;
       dummy.version(11);
-      auto res = error_response(dummy,
-                                body ? http::status::payload_too_large
-                                     : http::status::request_header_fields_too_large,
-                                body ? "request body exceeds " +
-                                           std::to_string(server_->opts.max_body_bytes) + " bytes"
-                                     : "request header too large");
+      auto res = error_response(
+          dummy,
+          body ? http::status::payload_too_large : http::status::request_header_fields_too_large,
+          body ? "request body exceeds " + std::to_string(server_->opts.max_body_bytes) + " bytes"
+               : "request header too large");
       res.keep_alive(false);
       return send(std::move(res));
     }
@@ -155,8 +158,9 @@ class TlsSession : public Session<TlsSession>, public std::enable_shared_from_th
   }
   void do_handshake() {
     beast::get_lowest_layer(stream_).expires_after(server_->opts.timeout);
-    stream_.async_handshake(net::ssl::stream_base::server,
-                            beast::bind_front_handler(&TlsSession::on_handshake, shared_from_this()));
+    stream_.async_handshake(
+        net::ssl::stream_base::server,
+        beast::bind_front_handler(&TlsSession::on_handshake, shared_from_this()));
   }
   void on_handshake(beast::error_code ec) {
     if (ec) {
@@ -215,14 +219,14 @@ Result<std::shared_ptr<HttpServer>> HttpServer::listen(net::io_context& ioc,
                                                        const std::string& host, std::uint16_t port,
                                                        Handler handler, ServerOptions options,
                                                        net::thread_pool& workers, TlsProvider tls) {
-  auto impl = std::make_shared<Impl>(ioc, std::move(handler), std::move(options), workers,
-                                     std::move(tls));
+  auto impl =
+      std::make_shared<Impl>(ioc, std::move(handler), std::move(options), workers, std::move(tls));
   beast::error_code ec;
   tcp::resolver resolver(ioc);
   auto results = resolver.resolve(host, std::to_string(port), ec);
   if (ec || results.empty())
-    return make_error(ErrorCode::kConfig, "cannot resolve listen address " + host + ": " +
-                                              ec.message());
+    return make_error(ErrorCode::kConfig,
+                      "cannot resolve listen address " + host + ": " + ec.message());
   tcp::endpoint ep = results.begin()->endpoint();
   impl->acceptor.open(ep.protocol(), ec);
   if (!ec) impl->acceptor.set_option(net::socket_base::reuse_address(true), ec);
@@ -234,7 +238,9 @@ Result<std::shared_ptr<HttpServer>> HttpServer::listen(net::io_context& ioc,
   return std::make_shared<HttpServer>(impl);
 }
 
-void HttpServer::start() { impl_->do_accept(); }
+void HttpServer::start() {
+  impl_->do_accept();
+}
 
 void HttpServer::stop() {
   net::post(impl_->acceptor.get_executor(), [impl = impl_] {
@@ -269,7 +275,7 @@ Response error_response(const Request& req, http::status status, const std::stri
 }
 
 Result<std::shared_ptr<net::ssl::context>> make_mtls_context(X509* server_cert,
-                                                              EVP_PKEY* server_key, X509* ca_cert) {
+                                                             EVP_PKEY* server_key, X509* ca_cert) {
   auto ctx = std::make_shared<net::ssl::context>(net::ssl::context::tls_server);
   SSL_CTX* c = ctx->native_handle();
   SSL_CTX_set_min_proto_version(c, TLS1_2_VERSION);

@@ -26,11 +26,11 @@ using Response = http::response<http::string_body>;
 
 // What the listener knows about the peer.
 struct Peer {
-  std::string address;          // "127.0.0.1:53211"
+  std::string address;  // "127.0.0.1:53211"
   bool tls = false;
   // TLS listeners ask for a client certificate but let the handshake finish without a valid
   // one, so that the handler can answer 401 in words instead of a bare handshake failure.
-  ossl::X509Ptr client_cert;     // presented certificate, if any
+  ossl::X509Ptr client_cert;          // presented certificate, if any
   bool client_cert_verified = false;  // chains to the KMS CA and is within its validity
   std::string client_cert_error;      // why verification failed, "" if it did not
 };
@@ -77,7 +77,7 @@ Response error_response(const Request& req, http::status status, const std::stri
 // Builds a server TLS context: TLS 1.2+, the given certificate and key, client certificates
 // required and verified against CA.
 Result<std::shared_ptr<boost::asio::ssl::context>> make_mtls_context(X509* server_cert,
-                                                                      EVP_PKEY* server_key,
-                                                                      X509* ca_cert);
+                                                                     EVP_PKEY* server_key,
+                                                                     X509* ca_cert);
 
 }  // namespace kmsd::api

@@ -56,9 +56,11 @@ Response PublicRoutes::handle(const Request& req, const Peer&) const {
   if (path == "/readyz") {
     if (!get) return method_not_allowed(req, "GET");
     auto st = seal_.status();
-    auto res = json_response(
-        req, st.state == startup::State::kUnsealed ? http::status::ok : http::status::service_unavailable,
-        startup::status_json(st));
+    auto res =
+        json_response(req,
+                      st.state == startup::State::kUnsealed ? http::status::ok
+                                                            : http::status::service_unavailable,
+                      startup::status_json(st));
     if (st.state != startup::State::kUnsealed) res.set(http::field::retry_after, "5");
     return res;
   }
@@ -68,10 +70,12 @@ Response PublicRoutes::handle(const Request& req, const Peer&) const {
     if (pem.empty())
       return error_response(req, http::status::service_unavailable,
                             "no CA certificate yet: run `kmsctl init`");
-    if (path == "/ca.pem") return text_response(req, http::status::ok, pem, "application/x-pem-file");
+    if (path == "/ca.pem")
+      return text_response(req, http::status::ok, pem, "application/x-pem-file");
     auto cert = ossl::x509_from_pem(pem);
     auto der = cert.ok() ? ossl::x509_to_der(cert->get()) : Result<ossl::Bytes>(cert.error());
-    if (!der.ok()) return error_response(req, http::status::internal_server_error, "CA encoding failed");
+    if (!der.ok())
+      return error_response(req, http::status::internal_server_error, "CA encoding failed");
     return text_response(req, http::status::ok, std::string(der->begin(), der->end()),
                          "application/pkix-cert");
   }

@@ -32,8 +32,8 @@ Result<ossl::X509NamePtr> parse_subject(std::string_view s) {
     }
     auto eq = part.find('=');
     if (eq == std::string::npos || eq == 0 || eq + 1 == part.size())
-      return make_error(ErrorCode::kInvalidArgument, "subject component '" + part +
-                                                         "' is not of the form KEY=VALUE");
+      return make_error(ErrorCode::kInvalidArgument,
+                        "subject component '" + part + "' is not of the form KEY=VALUE");
     std::string key = part.substr(0, eq), value = part.substr(eq + 1);
     if (X509_NAME_add_entry_by_txt(name.get(), key.c_str(), MBSTRING_UTF8,
                                    reinterpret_cast<const unsigned char*>(value.data()),
@@ -56,10 +56,18 @@ std::string name_to_string(const X509_NAME* name) {
 Result<ossl::EvpPkeyPtr> generate_key(hsm::KeyType type) {
   EVP_PKEY* key = nullptr;
   switch (type) {
-    case hsm::KeyType::kEcP256: key = EVP_EC_gen("P-256"); break;
-    case hsm::KeyType::kEcP384: key = EVP_EC_gen("P-384"); break;
-    case hsm::KeyType::kRsa2048: key = EVP_RSA_gen(2048); break;
-    case hsm::KeyType::kRsa3072: key = EVP_RSA_gen(3072); break;
+    case hsm::KeyType::kEcP256:
+      key = EVP_EC_gen("P-256");
+      break;
+    case hsm::KeyType::kEcP384:
+      key = EVP_EC_gen("P-384");
+      break;
+    case hsm::KeyType::kRsa2048:
+      key = EVP_RSA_gen(2048);
+      break;
+    case hsm::KeyType::kRsa3072:
+      key = EVP_RSA_gen(3072);
+      break;
   }
   if (key == nullptr) return crypto_error("generating a key pair");
   return ossl::EvpPkeyPtr(key);
@@ -137,8 +145,8 @@ Result<ossl::X509Ptr> issue(const IssueRequest& req, X509* issuer_cert, EVP_PKEY
       break;
     case Profile::kTlsServer: {
       KMSD_TRY(add_ext(cert.get(), issuer, NID_basic_constraints, "critical,CA:FALSE"));
-      KMSD_TRY(add_ext(cert.get(), issuer, NID_key_usage,
-                       "critical,digitalSignature,keyEncipherment"));
+      KMSD_TRY(
+          add_ext(cert.get(), issuer, NID_key_usage, "critical,digitalSignature,keyEncipherment"));
       KMSD_TRY(add_ext(cert.get(), issuer, NID_ext_key_usage, "serverAuth"));
       std::string san;
       for (const auto& n : req.dns_or_ip) {
@@ -154,8 +162,8 @@ Result<ossl::X509Ptr> issue(const IssueRequest& req, X509* issuer_cert, EVP_PKEY
   return cert;
 }
 
-Result<ossl::X509Ptr> issue_on_token(const IssueRequest& req, X509* issuer_cert,
-                                     hsm::Token& token, const EVP_MD* md) {
+Result<ossl::X509Ptr> issue_on_token(const IssueRequest& req, X509* issuer_cert, hsm::Token& token,
+                                     const EVP_MD* md) {
   KMSD_ASSIGN_OR_RETURN(auto key, token.ca_private_key());
   auto first = issue(req, issuer_cert, key.get(), md);
   if (first.ok() || first.error().code != ErrorCode::kCrypto) return first;
@@ -173,7 +181,8 @@ Result<ossl::X509ReqPtr> make_ca_request(const X509_NAME* subject, EVP_PKEY* ca_
   X509V3_CTX ctx;
   X509V3_set_ctx(&ctx, nullptr, nullptr, req.get(), nullptr, 0);
   STACK_OF(X509_EXTENSION)* exts = sk_X509_EXTENSION_new_null();
-  X509_EXTENSION* bc = X509V3_EXT_conf_nid(nullptr, &ctx, NID_basic_constraints, "critical,CA:TRUE");
+  X509_EXTENSION* bc =
+      X509V3_EXT_conf_nid(nullptr, &ctx, NID_basic_constraints, "critical,CA:TRUE");
   X509_EXTENSION* ku =
       X509V3_EXT_conf_nid(nullptr, &ctx, NID_key_usage, "critical,keyCertSign,cRLSign");
   bool ok = bc != nullptr && ku != nullptr && sk_X509_EXTENSION_push(exts, bc) > 0 &&
@@ -224,8 +233,8 @@ Result<std::vector<std::uint8_t>> make_pkcs12(EVP_PKEY* key, X509* cert, X509* c
     X509_up_ref(ca);
     sk_X509_push(chain.get(), ca);
   }
-  ossl::Pkcs12Ptr p12(PKCS12_create(pass.c_str(), friendly_name.c_str(), key, cert, chain.get(),
-                                    0, 0, 0, 0, 0));
+  ossl::Pkcs12Ptr p12(
+      PKCS12_create(pass.c_str(), friendly_name.c_str(), key, cert, chain.get(), 0, 0, 0, 0, 0));
   secure_wipe(pass.data(), pass.size());
   if (!p12) return crypto_error("building the PKCS#12 file");
   int n = i2d_PKCS12(p12.get(), nullptr);
@@ -244,7 +253,9 @@ std::int64_t asn1_time_unix(const ASN1_TIME* t) {
 }
 }  // namespace
 
-std::int64_t not_after_unix(const X509* cert) { return asn1_time_unix(X509_get0_notAfter(cert)); }
+std::int64_t not_after_unix(const X509* cert) {
+  return asn1_time_unix(X509_get0_notAfter(cert));
+}
 std::int64_t not_before_unix(const X509* cert) {
   return asn1_time_unix(X509_get0_notBefore(cert));
 }

@@ -26,18 +26,18 @@ Result<ossl::EvpPkeyPtr> generate_key(hsm::KeyType type);
 const EVP_MD* digest_by_name(std::string_view name);  // sha256|sha384|sha512, else nullptr
 
 enum class Profile {
-  kCa,          // basicConstraints CA:TRUE critical, keyCertSign|cRLSign
-  kAdminClient, // digitalSignature, extendedKeyUsage clientAuth
-  kTlsServer,   // digitalSignature|keyEncipherment, serverAuth, subjectAltName from names
+  kCa,           // basicConstraints CA:TRUE critical, keyCertSign|cRLSign
+  kAdminClient,  // digitalSignature, extendedKeyUsage clientAuth
+  kTlsServer,    // digitalSignature|keyEncipherment, serverAuth, subjectAltName from names
 };
 
 struct IssueRequest {
   Profile profile = Profile::kAdminClient;
   const X509_NAME* subject = nullptr;
-  EVP_PKEY* public_key = nullptr;       // the subject's key (public half used)
+  EVP_PKEY* public_key = nullptr;  // the subject's key (public half used)
   std::chrono::seconds validity{86400};
-  std::vector<std::string> dns_or_ip;   // kTlsServer only: SAN entries
-  std::vector<std::uint8_t> serial;     // 16 random bytes from the token; high bit cleared
+  std::vector<std::string> dns_or_ip;  // kTlsServer only: SAN entries
+  std::vector<std::uint8_t> serial;    // 16 random bytes from the token; high bit cleared
 };
 
 // Signs REQ with the CA: ISSUER_CERT may be null only for Profile::kCa (self-signed).
@@ -48,8 +48,8 @@ Result<ossl::X509Ptr> issue(const IssueRequest& req, X509* issuer_cert, EVP_PKEY
 // issue() with the CA key taken from TOKEN for this signature. libp11 0.4.12 keys do not
 // survive a lost session, so never keep one: if the first signature fails, a fresh key is
 // fetched (the token layer recovers its sessions on the way) and the signature retried once.
-Result<ossl::X509Ptr> issue_on_token(const IssueRequest& req, X509* issuer_cert,
-                                     hsm::Token& token, const EVP_MD* md);
+Result<ossl::X509Ptr> issue_on_token(const IssueRequest& req, X509* issuer_cert, hsm::Token& token,
+                                     const EVP_MD* md);
 
 // CSR for the CA key, for signature by an external root (`kmsctl init --csr`).
 Result<ossl::X509ReqPtr> make_ca_request(const X509_NAME* subject, EVP_PKEY* ca_public_key,

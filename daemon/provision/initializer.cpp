@@ -12,7 +12,9 @@ namespace kmsd::provision {
 
 namespace {
 
-std::int64_t now_unix() { return static_cast<std::int64_t>(std::time(nullptr)); }
+std::int64_t now_unix() {
+  return static_cast<std::int64_t>(std::time(nullptr));
+}
 
 }  // namespace
 
@@ -64,14 +66,15 @@ Status generate_token_keys(const config::Config& cfg, hsm::Token& token) {
 // Issues the first administrator's certificate and writes the PKCS#12 (0600, never over an
 // existing file). Returns the record to store.
 Result<store::CertificateRecord> issue_first_admin(const config::Config& cfg, hsm::Token& token,
-                                                   X509* ca_cert,
-                                                   const AdminOptions& admin) {
+                                                   X509* ca_cert, const AdminOptions& admin) {
   if (admin.name.empty())
-    return make_error(ErrorCode::kInvalidArgument, "the first administrator needs a name (--admin)");
+    return make_error(ErrorCode::kInvalidArgument,
+                      "the first administrator needs a name (--admin)");
   if (std::filesystem::exists(admin.p12_out))
     return make_error(ErrorCode::kAlreadyExists,
                       admin.p12_out.string() + " already exists; choose another --admin-p12 path");
-  KMSD_ASSIGN_OR_RETURN(auto subject, ca::parse_subject("/OU=kmsd administrators/CN=" + admin.name));
+  KMSD_ASSIGN_OR_RETURN(auto subject,
+                        ca::parse_subject("/OU=kmsd administrators/CN=" + admin.name));
   KMSD_ASSIGN_OR_RETURN(auto key, ca::generate_key(cfg.admin.key_type));
   KMSD_ASSIGN_OR_RETURN(auto serial, ca::new_serial(token));
   ca::IssueRequest req;
@@ -80,17 +83,19 @@ Result<store::CertificateRecord> issue_first_admin(const config::Config& cfg, hs
   req.public_key = key.get();
   req.validity = std::chrono::hours(24) * cfg.admin.cert_validity_days;
   req.serial = std::move(serial);
-  KMSD_ASSIGN_OR_RETURN(auto cert, ca::issue_on_token(req, ca_cert, token, ca::digest_by_name(cfg.ca.digest)));
-  KMSD_ASSIGN_OR_RETURN(auto p12, ca::make_pkcs12(key.get(), cert.get(), ca_cert, admin.name,
-                                                  admin.p12_passphrase));
-  KMSD_TRY(files::write_atomic(admin.p12_out,
-                               std::string_view(reinterpret_cast<const char*>(p12.data()), p12.size()),
-                               0600, /*overwrite=*/false));
+  KMSD_ASSIGN_OR_RETURN(auto cert,
+                        ca::issue_on_token(req, ca_cert, token, ca::digest_by_name(cfg.ca.digest)));
+  KMSD_ASSIGN_OR_RETURN(
+      auto p12, ca::make_pkcs12(key.get(), cert.get(), ca_cert, admin.name, admin.p12_passphrase));
+  KMSD_TRY(files::write_atomic(
+      admin.p12_out, std::string_view(reinterpret_cast<const char*>(p12.data()), p12.size()), 0600,
+      /*overwrite=*/false));
   return certificate_record(cert.get(), store::CertKind::kAdmin);
 }
 
-Status record_initialized(store::Store& store, X509* ca_cert, const store::CertificateRecord& admin_rec,
-                          const std::string& admin_name, bool ca_already_recorded) {
+Status record_initialized(store::Store& store, X509* ca_cert,
+                          const store::CertificateRecord& admin_rec, const std::string& admin_name,
+                          bool ca_already_recorded) {
   return store.transaction([&]() -> Status {
     if (!ca_already_recorded)
       KMSD_TRY(store.insert_certificate(certificate_record(ca_cert, store::CertKind::kCa)));
@@ -145,13 +150,13 @@ Result<InitReport> initialize(const config::Config& cfg, hsm::Token& token, stor
     return make_error(ErrorCode::kCrypto,
                       "the CA certificate signed on the token does not verify; the token's CA key "
                       "is not usable for signing");
-  KMSD_ASSIGN_OR_RETURN(auto admin_rec,
-                        issue_first_admin(cfg, token, ca_cert.get(), admin));
+  KMSD_ASSIGN_OR_RETURN(auto admin_rec, issue_first_admin(cfg, token, ca_cert.get(), admin));
   auto st = record_initialized(store, ca_cert.get(), admin_rec, admin.name, false);
   if (!st.ok()) {
     std::filesystem::remove(admin.p12_out);
-    return st.error().context("recording the new CA in the store (the token keys exist now; "
-                              "re-initialize the token before trying again)");
+    return st.error().context(
+        "recording the new CA in the store (the token keys exist now; "
+        "re-initialize the token before trying again)");
   }
   InitReport rep;
   rep.ca_serial = ca::serial_hex(ca_cert.get());
@@ -208,8 +213,7 @@ Result<InitReport> install_ca_certificate(const config::Config& cfg, hsm::Token&
                       ca_cert_pem.string() + " is not a CA certificate (basicConstraints CA:TRUE)");
   if (X509_get_version(ca_cert.get()) != X509_VERSION_3)
     return make_error(ErrorCode::kInvalidArgument, "the CA certificate must be X.509 v3");
-  KMSD_ASSIGN_OR_RETURN(auto admin_rec,
-                        issue_first_admin(cfg, token, ca_cert.get(), admin));
+  KMSD_ASSIGN_OR_RETURN(auto admin_rec, issue_first_admin(cfg, token, ca_cert.get(), admin));
   auto st = record_initialized(store, ca_cert.get(), admin_rec, admin.name, false);
   if (!st.ok()) {
     std::filesystem::remove(admin.p12_out);
@@ -237,8 +241,8 @@ Result<ossl::X509Ptr> load_ca_certificate(store::Store& store) {
     return make_error(ErrorCode::kStore, "the store records no CA serial; the store is damaged");
   KMSD_ASSIGN_OR_RETURN(auto rec, store.find_certificate(*serial));
   if (!rec.has_value())
-    return make_error(ErrorCode::kStore,
-                      "the CA certificate " + *serial + " is missing from the store; restore a backup");
+    return make_error(ErrorCode::kStore, "the CA certificate " + *serial +
+                                             " is missing from the store; restore a backup");
   return ossl::x509_from_der(rec->der);
 }
 

@@ -16,14 +16,15 @@
 namespace kmsd::provision {
 
 // Store settings written by init.
-inline constexpr const char* kSettingState = "init_state";  // "initialized" | "awaiting_ca_certificate"
+inline constexpr const char* kSettingState =
+    "init_state";  // "initialized" | "awaiting_ca_certificate"
 inline constexpr const char* kSettingCaSerial = "ca_serial";
 inline constexpr const char* kSettingInitializedAt = "initialized_at";
 inline constexpr const char* kSettingMasterVersion = "master_key_version";
 
 struct AdminOptions {
-  std::string name;                    // CN of the first administrator
-  std::filesystem::path p12_out;       // written 0600; never overwritten
+  std::string name;               // CN of the first administrator
+  std::filesystem::path p12_out;  // written 0600; never overwritten
   SecretBytes p12_passphrase;
 };
 

@@ -11,9 +11,12 @@ namespace kmsd::startup {
 
 const char* to_string(State s) noexcept {
   switch (s) {
-    case State::kSealed: return "sealed";
-    case State::kUnsealed: return "unsealed";
-    case State::kDegraded: return "degraded";
+    case State::kSealed:
+      return "sealed";
+    case State::kUnsealed:
+      return "unsealed";
+    case State::kDegraded:
+      return "degraded";
   }
   return "unknown";
 }
@@ -55,9 +58,10 @@ Result<std::shared_ptr<const KeyMaterial>> Seal::build_material() {
 
   // The admin listener's certificate: a fresh in-memory key each unseal, signed on the token.
   KMSD_ASSIGN_OR_RETURN(m->tls_key, ca::generate_key(hsm::KeyType::kEcP256));
-  KMSD_ASSIGN_OR_RETURN(auto subject, ca::parse_subject("/OU=kmsd/CN=" + (options_.tls_names.empty()
-                                                                            ? std::string("kmsd")
-                                                                            : options_.tls_names[0])));
+  KMSD_ASSIGN_OR_RETURN(
+      auto subject,
+      ca::parse_subject("/OU=kmsd/CN=" + (options_.tls_names.empty() ? std::string("kmsd")
+                                                                     : options_.tls_names[0])));
   KMSD_ASSIGN_OR_RETURN(auto serial, ca::new_serial(token_));
   ca::IssueRequest req;
   req.profile = ca::Profile::kTlsServer;
@@ -86,8 +90,9 @@ Status Seal::unseal(const SecretBytes& secret) {
         why = "the startup secret was rejected by the token (" + pin_state(ts) + ")";
         break;
       case ErrorCode::kPinLocked:
-        why = "the token's user PIN is locked; a security officer must unlock or reset it with "
-              "the token vendor's tool before kmsd can unseal";
+        why =
+            "the token's user PIN is locked; a security officer must unlock or reset it with "
+            "the token vendor's tool before kmsd can unseal";
         break;
       default:
         why = login.error().message;

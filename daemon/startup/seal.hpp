@@ -24,8 +24,8 @@ struct KeyMaterial {
   // The CA private key is deliberately absent: fetch it from the token for each signature
   // (ca::issue_on_token), because a libp11 key does not survive a lost session.
   ossl::X509Ptr ca_cert;
-  ossl::X509Ptr tls_cert;         // admin listener certificate, issued at unseal
-  ossl::EvpPkeyPtr tls_key;       // in memory only, never written anywhere
+  ossl::X509Ptr tls_cert;    // admin listener certificate, issued at unseal
+  ossl::EvpPkeyPtr tls_key;  // in memory only, never written anywhere
   std::string ca_pem;
 };
 
@@ -40,7 +40,7 @@ struct SealStatus {
 };
 
 struct SealOptions {
-  std::vector<std::string> tls_names;       // SANs of the admin server certificate
+  std::vector<std::string> tls_names;  // SANs of the admin server certificate
   std::string digest = "sha256";
   unsigned tls_validity_days = 30;
 };

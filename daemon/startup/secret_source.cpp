@@ -12,7 +12,9 @@
 
 namespace kmsd::startup {
 
-bool have_terminal() { return ::isatty(STDIN_FILENO) == 1; }
+bool have_terminal() {
+  return ::isatty(STDIN_FILENO) == 1;
+}
 
 Result<SecretBytes> read_secret_from_terminal(const std::string& prompt,
                                               const std::atomic<bool>* cancel) {

@@ -5,10 +5,10 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 
+#include <spdlog/spdlog.h>
 #include <cerrno>
 #include <cstring>
 #include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
 
 namespace kmsd::startup {
 
@@ -87,12 +87,9 @@ std::string status_json(const SealStatus& s) {
   j["state"] = to_string(s.state);
   j["failed_unseal_attempts"] = s.failed_unseal_attempts;
   if (!s.last_failure.empty()) j["last_failure"] = s.last_failure;
-  j["token"] = {{"label", s.token.token_label},
-                {"serial", s.token.token_serial},
-                {"logged_in", s.token.logged_in},
-                {"degraded", s.token.degraded},
-                {"pin_count_low", s.token.pin_count_low},
-                {"pin_final_try", s.token.pin_final_try},
+  j["token"] = {{"label", s.token.token_label},           {"serial", s.token.token_serial},
+                {"logged_in", s.token.logged_in},         {"degraded", s.token.degraded},
+                {"pin_count_low", s.token.pin_count_low}, {"pin_final_try", s.token.pin_final_try},
                 {"pin_locked", s.token.pin_locked}};
   if (!s.token.last_error.empty()) j["token"]["last_error"] = s.token.last_error;
   return j.dump();
@@ -103,8 +100,8 @@ Result<std::unique_ptr<UnsealSocket>> UnsealSocket::listen(const fs::path& path,
   if (!path.parent_path().empty() && !fs::exists(path.parent_path())) {
     fs::create_directories(path.parent_path(), ec);
     if (ec)
-      return make_error(ErrorCode::kIo, "cannot create " + path.parent_path().string() + ": " +
-                                            ec.message());
+      return make_error(ErrorCode::kIo,
+                        "cannot create " + path.parent_path().string() + ": " + ec.message());
     ::chmod(path.parent_path().c_str(), 0700);
   }
   KMSD_ASSIGN_OR_RETURN(auto addr, address_of(path));
@@ -220,7 +217,8 @@ Result<std::string> unseal_request(const fs::path& socket, const std::string& op
     if (n <= 0 || c == '\n') break;
     reply.push_back(c);
   }
-  if (reply.empty()) return make_error(ErrorCode::kUnavailable, "kmsd closed the connection without a reply");
+  if (reply.empty())
+    return make_error(ErrorCode::kUnavailable, "kmsd closed the connection without a reply");
   return reply;
 }
 

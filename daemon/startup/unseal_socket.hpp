@@ -28,7 +28,8 @@ namespace kmsd::startup {
 class UnsealSocket {
  public:
   // Binds PATH (removing a stale socket, creating the parent directory 0700 if missing).
-  static Result<std::unique_ptr<UnsealSocket>> listen(const std::filesystem::path& path, Seal& seal);
+  static Result<std::unique_ptr<UnsealSocket>> listen(const std::filesystem::path& path,
+                                                      Seal& seal);
   ~UnsealSocket();  // stops the thread, removes the socket file
 
  private:

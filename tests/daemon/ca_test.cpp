@@ -65,7 +65,8 @@ TEST_F(IssuerTest, SelfSignedCaIsV3AndVerifiesWithTheTokenKey) {
   EXPECT_TRUE(ca::signed_by(ca_cert.get(), ca_cert.get()));
   EXPECT_TRUE(ca::public_key_matches(ca_cert.get(), ca_pub.get()));
   EXPECT_EQ(ca::serial_hex(ca_cert.get()).size(), 32u);
-  EXPECT_EQ(X509_get_key_usage(ca_cert.get()), static_cast<uint32_t>(KU_KEY_CERT_SIGN | KU_CRL_SIGN));
+  EXPECT_EQ(X509_get_key_usage(ca_cert.get()),
+            static_cast<uint32_t>(KU_KEY_CERT_SIGN | KU_CRL_SIGN));
 }
 
 TEST_F(IssuerTest, AdminClientCertificateChainsToTheCaAndIsForClientAuthOnly) {

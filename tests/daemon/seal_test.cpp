@@ -194,8 +194,8 @@ TEST_F(SealTest, PublicRoutesReportSealStateAndServeTheCa) {
   EXPECT_THAT(pem.body(), HasSubstr("BEGIN CERTIFICATE"));
   auto der = routes.handle(get("/ca.der"), peer);
   EXPECT_EQ(der.result(), api::http::status::ok);
-  EXPECT_TRUE(ossl::x509_from_der({reinterpret_cast<const std::uint8_t*>(der.body().data()),
-                                   der.body().size()})
+  EXPECT_TRUE(ossl::x509_from_der(
+                  {reinterpret_cast<const std::uint8_t*>(der.body().data()), der.body().size()})
                   .ok());
   EXPECT_EQ(routes.handle(get("/nope"), peer).result(), api::http::status::not_found);
   api::Request post{api::http::verb::post, "/readyz", 11};

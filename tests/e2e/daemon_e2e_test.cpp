@@ -6,10 +6,10 @@
 
 #include <chrono>
 #include <fstream>
-#include <thread>
 #include <regex>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include "tests/e2e/harness.hpp"
 
@@ -42,7 +42,8 @@ std::vector<P11Object> list_token_objects(const SoftHsmToken& token) {
       if (std::regex_search(line, m, std::regex(R"(^\s+Access:\s+(.*)$)"))) {
         std::string flags = m[1];
         std::regex sep(",\\s*");
-        for (std::sregex_token_iterator it(flags.begin(), flags.end(), sep, -1), end; it != end; ++it)
+        for (std::sregex_token_iterator it(flags.begin(), flags.end(), sep, -1), end; it != end;
+             ++it)
           out.back().access.insert(*it);
       }
     }
@@ -67,8 +68,9 @@ TEST_F(KmsdTest, InitLeavesOnlyIntendedNonExtractableKeysOnTheToken) {
       EXPECT_FALSE(o.access.count("extractable")) << o.label << " is extractable";
     }
   }
-  std::multiset<std::string> expected = {"kms-master-v1|Secret Key Object", "kms-ca|Private Key Object",
-                                         "kms-ca|Public Key Object", "kms-audit|Secret Key Object"};
+  std::multiset<std::string> expected = {"kms-master-v1|Secret Key Object",
+                                         "kms-ca|Private Key Object", "kms-ca|Public Key Object",
+                                         "kms-audit|Secret Key Object"};
   EXPECT_EQ(seen, expected);
 
   // The admin PKCS#12 opens with the stock openssl client and holds a v3 client certificate.
@@ -170,23 +172,33 @@ TEST_F(KmsdTest, AdminListenerRequiresAnAdministratorCertificate) {
   ASSERT_EQ(init().status, 0);
   start();
   ASSERT_TRUE(wait_ready(200)) << log_text();
-  ASSERT_EQ(sh("curl -s -m 5 -o " + shell_quote(dir() / "ca.pem") + " " + shell_quote(public_url() + "/ca.pem")).status, 0);
-  std::string curl = "curl -s -m 10 --cacert " + shell_quote(dir() / "ca.pem") + " -w '\\n%{http_code}' ";
-  auto ok = sh(curl + "--cert-type P12 --cert " + shell_quote(admin_p12().string() + ":correct horse battery staple") + " " +
+  ASSERT_EQ(sh("curl -s -m 5 -o " + shell_quote(dir() / "ca.pem") + " " +
+               shell_quote(public_url() + "/ca.pem"))
+                .status,
+            0);
+  std::string curl =
+      "curl -s -m 10 --cacert " + shell_quote(dir() / "ca.pem") + " -w '\\n%{http_code}' ";
+  auto ok = sh(curl + "--cert-type P12 --cert " +
+               shell_quote(admin_p12().string() + ":correct horse battery staple") + " " +
                shell_quote(admin_url() + "/v1/whoami"));
   EXPECT_THAT(ok.output, HasSubstr("\"name\":\"alice\""));
   EXPECT_THAT(ok.output, HasSubstr("\n200"));
   auto none = sh(curl + shell_quote(admin_url() + "/v1/whoami"));
   EXPECT_THAT(none.output, HasSubstr("\n401"));
   // A certificate from another CA is not an administrator.
-  ASSERT_EQ(sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=mallory "
-               "-keyout " + shell_quote(dir() / "m.key") + " -out " + shell_quote(dir() / "m.pem") + " -days 1").status, 0);
-  auto other = sh(curl + "--cert " + shell_quote(dir() / "m.pem") + " --key " + shell_quote(dir() / "m.key") + " " +
-                  shell_quote(admin_url() + "/v1/whoami"));
+  ASSERT_EQ(
+      sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=mallory "
+         "-keyout " +
+         shell_quote(dir() / "m.key") + " -out " + shell_quote(dir() / "m.pem") + " -days 1")
+          .status,
+      0);
+  auto other = sh(curl + "--cert " + shell_quote(dir() / "m.pem") + " --key " +
+                  shell_quote(dir() / "m.key") + " " + shell_quote(admin_url() + "/v1/whoami"));
   EXPECT_THAT(other.output, HasSubstr("\n401"));
   EXPECT_THAT(other.output, HasSubstr("not accepted"));
   // The server certificate verifies against the KMS CA for the configured name.
-  auto strict = sh("curl -s -m 10 --cacert " + shell_quote(dir() / "ca.pem") + " -o /dev/null -w '%{ssl_verify_result}' https://localhost:" +
+  auto strict = sh("curl -s -m 10 --cacert " + shell_quote(dir() / "ca.pem") +
+                   " -o /dev/null -w '%{ssl_verify_result}' https://localhost:" +
                    std::to_string(admin_port_) + "/v1/whoami");
   EXPECT_EQ(strict.output, "0");
 }
@@ -236,19 +248,27 @@ TEST_F(KmsdTest, ExternalRootSignsTheCaRequestAndTheKmsServesUnderIt) {
   EXPECT_THAT(req.output, HasSubstr("CA:TRUE"));
 
   // The external root, made with the stock openssl tool.
-  ASSERT_EQ(sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
-               "-subj '/CN=External Root' -days 30 -keyout " + d("root.key") + " -out " + d("root.pem") +
-               " -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign").status, 0);
-  ASSERT_EQ(sh("openssl x509 -req -in " + d("ca.csr") + " -CA " + d("root.pem") + " -CAkey " + d("root.key") +
-               " -CAcreateserial -days 30 -copy_extensions copy -out " + d("kmsca.pem")).status, 0);
+  ASSERT_EQ(
+      sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+         "-subj '/CN=External Root' -days 30 -keyout " +
+         d("root.key") + " -out " + d("root.pem") +
+         " -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign")
+          .status,
+      0);
+  ASSERT_EQ(
+      sh("openssl x509 -req -in " + d("ca.csr") + " -CA " + d("root.pem") + " -CAkey " +
+         d("root.key") + " -CAcreateserial -days 30 -copy_extensions copy -out " + d("kmsca.pem"))
+          .status,
+      0);
 
   // Not finished yet: the daemon says what is missing.
   auto early = sh(shell_quote(kmsd_bin()) + " --config " + shell_quote(conf_path()));
   EXPECT_EQ(early.status, 1);
   EXPECT_THAT(log_text(), HasSubstr("kmsctl init --ca-cert"));
   // A certificate for another key is refused.
-  std::string finish = "init --config " + shell_quote(conf_path()) + " --pin-file " + shell_quote(secret_path()) +
-                       " --admin alice --admin-p12 " + shell_quote(admin_p12()) + " --passphrase-file " + shell_quote(pass_path());
+  std::string finish = "init --config " + shell_quote(conf_path()) + " --pin-file " +
+                       shell_quote(secret_path()) + " --admin alice --admin-p12 " +
+                       shell_quote(admin_p12()) + " --passphrase-file " + shell_quote(pass_path());
   auto wrong = kmsctl(finish + " --ca-cert " + d("root.pem"));
   EXPECT_EQ(wrong.status, 2) << wrong.output;
   EXPECT_THAT(wrong.output, HasSubstr("does not certify the CA key on this token"));
@@ -257,7 +277,9 @@ TEST_F(KmsdTest, ExternalRootSignsTheCaRequestAndTheKmsServesUnderIt) {
 
   start();
   ASSERT_TRUE(wait_ready(200)) << log_text();
-  ASSERT_EQ(sh("curl -s -m 5 -o " + d("served.pem") + " " + shell_quote(public_url() + "/ca.pem")).status, 0);
+  ASSERT_EQ(
+      sh("curl -s -m 5 -o " + d("served.pem") + " " + shell_quote(public_url() + "/ca.pem")).status,
+      0);
   EXPECT_EQ(sh("cmp " + d("served.pem") + " " + d("kmsca.pem")).status, 0);
   // A client trusting only the external root reaches the admin API, and the admin's
   // certificate (issued by the intermediate KMS CA) is accepted.

@@ -23,8 +23,12 @@ fs::path build_dir() {
   const char* b = std::getenv("KMSD_BUILD_DIR");
   return b != nullptr ? fs::path(b) : fs::current_path();
 }
-fs::path kmsd_bin() { return build_dir() / "daemon" / "kmsd"; }
-fs::path kmsctl_bin() { return build_dir() / "cli" / "kmsctl"; }
+fs::path kmsd_bin() {
+  return build_dir() / "daemon" / "kmsd";
+}
+fs::path kmsctl_bin() {
+  return build_dir() / "cli" / "kmsctl";
+}
 
 std::uint16_t free_port() {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
