@@ -117,7 +117,8 @@ using Status = Result<void>;
 
 #define KMSD_CONCAT_INNER_(a, b) a##b
 #define KMSD_CONCAT_(a, b) KMSD_CONCAT_INNER_(a, b)
-// KMSD_ASSIGN_OR_RETURN(auto x, f()); binds the value or returns the error.
+// KMSD_ASSIGN_OR_RETURN(auto x, f()); binds the value or returns the error. It expands to
+// several statements: use it only at block scope, never as the body of an unbraced if.
 #define KMSD_ASSIGN_OR_RETURN(lhs, expr)                       \
   auto KMSD_CONCAT_(kmsd_r_, __LINE__) = (expr);               \
   if (!KMSD_CONCAT_(kmsd_r_, __LINE__).ok())                   \

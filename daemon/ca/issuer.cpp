@@ -162,8 +162,14 @@ Result<ossl::X509Ptr> issue(const IssueRequest& req, X509* issuer_cert, EVP_PKEY
   return cert;
 }
 
-Result<ossl::X509Ptr> issue_on_token(const IssueRequest& req, X509* issuer_cert, hsm::Token& token,
-                                     const EVP_MD* md) {
+Result<ossl::X509Ptr> issue_on_token(const IssueRequest& request, X509* issuer_cert,
+                                     hsm::Token& token, const EVP_MD* md) {
+  IssueRequest req = request;
+  if (req.serial.empty()) {
+    auto serial = new_serial(token);
+    if (!serial.ok()) return serial.error();
+    req.serial = std::move(serial).value();
+  }
   KMSD_ASSIGN_OR_RETURN(auto key, token.ca_private_key());
   auto first = issue(req, issuer_cert, key.get(), md);
   if (first.ok() || first.error().code != ErrorCode::kCrypto) return first;

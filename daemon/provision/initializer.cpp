@@ -12,6 +12,12 @@ namespace kmsd::provision {
 
 namespace {
 
+Status refuse_existing_p12(const std::filesystem::path& p12) {
+  if (!std::filesystem::exists(p12)) return {};
+  return make_error(ErrorCode::kAlreadyExists,
+                    p12.string() + " already exists; choose another --admin-p12 path");
+}
+
 std::int64_t now_unix() {
   return static_cast<std::int64_t>(std::time(nullptr));
 }
@@ -70,19 +76,15 @@ Result<store::CertificateRecord> issue_first_admin(const config::Config& cfg, hs
   if (admin.name.empty())
     return make_error(ErrorCode::kInvalidArgument,
                       "the first administrator needs a name (--admin)");
-  if (std::filesystem::exists(admin.p12_out))
-    return make_error(ErrorCode::kAlreadyExists,
-                      admin.p12_out.string() + " already exists; choose another --admin-p12 path");
+  KMSD_TRY(refuse_existing_p12(admin.p12_out));
   KMSD_ASSIGN_OR_RETURN(auto subject,
                         ca::parse_subject("/OU=kmsd administrators/CN=" + admin.name));
   KMSD_ASSIGN_OR_RETURN(auto key, ca::generate_key(cfg.admin.key_type));
-  KMSD_ASSIGN_OR_RETURN(auto serial, ca::new_serial(token));
   ca::IssueRequest req;
   req.profile = ca::Profile::kAdminClient;
   req.subject = subject.get();
   req.public_key = key.get();
   req.validity = std::chrono::hours(24) * cfg.admin.cert_validity_days;
-  req.serial = std::move(serial);
   KMSD_ASSIGN_OR_RETURN(auto cert,
                         ca::issue_on_token(req, ca_cert, token, ca::digest_by_name(cfg.ca.digest)));
   KMSD_ASSIGN_OR_RETURN(
@@ -131,20 +133,16 @@ std::vector<std::string> existing_state(hsm::Token& token, store::Store& store) 
 Result<InitReport> initialize(const config::Config& cfg, hsm::Token& token, store::Store& store,
                               const AdminOptions& admin) {
   KMSD_TRY(refuse_if_not_empty(token, store));
-  if (std::filesystem::exists(admin.p12_out))
-    return make_error(ErrorCode::kAlreadyExists,
-                      admin.p12_out.string() + " already exists; choose another --admin-p12 path");
+  KMSD_TRY(refuse_existing_p12(admin.p12_out));
   const EVP_MD* md = ca::digest_by_name(cfg.ca.digest);
   KMSD_ASSIGN_OR_RETURN(auto subject, ca::parse_subject(cfg.ca.subject));
   KMSD_TRY(generate_token_keys(cfg, token));
   KMSD_ASSIGN_OR_RETURN(auto ca_pub, token.ca_public_key());
-  KMSD_ASSIGN_OR_RETURN(auto serial, ca::new_serial(token));
   ca::IssueRequest req;
   req.profile = ca::Profile::kCa;
   req.subject = subject.get();
   req.public_key = ca_pub.get();
   req.validity = std::chrono::hours(24) * cfg.ca.validity_days;
-  req.serial = std::move(serial);
   KMSD_ASSIGN_OR_RETURN(auto ca_cert, ca::issue_on_token(req, nullptr, token, md));
   if (!ca::signed_by(ca_cert.get(), ca_cert.get()))
     return make_error(ErrorCode::kCrypto,

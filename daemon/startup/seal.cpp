@@ -62,14 +62,12 @@ Result<std::shared_ptr<const KeyMaterial>> Seal::build_material() {
       auto subject,
       ca::parse_subject("/OU=kmsd/CN=" + (options_.tls_names.empty() ? std::string("kmsd")
                                                                      : options_.tls_names[0])));
-  KMSD_ASSIGN_OR_RETURN(auto serial, ca::new_serial(token_));
   ca::IssueRequest req;
   req.profile = ca::Profile::kTlsServer;
   req.subject = subject.get();
   req.public_key = m->tls_key.get();
   req.validity = std::chrono::hours(24) * options_.tls_validity_days;
   req.dns_or_ip = options_.tls_names;
-  req.serial = std::move(serial);
   KMSD_ASSIGN_OR_RETURN(m->tls_cert, ca::issue_on_token(req, m->ca_cert.get(), token_,
                                                         ca::digest_by_name(options_.digest)));
   KMSD_TRY(store_.insert_certificate(

@@ -35,10 +35,28 @@ class IssuerTest : public testing::TokenSandbox {
     req.subject = subject->get();
     req.public_key = ca_pub.get();
     req.validity = std::chrono::hours(24 * 365);
-    req.serial = *ca::new_serial(*tok);
     auto cert = ca::issue_on_token(req, nullptr, *tok, EVP_sha256());
     ASSERT_TRUE(cert.ok()) << cert.error().message;
     ca_cert = std::move(*cert);
+  }
+
+  // A certificate for a fresh software key, signed by the CA on the token.
+  struct Leaf {
+    ossl::EvpPkeyPtr key;
+    Result<ossl::X509Ptr> cert = Error{};
+  };
+  Leaf issue_leaf(ca::Profile profile, const std::string& cn, hsm::KeyType type,
+                  std::vector<std::string> names = {}) {
+    Leaf leaf;
+    leaf.key = std::move(ca::generate_key(type).value());
+    auto subject = ca::parse_subject("/CN=" + cn);
+    ca::IssueRequest req;
+    req.profile = profile;
+    req.subject = subject->get();
+    req.public_key = leaf.key.get();
+    req.dns_or_ip = std::move(names);
+    leaf.cert = ca::issue_on_token(req, ca_cert.get(), *tok, EVP_sha256());
+    return leaf;
   }
 
   std::unique_ptr<hsm::Token> tok;
@@ -70,14 +88,7 @@ TEST_F(IssuerTest, SelfSignedCaIsV3AndVerifiesWithTheTokenKey) {
 }
 
 TEST_F(IssuerTest, AdminClientCertificateChainsToTheCaAndIsForClientAuthOnly) {
-  auto key = ca::generate_key(hsm::KeyType::kEcP256);
-  auto subject = ca::parse_subject("/CN=alice");
-  ca::IssueRequest req;
-  req.profile = ca::Profile::kAdminClient;
-  req.subject = subject->get();
-  req.public_key = key->get();
-  req.serial = *ca::new_serial(*tok);
-  auto cert = ca::issue_on_token(req, ca_cert.get(), *tok, EVP_sha256());
+  auto [key, cert] = issue_leaf(ca::Profile::kAdminClient, "alice", hsm::KeyType::kEcP256);
   ASSERT_TRUE(cert.ok()) << cert.error().message;
   EXPECT_TRUE(ca::signed_by(cert->get(), ca_cert.get()));
   EXPECT_EQ(X509_check_ca(cert->get()), 0);
@@ -92,15 +103,8 @@ TEST_F(IssuerTest, AdminClientCertificateChainsToTheCaAndIsForClientAuthOnly) {
 }
 
 TEST_F(IssuerTest, ServerCertificateCarriesDnsAndIpNames) {
-  auto key = ca::generate_key(hsm::KeyType::kEcP256);
-  auto subject = ca::parse_subject("/CN=localhost");
-  ca::IssueRequest req;
-  req.profile = ca::Profile::kTlsServer;
-  req.subject = subject->get();
-  req.public_key = key->get();
-  req.dns_or_ip = {"localhost", "127.0.0.1", "::1"};
-  req.serial = *ca::new_serial(*tok);
-  auto cert = ca::issue_on_token(req, ca_cert.get(), *tok, EVP_sha256());
+  auto [key, cert] = issue_leaf(ca::Profile::kTlsServer, "localhost", hsm::KeyType::kEcP256,
+                                {"localhost", "127.0.0.1", "::1"});
   ASSERT_TRUE(cert.ok()) << cert.error().message;
   EXPECT_EQ(X509_check_host(cert->get(), "localhost", 0, 0, nullptr), 1);
   EXPECT_EQ(X509_check_ip_asc(cert->get(), "127.0.0.1", 0), 1);
@@ -110,13 +114,7 @@ TEST_F(IssuerTest, ServerCertificateCarriesDnsAndIpNames) {
 
 TEST_F(IssuerTest, SigningSurvivesALostTokenSession) {
   tok->close_all_sessions_for_test();
-  auto key = ca::generate_key(hsm::KeyType::kEcP256);
-  auto subject = ca::parse_subject("/CN=after-outage");
-  ca::IssueRequest req;
-  req.subject = subject->get();
-  req.public_key = key->get();
-  req.serial = {0x01, 0x02};
-  auto cert = ca::issue_on_token(req, ca_cert.get(), *tok, EVP_sha256());
+  auto [key, cert] = issue_leaf(ca::Profile::kAdminClient, "after-outage", hsm::KeyType::kEcP256);
   ASSERT_TRUE(cert.ok()) << cert.error().message;
   EXPECT_TRUE(ca::signed_by(cert->get(), ca_cert.get()));
 }
@@ -127,22 +125,15 @@ TEST_F(IssuerTest, OnlyACaCertificateMayBeSelfSigned) {
   ca::IssueRequest req;
   req.subject = subject->get();
   req.public_key = key->get();
-  req.serial = {0x01};
   auto r = ca::issue_on_token(req, nullptr, *tok, EVP_sha256());
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.error().code, ErrorCode::kInvalidArgument);
 }
 
 TEST_F(IssuerTest, Pkcs12OpensWithThePassphraseOnlyAndHoldsKeyCertAndCa) {
-  auto key = ca::generate_key(hsm::KeyType::kRsa2048);
-  auto subject = ca::parse_subject("/CN=bob");
-  ca::IssueRequest req;
-  req.subject = subject->get();
-  req.public_key = key->get();
-  req.serial = *ca::new_serial(*tok);
-  auto cert = ca::issue_on_token(req, ca_cert.get(), *tok, EVP_sha256());
+  auto [key, cert] = issue_leaf(ca::Profile::kAdminClient, "bob", hsm::KeyType::kRsa2048);
   ASSERT_TRUE(cert.ok());
-  auto der = ca::make_pkcs12(key->get(), cert->get(), ca_cert.get(), "bob",
+  auto der = ca::make_pkcs12(key.get(), cert->get(), ca_cert.get(), "bob",
                              SecretBytes::from_string("s3cret passphrase"));
   ASSERT_TRUE(der.ok()) << der.error().message;
   const unsigned char* p = der->data();
@@ -158,10 +149,10 @@ TEST_F(IssuerTest, Pkcs12OpensWithThePassphraseOnlyAndHoldsKeyCertAndCa) {
   ossl::X509Ptr cc(c);
   ossl::X509StackPtr ch(chain);
   EXPECT_EQ(X509_cmp(cc.get(), cert->get()), 0);
-  EXPECT_EQ(EVP_PKEY_eq(kk.get(), key->get()), 1);
+  EXPECT_EQ(EVP_PKEY_eq(kk.get(), key.get()), 1);
   ASSERT_EQ(sk_X509_num(ch.get()), 1);
   EXPECT_EQ(X509_cmp(sk_X509_value(ch.get(), 0), ca_cert.get()), 0);
-  EXPECT_FALSE(ca::make_pkcs12(key->get(), cert->get(), ca_cert.get(), "bob", SecretBytes()).ok());
+  EXPECT_FALSE(ca::make_pkcs12(key.get(), cert->get(), ca_cert.get(), "bob", SecretBytes()).ok());
 }
 
 }  // namespace
