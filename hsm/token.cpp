@@ -138,8 +138,10 @@ std::string describe_tokens(const std::vector<SlotInfo>& slots) {
 // C_Finalize the module under our feet, and freeing the last context frees libp11's RSA/EC
 // methods while EVP_PKEYs handed to callers may still use them.
 PKCS11_CTX* libp11_context(const std::string& module_path) {
-  static std::mutex mu;
-  static std::map<std::string, PKCS11_CTX*> contexts;
+  // Never destroyed (not even at exit), so the contexts stay reachable and no static
+  // destructor runs while another thread may still sign.
+  static std::mutex& mu = *new std::mutex;
+  static auto& contexts = *new std::map<std::string, PKCS11_CTX*>;
   std::lock_guard lock(mu);
   if (auto it = contexts.find(module_path); it != contexts.end()) return it->second;
   PKCS11_CTX* ctx = PKCS11_CTX_new();
@@ -155,8 +157,8 @@ PKCS11_CTX* libp11_context(const std::string& module_path) {
 // See Token::Impl::reset_libp11: retired libp11 slot arrays stay reachable for the life of
 // the process.
 void park_libp11_slots(PKCS11_SLOT* slots, unsigned int n) noexcept {
-  static std::mutex mu;
-  static std::vector<std::pair<PKCS11_SLOT*, unsigned int>> parked;
+  static std::mutex& mu = *new std::mutex;
+  static auto& parked = *new std::vector<std::pair<PKCS11_SLOT*, unsigned int>>;
   std::lock_guard lock(mu);
   try {
     parked.emplace_back(slots, n);
