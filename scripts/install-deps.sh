@@ -11,7 +11,7 @@ PACKAGES=(
   libboost-dev
   libsqlite3-dev sqlite3
   libtomlplusplus-dev libcli11-dev nlohmann-json3-dev libspdlog-dev libfmt-dev
-  libgtest-dev
+  libgtest-dev libgmock-dev
   curl
 )
 

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <fstream>
+#include <iterator>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -154,6 +155,39 @@ TEST_F(KmsdTest, FileSourceUnsealsAtStart) {
   start();
   EXPECT_TRUE(wait_ready(200)) << log_text();
   EXPECT_THAT(log_text(), HasSubstr("development-only"));
+}
+
+TEST_F(KmsdTest, PromptSourceUnsealsFromTheTerminalWithoutEcho) {
+  write_config("prompt");
+  ASSERT_EQ(init().status, 0);
+  start_on_terminal(kUserPin);
+  EXPECT_TRUE(wait_ready(200)) << log_text();
+  std::ifstream t(transcript_path());
+  std::string transcript((std::istreambuf_iterator<char>(t)), std::istreambuf_iterator<char>());
+  EXPECT_THAT(transcript, HasSubstr("kmsd startup secret:"));
+  EXPECT_THAT(transcript, Not(HasSubstr(kUserPin)));  // typed without echo
+}
+
+TEST_F(KmsdTest, OneLogLinePerRequestWithoutTheQueryString) {
+  write_config("file");
+  ASSERT_EQ(init().status, 0);
+  start();
+  ASSERT_TRUE(wait_ready(200));
+  EXPECT_EQ(http_code("/readyz?token=SHOULD-NOT-APPEAR"), "200");
+  EXPECT_EQ(http_code("/missing"), "404");
+  EXPECT_THAT(log_text(), HasSubstr("public GET /readyz 200"));
+  EXPECT_THAT(log_text(), HasSubstr("public GET /missing 404"));
+  EXPECT_THAT(log_text(), Not(HasSubstr("SHOULD-NOT-APPEAR")));
+}
+
+TEST_F(KmsdTest, RefusesAStoreNewerThanItUnderstands) {
+  write_config("file");
+  ASSERT_EQ(init().status, 0);
+  ASSERT_EQ(sh("sqlite3 " + shell_quote(db_path()) + " 'UPDATE schema_version SET version = 99'").status, 0);
+  auto r = sh(shell_quote(kmsd_bin()) + " --config " + shell_quote(conf_path()));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_THAT(log_text(), HasSubstr("schema version 99"));
+  EXPECT_THAT(log_text(), HasSubstr("upgrade kmsd"));
 }
 
 TEST_F(KmsdTest, FileSourceRefusesAFileReadableByOthers) {

@@ -14,6 +14,7 @@
 #include <fstream>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 namespace kmsd::testing {
 
@@ -65,7 +66,7 @@ void KmsdTest::SetUp() {
 
 void KmsdTest::TearDown() {
   if (pid_ > 0) {
-    ::kill(pid_, SIGKILL);
+    ::kill(-pid_, SIGKILL);  // the whole process group: nothing started here outlives the test
     ::waitpid(pid_, nullptr, 0);
     pid_ = -1;
   }
@@ -108,18 +109,44 @@ CommandResult KmsdTest::kmsctl(const std::string& args) {
   return sh(shell_quote(kmsctl_bin()) + " " + args + " </dev/null");
 }
 
-void KmsdTest::start() {
-  pid_ = ::fork();
-  if (pid_ == 0) {
+namespace {
+// Forks a child in its own process group with stdin from /dev/null and output to ERR_FILE,
+// running ARGV.
+pid_t spawn(const std::vector<std::string>& argv, const fs::path& err_file) {
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::setpgid(0, 0);
     int devnull = ::open("/dev/null", O_RDONLY);
     ::dup2(devnull, STDIN_FILENO);  // no terminal: the prompt source must not block
-    int err = ::open((dir() / "kmsd.stderr").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    int err = ::open(err_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
     ::dup2(err, STDERR_FILENO);
     ::dup2(err, STDOUT_FILENO);
-    ::setpgid(0, 0);
-    ::execl(kmsd_bin().c_str(), "kmsd", "--config", conf_path().c_str(), nullptr);
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    ::execv(args[0], args.data());
     ::_exit(127);
   }
+  ::setpgid(pid, pid);
+  return pid;
+}
+}  // namespace
+
+void KmsdTest::start_on_terminal(const std::string& typed) {
+  std::string kmsd = shell_quote(kmsd_bin()) + " --config " + shell_quote(conf_path());
+  std::string script = "(sleep 1; printf '%s\\n' " + shell_quote(typed) +
+                       "; sleep 600) | script -qfec " + shell_quote(kmsd) + " " +
+                       shell_quote(transcript_path());
+  pid_ = spawn({"/bin/sh", "-c", script}, dir() / "kmsd.stderr");
+  for (int i = 0; i < 200; ++i) {
+    if (http_code("/healthz") == "200") return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  FAIL() << "kmsd on a terminal did not answer /healthz\nlog:\n" << log_text();
+}
+
+void KmsdTest::start() {
+  pid_ = spawn({kmsd_bin().string(), "--config", conf_path().string()}, dir() / "kmsd.stderr");
   for (int i = 0; i < 200; ++i) {
     if (http_code("/healthz") == "200") return;
     int status;

@@ -37,6 +37,10 @@ class KmsdTest : public TokenSandbox {
   CommandResult init();
   // Starts kmsd and waits until /healthz answers.
   void start();
+  // Starts kmsd on a pseudo-terminal (util-linux `script`) and types TYPED at its prompt;
+  // the terminal transcript goes to transcript_path().
+  void start_on_terminal(const std::string& typed);
+  std::filesystem::path transcript_path() const { return dir() / "terminal.txt"; }
   // SIGTERM and wait; returns the exit status.
   int stop();
   // Waits until /readyz has HTTP status CODE (or times out, failing the test).
