@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
+#include <iterator>
 #include <sstream>
 #include <thread>
 #include <vector>
@@ -64,12 +65,27 @@ void KmsdTest::SetUp() {
   fs::permissions(pass_path(), fs::perms::owner_read | fs::perms::owner_write);
 }
 
+namespace {
+// Kills every process whose command line mentions NEEDLE (this test's private config path):
+// `script` starts kmsd in a session of its own, out of reach of the process group.
+void kill_processes_mentioning(const std::string& needle) {
+  for (const auto& entry : fs::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream f(entry.path() / "cmdline", std::ios::binary);
+    std::string cmdline((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    if (cmdline.find(needle) != std::string::npos) ::kill(std::stoi(name), SIGKILL);
+  }
+}
+}  // namespace
+
 void KmsdTest::TearDown() {
   if (pid_ > 0) {
-    ::kill(-pid_, SIGKILL);  // the whole process group: nothing started here outlives the test
+    ::kill(-pid_, SIGKILL);  // the whole process group
     ::waitpid(pid_, nullptr, 0);
     pid_ = -1;
   }
+  kill_processes_mentioning(conf_path().string());  // and anything that left it
   TokenSandbox::TearDown();
 }
 
