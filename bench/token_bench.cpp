@@ -175,7 +175,8 @@ int main(int argc, char** argv) {
       line(what.c_str(), t, tok, sw);
     }
   }
-  std::printf("reference (DESIGN.md, raw C_Sign on SoftHSM2): P-256 14.2k/s 1 thread, 18.7k/s 2;"
-              " RSA-2048 1.7k/s 1 thread, 3.2k/s 2\n");
+  std::printf(
+      "reference (DESIGN.md, raw C_Sign on SoftHSM2): P-256 14.2k/s 1 thread, 18.7k/s 2;"
+      " RSA-2048 1.7k/s 1 thread, 3.2k/s 2\n");
   return 0;
 }

@@ -130,16 +130,22 @@ void Seal::seal() {
 
 std::shared_ptr<const KeyMaterial> Seal::material() const {
   std::lock_guard lk(mu_);
+  if (material_ && !token_.logged_in()) {
+    material_.reset();
+    last_failure_ = "the key token no longer accepts the startup secret (PIN changed or locked)";
+    spdlog::error("{}; kmsd is SEALED: unseal with the current secret", last_failure_);
+  }
   return material_;
 }
 
 SealStatus Seal::status() const {
   SealStatus s;
+  const bool unsealed = material() != nullptr;
   s.token = token_.status();
   std::lock_guard lk(mu_);
   s.failed_unseal_attempts = failures_;
   s.last_failure = last_failure_;
-  if (!material_ || !s.token.logged_in)  // a PIN the token now rejects seals the daemon
+  if (!unsealed)
     s.state = State::kSealed;
   else
     s.state = s.token.degraded ? State::kDegraded : State::kUnsealed;

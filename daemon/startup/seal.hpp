@@ -56,7 +56,8 @@ class Seal {
   // Logs out of the token and drops every key handle.
   void seal();
 
-  // nullptr while sealed.
+  // nullptr while sealed. A token that has dropped its login because it no longer accepts
+  // the retained secret (PIN changed or locked behind kmsd's back) seals the daemon here.
   std::shared_ptr<const KeyMaterial> material() const;
   SealStatus status() const;
   // The CA certificate in PEM, available sealed or not (it is public).
@@ -70,10 +71,10 @@ class Seal {
   SealOptions options_;
   std::mutex unseal_mu_;
   mutable std::mutex mu_;
-  std::shared_ptr<const KeyMaterial> material_;
+  mutable std::shared_ptr<const KeyMaterial> material_;
   std::string ca_pem_;
   std::uint64_t failures_ = 0;
-  std::string last_failure_;
+  mutable std::string last_failure_;
 };
 
 }  // namespace kmsd::startup

@@ -12,6 +12,7 @@
 #include "daemon/provision/initializer.hpp"
 #include "daemon/startup/seal.hpp"
 #include "daemon/startup/unseal_socket.hpp"
+#include "hsm/pkcs11.hpp"
 #include "tests/support/sandbox.hpp"
 
 namespace kmsd {
@@ -90,6 +91,31 @@ TEST_F(SealTest, UnsealVerifiesTheCaKeyAndIssuesAnInMemoryTlsCertificate) {
   // Unsealing again is a no-op, not a second certificate.
   ASSERT_TRUE(seal->unseal(SecretBytes::from_string(testing::kUserPin)).ok());
   EXPECT_EQ(kms.store->certificates(store::CertKind::kServer)->size(), 1u);
+}
+
+TEST_F(SealTest, APinChangedBehindItsBackSealsTheDaemon) {
+  ASSERT_TRUE(seal->unseal(SecretBytes::from_string(testing::kUserPin)).ok());
+  {
+    // An operator changes the user PIN with another tool while kmsd runs.
+    auto module = hsm::p11::Module::load(testing::kSoftHsmModule);
+    ASSERT_TRUE(module.ok());
+    auto s = hsm::p11::Session::open(*module, hsm::p11::slots_with_tokens(**module).at(0).slot_id);
+    std::string old_pin = testing::kUserPin, new_pin = "11223344";
+    ASSERT_EQ(
+        s.f()->C_SetPIN(s.handle(), reinterpret_cast<CK_UTF8CHAR*>(old_pin.data()), old_pin.size(),
+                        reinterpret_cast<CK_UTF8CHAR*>(new_pin.data()), new_pin.size()),
+        CKR_OK);
+  }
+  kms.token->close_all_sessions_for_test();
+  // The next token operation tries the retained PIN once, is refused, and logs out.
+  EXPECT_FALSE(kms.token->seal(std::vector<std::uint8_t>{1}, std::vector<std::uint8_t>{2}).ok());
+  EXPECT_EQ(seal->material(), nullptr);
+  auto st = seal->status();
+  EXPECT_EQ(st.state, startup::State::kSealed);
+  EXPECT_THAT(st.last_failure, HasSubstr("no longer accepts the startup secret"));
+  // The operator unseals with the new secret; nothing else is needed.
+  ASSERT_TRUE(seal->unseal(SecretBytes::from_string("11223344")).ok());
+  EXPECT_EQ(seal->status().state, startup::State::kUnsealed);
 }
 
 TEST_F(SealTest, SealForgetsTheMaterialAndTheLogin) {

@@ -183,7 +183,9 @@ TEST_F(KmsdTest, OneLogLinePerRequestWithoutTheQueryString) {
 TEST_F(KmsdTest, RefusesAStoreNewerThanItUnderstands) {
   write_config("file");
   ASSERT_EQ(init().status, 0);
-  ASSERT_EQ(sh("sqlite3 " + shell_quote(db_path()) + " 'UPDATE schema_version SET version = 99'").status, 0);
+  ASSERT_EQ(
+      sh("sqlite3 " + shell_quote(db_path()) + " 'UPDATE schema_version SET version = 99'").status,
+      0);
   auto r = sh(shell_quote(kmsd_bin()) + " --config " + shell_quote(conf_path()));
   EXPECT_EQ(r.status, 1);
   EXPECT_THAT(log_text(), HasSubstr("schema version 99"));
