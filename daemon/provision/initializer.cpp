@@ -96,11 +96,10 @@ Result<store::CertificateRecord> issue_first_admin(const config::Config& cfg, hs
 }
 
 Status record_initialized(store::Store& store, X509* ca_cert,
-                          const store::CertificateRecord& admin_rec, const std::string& admin_name,
-                          bool ca_already_recorded) {
+                          const store::CertificateRecord& admin_rec,
+                          const std::string& admin_name) {
   return store.transaction([&]() -> Status {
-    if (!ca_already_recorded)
-      KMSD_TRY(store.insert_certificate(certificate_record(ca_cert, store::CertKind::kCa)));
+    KMSD_TRY(store.insert_certificate(certificate_record(ca_cert, store::CertKind::kCa)));
     KMSD_TRY(store.insert_certificate(admin_rec));
     store::AdminRecord a;
     a.name = admin_name;
@@ -113,6 +112,27 @@ Status record_initialized(store::Store& store, X509* ca_cert,
     KMSD_TRY(store.put_setting(kSettingInitializedAt, std::to_string(now_unix())));
     return store.put_setting(kSettingState, "initialized");
   });
+}
+
+// Issues the first administrator, records the CA and the administrator in one transaction and
+// reports. On failure the PKCS#12 written a moment ago is removed again.
+Result<InitReport> finish_with_first_admin(const config::Config& cfg, hsm::Token& token,
+                                           store::Store& store, X509* ca_cert,
+                                           const AdminOptions& admin) {
+  KMSD_ASSIGN_OR_RETURN(auto admin_rec, issue_first_admin(cfg, token, ca_cert, admin));
+  auto st = record_initialized(store, ca_cert, admin_rec, admin.name);
+  if (!st.ok()) {
+    std::filesystem::remove(admin.p12_out);
+    return st.error().context(
+        "recording the new CA in the store (the token keys exist now; re-initialize the token "
+        "before trying again)");
+  }
+  InitReport rep;
+  rep.ca_serial = ca::serial_hex(ca_cert);
+  rep.ca_subject = ca::name_to_string(X509_get_subject_name(ca_cert));
+  rep.ca_sha256_fingerprint = sha256_fingerprint(ca_cert);
+  rep.admin_serial = admin_rec.serial;
+  return rep;
 }
 
 }  // namespace
@@ -148,20 +168,7 @@ Result<InitReport> initialize(const config::Config& cfg, hsm::Token& token, stor
     return make_error(ErrorCode::kCrypto,
                       "the CA certificate signed on the token does not verify; the token's CA key "
                       "is not usable for signing");
-  KMSD_ASSIGN_OR_RETURN(auto admin_rec, issue_first_admin(cfg, token, ca_cert.get(), admin));
-  auto st = record_initialized(store, ca_cert.get(), admin_rec, admin.name, false);
-  if (!st.ok()) {
-    std::filesystem::remove(admin.p12_out);
-    return st.error().context(
-        "recording the new CA in the store (the token keys exist now; "
-        "re-initialize the token before trying again)");
-  }
-  InitReport rep;
-  rep.ca_serial = ca::serial_hex(ca_cert.get());
-  rep.ca_subject = ca::name_to_string(X509_get_subject_name(ca_cert.get()));
-  rep.ca_sha256_fingerprint = sha256_fingerprint(ca_cert.get());
-  rep.admin_serial = admin_rec.serial;
-  return rep;
+  return finish_with_first_admin(cfg, token, store, ca_cert.get(), admin);
 }
 
 Result<InitReport> initialize_with_csr(const config::Config& cfg, hsm::Token& token,
@@ -211,18 +218,7 @@ Result<InitReport> install_ca_certificate(const config::Config& cfg, hsm::Token&
                       ca_cert_pem.string() + " is not a CA certificate (basicConstraints CA:TRUE)");
   if (X509_get_version(ca_cert.get()) != X509_VERSION_3)
     return make_error(ErrorCode::kInvalidArgument, "the CA certificate must be X.509 v3");
-  KMSD_ASSIGN_OR_RETURN(auto admin_rec, issue_first_admin(cfg, token, ca_cert.get(), admin));
-  auto st = record_initialized(store, ca_cert.get(), admin_rec, admin.name, false);
-  if (!st.ok()) {
-    std::filesystem::remove(admin.p12_out);
-    return st.error();
-  }
-  InitReport rep;
-  rep.ca_serial = ca::serial_hex(ca_cert.get());
-  rep.ca_subject = ca::name_to_string(X509_get_subject_name(ca_cert.get()));
-  rep.ca_sha256_fingerprint = sha256_fingerprint(ca_cert.get());
-  rep.admin_serial = admin_rec.serial;
-  return rep;
+  return finish_with_first_admin(cfg, token, store, ca_cert.get(), admin);
 }
 
 Result<ossl::X509Ptr> load_ca_certificate(store::Store& store) {
