@@ -28,6 +28,10 @@ const char* to_string(CertKind k) noexcept {
       return "admin";
     case CertKind::kServer:
       return "server";
+    case CertKind::kSigning:
+      return "signing";
+    case CertKind::kEncryption:
+      return "encryption";
   }
   return "unknown";
 }
@@ -36,6 +40,8 @@ std::optional<CertKind> parse_cert_kind(std::string_view s) noexcept {
   if (s == "ca") return CertKind::kCa;
   if (s == "admin") return CertKind::kAdmin;
   if (s == "server") return CertKind::kServer;
+  if (s == "signing") return CertKind::kSigning;
+  if (s == "encryption") return CertKind::kEncryption;
   return std::nullopt;
 }
 

@@ -1,6 +1,7 @@
 // The persistent store: SQLite (WAL, foreign keys, synchronous=FULL) behind a narrow
 // interface, with a schema_version table and forward migrations. Holds only public or
-// sealed material: certificates, settings, and (later) users and sealed key blobs.
+// sealed material: certificates, settings, users, sealed enrollment tokens, sealed key
+// history, approval requests and the audit chain. Never a PIN, a token or a key in clear.
 #pragma once
 
 #include <cstdint>
@@ -19,8 +20,9 @@ namespace kmsd::store {
 using Bytes = std::vector<std::uint8_t>;
 
 // Kinds of certificate the CA has issued.
-enum class CertKind { kCa, kAdmin, kServer };
-const char* to_string(CertKind k) noexcept;  // "ca", "admin", "server"
+enum class CertKind { kCa, kAdmin, kServer, kSigning, kEncryption };
+// "ca", "admin", "server", "signing", "encryption"
+const char* to_string(CertKind k) noexcept;
 std::optional<CertKind> parse_cert_kind(std::string_view s) noexcept;
 
 struct CertificateRecord {
@@ -32,6 +34,8 @@ struct CertificateRecord {
   Bytes der;
   std::int64_t issued_at = 0;
   std::optional<std::int64_t> revoked_at;
+  std::optional<int> revocation_reason;  // RFC 5280 CRLReason code
+  std::optional<std::string> user_id;    // owner of signing/encryption certificates
 };
 
 enum class AdminRole { kAdmin, kAuditor, kApprover };
@@ -46,11 +50,96 @@ struct AdminRecord {
   std::optional<std::int64_t> removed_at;
 };
 
+// ---- users (schema v2) ----
+enum class UserState { kEnabled, kActive, kRevoked, kRecovery };
+const char* to_string(UserState s) noexcept;  // "enabled", "active", "revoked", "recovery"
+std::optional<UserState> parse_user_state(std::string_view s) noexcept;
+
+struct UserRecord {
+  std::string id;            // uid or mailbox DN; unique
+  std::string email;
+  std::string display_name;
+  std::optional<std::string> dn;  // explicit subject DN, if the administrator gave one
+  UserState state = UserState::kEnabled;
+  std::int64_t created_at = 0;
+  std::int64_t updated_at = 0;
+  std::optional<std::int64_t> last_enrolled_at;
+};
+
+// The one live enrollment (or recovery) token of a user. The token itself is sealed under
+// the master key; the store never sees it in clear.
+enum class TokenPurpose { kEnroll, kRecover };
+const char* to_string(TokenPurpose p) noexcept;  // "enroll", "recover"
+
+struct EnrollmentTokenRecord {
+  std::string user_id;
+  TokenPurpose purpose = TokenPurpose::kEnroll;
+  Bytes sealed;
+  std::int64_t issued_at = 0;
+  std::string issued_by;   // administrator name, or "bulk:<job>" for bulk enable
+  std::int64_t expires_at = 0;
+  int failed_attempts = 0;
+  std::optional<std::int64_t> used_at;
+};
+
+// One escrowed encryption key. Append-only: rows are never deleted and their identity never
+// changes (enforced by triggers); only sealed_key/master_version change on master-key rotation.
+struct KeyHistoryRecord {
+  std::string user_id;
+  int version = 1;             // 1, 2, 3... per user
+  std::string key_id;          // globally unique (hex)
+  std::string algorithm;       // "ec-p256", "rsa-2048", ...
+  std::uint32_t master_version = 1;
+  Bytes sealed_key;            // hsm envelope of the PKCS#8 DER
+  std::optional<std::string> cert_serial;
+  std::int64_t created_at = 0;
+};
+
+// ---- k-of-n approvals (schema v2) ----
+enum class RequestState { kPending, kExecuted, kDenied, kExpired, kFailed };
+// "pending", "executed", "denied", "expired", "failed"
+const char* to_string(RequestState s) noexcept;
+std::optional<RequestState> parse_request_state(std::string_view s) noexcept;
+
+struct ApprovalRequestRecord {
+  std::string id;              // random, hex
+  std::string operation;       // "revoke", "recover", "admin.add", ...
+  std::string params;          // JSON, never a secret
+  std::string requested_by;    // administrator name; counts as the first approval
+  int required = 1;            // k
+  RequestState state = RequestState::kPending;
+  std::int64_t created_at = 0;
+  std::int64_t expires_at = 0;
+  std::optional<std::int64_t> decided_at;
+  std::optional<std::string> result;  // what happened when it ran (or why it failed)
+};
+
+struct ApprovalRecord {
+  std::string request_id;
+  std::string approver;
+  bool approve = true;         // false: deny
+  std::int64_t at = 0;
+};
+
+// ---- audit chain (schema v2) ----
+// One link of the chain. RECORD is the canonical JSON that was hashed; HASH = SHA-256 over
+// prev_hash || record; MAC = HMAC-SHA256 on the token over hash. See daemon/audit.
+struct AuditRecord {
+  std::int64_t seq = 0;        // 1, 2, 3, ... assigned by the caller (last + 1)
+  std::int64_t at = 0;
+  std::string actor;
+  std::string action;
+  std::string record;
+  Bytes prev_hash;
+  Bytes hash;
+  Bytes mac;
+};
+
 // Thread-safety: one Store may be used from several threads; calls are serialized inside.
 // Multi-row changes go through transaction().
 class Store {
  public:
-  static constexpr int kSchemaVersion = 1;
+  static constexpr int kSchemaVersion = 1;  // becomes 2 with the users migration
 
   // Opens or creates the database at PATH (mode 0600), applies forward migrations up to
   // kSchemaVersion in one transaction each. A database whose schema is newer than this
@@ -76,6 +165,50 @@ class Store {
   Result<std::optional<AdminRecord>> find_admin(const std::string& name);
   Result<std::optional<AdminRecord>> find_admin_by_serial(const std::string& cert_serial);
   Result<std::vector<AdminRecord>> admins();  // including removed ones
+  // Marks the administrator removed at AT (kNotFound if unknown; already removed: no change).
+  Status remove_admin(const std::string& name, std::int64_t at);
+  // Certificates: revocation and per-user listing.
+  Status revoke_certificate(const std::string& serial, std::int64_t at, int reason);
+  Result<std::vector<CertificateRecord>> certificates_of_user(const std::string& user_id);
+
+  // ---- users ----
+  Status insert_user(const UserRecord& rec);  // kAlreadyExists on duplicate id
+  Result<std::optional<UserRecord>> find_user(const std::string& id);
+  // Replaces state/email/display_name/dn/updated_at/last_enrolled_at of an existing user.
+  Status update_user(const UserRecord& rec);
+  // Calls FN for each user in id order, AFTER_ID exclusive, at most LIMIT users; returns the
+  // number visited. Streams: memory does not grow with the number of users.
+  Result<std::size_t> for_each_user(const std::string& after_id, std::size_t limit,
+                                    const std::function<Status(const UserRecord&)>& fn);
+  Result<std::size_t> count_users();
+
+  // ---- enrollment tokens: at most one per user ----
+  Status put_enrollment_token(const EnrollmentTokenRecord& rec);  // insert or replace
+  Result<std::optional<EnrollmentTokenRecord>> find_enrollment_token(const std::string& user_id);
+  // Increments failed_attempts and returns the new count.
+  Result<int> record_token_failure(const std::string& user_id);
+  Status mark_token_used(const std::string& user_id, std::int64_t at);
+  Status delete_enrollment_token(const std::string& user_id);
+
+  // ---- key history ----
+  Status append_key_history(const KeyHistoryRecord& rec);  // version must be last + 1
+  Result<std::vector<KeyHistoryRecord>> key_history(const std::string& user_id);
+  Result<int> key_history_depth(const std::string& user_id);
+
+  // ---- approvals ----
+  Status insert_approval_request(const ApprovalRequestRecord& rec);
+  Result<std::optional<ApprovalRequestRecord>> find_approval_request(const std::string& id);
+  Result<std::vector<ApprovalRequestRecord>> approval_requests(std::optional<RequestState> state);
+  Status update_approval_request(const ApprovalRequestRecord& rec);  // state/decided_at/result
+  // kAlreadyExists when APPROVER already decided on this request.
+  Status add_approval(const ApprovalRecord& rec);
+  Result<std::vector<ApprovalRecord>> approvals(const std::string& request_id);
+
+  // ---- audit ----
+  Status append_audit(const AuditRecord& rec);  // seq must be last + 1
+  Result<std::optional<AuditRecord>> last_audit();
+  // In seq order, streaming.
+  Status for_each_audit(const std::function<Status(const AuditRecord&)>& fn);
 
  private:
   struct Impl;
