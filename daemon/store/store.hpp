@@ -56,7 +56,7 @@ const char* to_string(UserState s) noexcept;  // "enabled", "active", "revoked",
 std::optional<UserState> parse_user_state(std::string_view s) noexcept;
 
 struct UserRecord {
-  std::string id;            // uid or mailbox DN; unique
+  std::string id;  // uid or mailbox DN; unique
   std::string email;
   std::string display_name;
   std::optional<std::string> dn;  // explicit subject DN, if the administrator gave one
@@ -76,7 +76,7 @@ struct EnrollmentTokenRecord {
   TokenPurpose purpose = TokenPurpose::kEnroll;
   Bytes sealed;
   std::int64_t issued_at = 0;
-  std::string issued_by;   // administrator name, or "bulk:<job>" for bulk enable
+  std::string issued_by;  // administrator name, or "bulk:<job>" for bulk enable
   std::int64_t expires_at = 0;
   int failed_attempts = 0;
   std::optional<std::int64_t> used_at;
@@ -86,11 +86,11 @@ struct EnrollmentTokenRecord {
 // changes (enforced by triggers); only sealed_key/master_version change on master-key rotation.
 struct KeyHistoryRecord {
   std::string user_id;
-  int version = 1;             // 1, 2, 3... per user
-  std::string key_id;          // globally unique (hex)
-  std::string algorithm;       // "ec-p256", "rsa-2048", ...
+  int version = 1;        // 1, 2, 3... per user
+  std::string key_id;     // globally unique (hex)
+  std::string algorithm;  // "ec-p256", "rsa-2048", ...
   std::uint32_t master_version = 1;
-  Bytes sealed_key;            // hsm envelope of the PKCS#8 DER
+  Bytes sealed_key;  // hsm envelope of the PKCS#8 DER
   std::optional<std::string> cert_serial;
   std::int64_t created_at = 0;
 };
@@ -102,11 +102,11 @@ const char* to_string(RequestState s) noexcept;
 std::optional<RequestState> parse_request_state(std::string_view s) noexcept;
 
 struct ApprovalRequestRecord {
-  std::string id;              // random, hex
-  std::string operation;       // "revoke", "recover", "admin.add", ...
-  std::string params;          // JSON, never a secret
-  std::string requested_by;    // administrator name; counts as the first approval
-  int required = 1;            // k
+  std::string id;            // random, hex
+  std::string operation;     // "revoke", "recover", "admin.add", ...
+  std::string params;        // JSON, never a secret
+  std::string requested_by;  // administrator name; counts as the first approval
+  int required = 1;          // k
   RequestState state = RequestState::kPending;
   std::int64_t created_at = 0;
   std::int64_t expires_at = 0;
@@ -117,7 +117,7 @@ struct ApprovalRequestRecord {
 struct ApprovalRecord {
   std::string request_id;
   std::string approver;
-  bool approve = true;         // false: deny
+  bool approve = true;  // false: deny
   std::int64_t at = 0;
 };
 
@@ -125,7 +125,7 @@ struct ApprovalRecord {
 // One link of the chain. RECORD is the canonical JSON that was hashed; HASH = SHA-256 over
 // prev_hash || record; MAC = HMAC-SHA256 on the token over hash. See daemon/audit.
 struct AuditRecord {
-  std::int64_t seq = 0;        // 1, 2, 3, ... assigned by the caller (last + 1)
+  std::int64_t seq = 0;  // 1, 2, 3, ... assigned by the caller (last + 1)
   std::int64_t at = 0;
   std::string actor;
   std::string action;
@@ -139,7 +139,7 @@ struct AuditRecord {
 // Multi-row changes go through transaction().
 class Store {
  public:
-  static constexpr int kSchemaVersion = 1;  // becomes 2 with the users migration
+  static constexpr int kSchemaVersion = 2;  // 2: users, tokens, key history, approvals, audit
 
   // Opens or creates the database at PATH (mode 0600), applies forward migrations up to
   // kSchemaVersion in one transaction each. A database whose schema is newer than this
@@ -167,7 +167,9 @@ class Store {
   Result<std::vector<AdminRecord>> admins();  // including removed ones
   // Marks the administrator removed at AT (kNotFound if unknown; already removed: no change).
   Status remove_admin(const std::string& name, std::int64_t at);
-  // Certificates: revocation and per-user listing.
+  // Certificates: revocation and per-user listing. REASON is an RFC 5280 CRLReason code
+  // (kInvalidArgument otherwise); kNotFound if unknown; already revoked: no change (the first
+  // revocation time and reason stand).
   Status revoke_certificate(const std::string& serial, std::int64_t at, int reason);
   Result<std::vector<CertificateRecord>> certificates_of_user(const std::string& user_id);
 
@@ -176,8 +178,11 @@ class Store {
   Result<std::optional<UserRecord>> find_user(const std::string& id);
   // Replaces state/email/display_name/dn/updated_at/last_enrolled_at of an existing user.
   Status update_user(const UserRecord& rec);
-  // Calls FN for each user in id order, AFTER_ID exclusive, at most LIMIT users; returns the
-  // number visited. Streams: memory does not grow with the number of users.
+  // Calls FN for each user in id order, AFTER_ID exclusive ("" starts at the first user), at
+  // most LIMIT users (0 is kInvalidArgument); returns the number visited. Streams: memory
+  // does not grow with the number of users. Stops at, and returns, FN's first error.
+  // The store's lock is held for the whole walk (other threads wait), so keep FN short;
+  // FN may call other Store methods from the same thread.
   Result<std::size_t> for_each_user(const std::string& after_id, std::size_t limit,
                                     const std::function<Status(const UserRecord&)>& fn);
   Result<std::size_t> count_users();
@@ -185,10 +190,11 @@ class Store {
   // ---- enrollment tokens: at most one per user ----
   Status put_enrollment_token(const EnrollmentTokenRecord& rec);  // insert or replace
   Result<std::optional<EnrollmentTokenRecord>> find_enrollment_token(const std::string& user_id);
-  // Increments failed_attempts and returns the new count.
+  // Increments failed_attempts and returns the new count (kNotFound without a token).
   Result<int> record_token_failure(const std::string& user_id);
+  // kNotFound without a token; kFailedPrecondition if it was already used (single use).
   Status mark_token_used(const std::string& user_id, std::int64_t at);
-  Status delete_enrollment_token(const std::string& user_id);
+  Status delete_enrollment_token(const std::string& user_id);  // kNotFound without a token
 
   // ---- key history ----
   Status append_key_history(const KeyHistoryRecord& rec);  // version must be last + 1
@@ -207,7 +213,7 @@ class Store {
   // ---- audit ----
   Status append_audit(const AuditRecord& rec);  // seq must be last + 1
   Result<std::optional<AuditRecord>> last_audit();
-  // In seq order, streaming.
+  // In seq order, streaming, with the same lock and callback rules as for_each_user.
   Status for_each_audit(const std::function<Status(const AuditRecord&)>& fn);
 
  private:
