@@ -22,6 +22,7 @@
 #include <string_view>
 #include <utility>
 
+#include <openssl/objects.h>
 #include <toml++/toml.h>
 
 namespace kmsd::config {
@@ -123,7 +124,12 @@ const std::vector<SectionSchema>& schema() {
       {"admin", {"cert_validity_days", "key_type"}},
       {"store", {"path"}},
       {"startup", {"source", "file"}},
-      {"policy", {"x509_versions", "key_types", "max_validity_days", "max_subject_length"}},
+      {"policy",
+       {"x509_versions", "key_types", "max_validity_days", "max_subject_length",
+        "max_user_id_length", "max_email_length", "max_display_name_length", "signing",
+        "encryption"}},
+      {"policy.signing", {"key_usage", "extended_key_usage"}},
+      {"policy.encryption", {"key_usage", "extended_key_usage"}},
       {"log", {"level", "file"}},
   };
   return kSchema;
@@ -568,6 +574,58 @@ std::optional<std::string> check_subject(std::string_view subject) {
   return std::nullopt;
 }
 
+// Key usage names: the short names of OpenSSL's keyUsage bit table (RFC 5280 4.2.1.3).
+constexpr std::array<std::string_view, 9> kKeyUsages{
+    "digitalSignature", "nonRepudiation", "keyEncipherment", "dataEncipherment", "keyAgreement",
+    "keyCertSign",      "cRLSign",        "encipherOnly",    "decipherOnly",
+};
+
+// Extended key usages a user certificate may sensibly carry, by OpenSSL NID; their names are
+// OpenSSL's short names (OBJ_nid2sn), so config and certificates spell them alike.
+constexpr std::array<int, 10> kExtendedKeyUsageNids{
+    NID_email_protect, NID_client_auth,         NID_server_auth,        NID_code_sign,
+    NID_time_stamp,    NID_OCSP_sign,           NID_ms_smartcard_login, NID_ms_efs,
+    NID_ipsec_IKE,     NID_anyExtendedKeyUsage,
+};
+
+std::string list_names(const std::vector<std::string_view>& names) {
+  std::string out;
+  for (std::string_view n : names) out += (out.empty() ? "" : ", ") + std::string(n);
+  return out;
+}
+
+std::optional<std::string> check_key_usage(std::string_view name) {
+  const std::vector<std::string_view> known(kKeyUsages.begin(), kKeyUsages.end());
+  if (name == "keyCertSign" || name == "cRLSign") {
+    return in_quotes(name) + " is a CA usage; user certificates must not carry it";
+  }
+  if (std::find(known.begin(), known.end(), name) != known.end()) return std::nullopt;
+  std::string msg = "unknown key usage " + in_quotes(name) + "; known: " + list_names(known);
+  if (auto s = nearest(name, known)) msg += " (did you mean " + in_quotes(*s) + "?)";
+  return msg;
+}
+
+std::optional<std::string> check_extended_key_usage(std::string_view name) {
+  std::vector<std::string_view> known;
+  for (int nid : kExtendedKeyUsageNids) known.emplace_back(OBJ_nid2sn(nid));
+  const std::string n(name);
+  const auto is_eku = [](int nid) {
+    return nid != NID_undef && std::find(kExtendedKeyUsageNids.begin(), kExtendedKeyUsageNids.end(),
+                                         nid) != kExtendedKeyUsageNids.end();
+  };
+  if (is_eku(OBJ_sn2nid(n.c_str()))) return std::nullopt;
+  if (const int nid = OBJ_ln2nid(n.c_str()); is_eku(nid)) {
+    return "write the short name " + in_quotes(OBJ_nid2sn(nid)) + " instead of " + in_quotes(name);
+  }
+  if (OBJ_sn2nid(n.c_str()) != NID_undef || OBJ_ln2nid(n.c_str()) != NID_undef) {
+    return in_quotes(name) + " is not an extended key usage; known: " + list_names(known);
+  }
+  std::string msg =
+      "unknown extended key usage " + in_quotes(name) + "; known: " + list_names(known);
+  if (auto s = nearest(name, known)) msg += " (did you mean " + in_quotes(*s) + "?)";
+  return msg;
+}
+
 // Opens the module the way the daemon will and checks it is a PKCS#11 module.
 std::optional<std::string> check_module(const fs::path& module) {
   std::error_code ec;
@@ -1006,6 +1064,47 @@ class Loader {
     }
     set_int(s, "max_validity_days", 1, 36500, c.max_validity_days);
     set_int(s, "max_subject_length", 16, 4096, c.max_subject_length);
+    set_int(s, "max_user_id_length", 1, 255, c.max_user_id_length);
+    set_int(s, "max_email_length", 6, 254, c.max_email_length);
+    set_int(s, "max_display_name_length", 1, 64, c.max_display_name_length);
+    if (s.table == nullptr) return;
+    for (auto [name, usages] : {std::pair<std::string_view, ProfileUsages*>{"signing", &c.signing},
+                                {"encryption", &c.encryption}}) {
+      const Section p = section(*s.table, name, s.name);
+      usage_list(p, "key_usage", false, usages->key_usage);
+      usage_list(p, "extended_key_usage", true, usages->extended_key_usage);
+    }
+  }
+
+  // An array of key usage (or, when EXTENDED, extended key usage) names; may be empty.
+  void usage_list(const Section& s, std::string_view key, bool extended,
+                  std::vector<std::string>& out) {
+    const toml::node* n = get(s, key, false);
+    if (n == nullptr) return;
+    const toml::array* a = n->as_array();
+    if (a == nullptr) {
+      type_error(s, key, *n, "an array of strings");
+      return;
+    }
+    std::vector<std::string> names;
+    for (const toml::node& e : *a) {
+      if (!e.is_string()) {
+        problem(line_of(e), key_of(s, key),
+                "each entry must be a string, found " + type_name(e.type()));
+        continue;
+      }
+      const std::string v = e.as_string()->get();
+      if (auto err = extended ? check_extended_key_usage(v) : check_key_usage(v)) {
+        problem(line_of(e), key_of(s, key), *err);
+        continue;
+      }
+      if (std::find(names.begin(), names.end(), v) != names.end()) {
+        problem(line_of(e), key_of(s, key), in_quotes(v) + " is listed twice");
+        continue;
+      }
+      names.push_back(v);
+    }
+    out = std::move(names);
   }
 
   void load_log(const Section& s, LogConfig& c) {
@@ -1065,6 +1164,13 @@ class Loader {
                   " days exceeds policy.max_validity_days (" +
                   std::to_string(cfg.policy.max_validity_days) +
                   "); administrator certificates could never be issued");
+    }
+    // Administrator and TLS server certificates are always v3 (ca::issue).
+    const auto& vs = cfg.policy.x509_versions;
+    if (!vs.empty() && std::find(vs.begin(), vs.end(), 3) == vs.end()) {
+      problem(line_of_key(root, "policy", "x509_versions"), "policy.x509_versions",
+              "does not allow 3; administrator and TLS server certificates are always v3 and "
+              "could never be issued");
     }
     const auto& kt = cfg.policy.key_types;
     if (!kt.empty() && std::find(kt.begin(), kt.end(), cfg.admin.key_type) == kt.end()) {

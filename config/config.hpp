@@ -63,12 +63,27 @@ struct StartupConfig {
   std::filesystem::path file;  // for kFile: must be mode 0600 (or stricter)
 };
 
+// What a user certificate of one profile may carry ([policy.signing], [policy.encryption]).
+// Names are spelt as OpenSSL spells them: key usages as in RFC 5280 ("digitalSignature"),
+// extended key usages by their OpenSSL short name ("emailProtection"). An empty list means the
+// certificate carries no such extension; a profile with both lists empty needs no extensions
+// at all, which is the only kind a v1 certificate can serve.
+struct ProfileUsages {
+  std::vector<std::string> key_usage;
+  std::vector<std::string> extended_key_usage;
+};
+
 struct PolicyConfig {
   std::vector<int> x509_versions{3};  // 1 and/or 3; v1 only when listed explicitly
   std::vector<hsm::KeyType> key_types{hsm::KeyType::kEcP256, hsm::KeyType::kEcP384,
                                       hsm::KeyType::kRsa2048, hsm::KeyType::kRsa3072};
   unsigned max_validity_days = 825;
-  unsigned max_subject_length = 256;
+  unsigned max_subject_length = 256;      // RFC 2253 text of the subject, in characters
+  unsigned max_user_id_length = 64;       // bytes
+  unsigned max_email_length = 254;        // RFC 5321 path limit; never more
+  unsigned max_display_name_length = 64;  // characters; X.520 ub-common-name is 64
+  ProfileUsages signing{{"digitalSignature", "nonRepudiation"}, {"emailProtection"}};
+  ProfileUsages encryption{{"keyEncipherment", "keyAgreement"}, {"emailProtection"}};
 };
 
 struct LogConfig {

@@ -160,6 +160,13 @@ TEST_F(ConfigTest, ReferenceFileLoadsCleanlyAndDocumentsTheDefaults) {
   EXPECT_EQ(c.policy.key_types, defaults.policy.key_types);
   EXPECT_EQ(c.policy.max_validity_days, defaults.policy.max_validity_days);
   EXPECT_EQ(c.policy.max_subject_length, defaults.policy.max_subject_length);
+  EXPECT_EQ(c.policy.max_user_id_length, defaults.policy.max_user_id_length);
+  EXPECT_EQ(c.policy.max_email_length, defaults.policy.max_email_length);
+  EXPECT_EQ(c.policy.max_display_name_length, defaults.policy.max_display_name_length);
+  EXPECT_EQ(c.policy.signing.key_usage, defaults.policy.signing.key_usage);
+  EXPECT_EQ(c.policy.signing.extended_key_usage, defaults.policy.signing.extended_key_usage);
+  EXPECT_EQ(c.policy.encryption.key_usage, defaults.policy.encryption.key_usage);
+  EXPECT_EQ(c.policy.encryption.extended_key_usage, defaults.policy.encryption.extended_key_usage);
   EXPECT_EQ(c.log.level, defaults.log.level);
   EXPECT_TRUE(c.log.file.empty());
   EXPECT_EQ(c.source_path, file());
@@ -186,6 +193,15 @@ TEST_F(ConfigTest, DefaultsApplyWhenOptionalKeysAreAbsent) {
   EXPECT_EQ(c.policy.key_types.size(), 4u);
   EXPECT_EQ(c.policy.max_validity_days, 825u);
   EXPECT_EQ(c.policy.max_subject_length, 256u);
+  EXPECT_EQ(c.policy.max_user_id_length, 64u);
+  EXPECT_EQ(c.policy.max_email_length, 254u);
+  EXPECT_EQ(c.policy.max_display_name_length, 64u);
+  EXPECT_EQ(c.policy.signing.key_usage,
+            (std::vector<std::string>{"digitalSignature", "nonRepudiation"}));
+  EXPECT_EQ(c.policy.signing.extended_key_usage, std::vector<std::string>{"emailProtection"});
+  EXPECT_EQ(c.policy.encryption.key_usage,
+            (std::vector<std::string>{"keyEncipherment", "keyAgreement"}));
+  EXPECT_EQ(c.policy.encryption.extended_key_usage, std::vector<std::string>{"emailProtection"});
   EXPECT_EQ(c.log.level, "info");
   EXPECT_TRUE(c.log.file.empty());
   EXPECT_EQ(c.startup.source, StartupSource::kPrompt);
@@ -226,6 +242,13 @@ TEST_F(ConfigTest, EveryOptionalKeyIsReadWhenPresent) {
       "key_types = [\"ec-p384\", \"rsa-3072\"]",
       "max_validity_days = 400",
       "max_subject_length = 512",
+      "max_user_id_length = 32",
+      "max_email_length = 128",
+      "max_display_name_length = 48",
+      "signing = { key_usage = [\"digitalSignature\"], extended_key_usage = [] }",
+      "[policy.encryption]",
+      "key_usage = [\"keyAgreement\"]",
+      "extended_key_usage = [\"emailProtection\", \"msEFS\"]",
       "[log]",
       "level = \"debug\"",
       "file = \"kmsd.log\"",
@@ -265,6 +288,14 @@ TEST_F(ConfigTest, EveryOptionalKeyIsReadWhenPresent) {
             (std::vector<hsm::KeyType>{hsm::KeyType::kEcP384, hsm::KeyType::kRsa3072}));
   EXPECT_EQ(c.policy.max_validity_days, 400u);
   EXPECT_EQ(c.policy.max_subject_length, 512u);
+  EXPECT_EQ(c.policy.max_user_id_length, 32u);
+  EXPECT_EQ(c.policy.max_email_length, 128u);
+  EXPECT_EQ(c.policy.max_display_name_length, 48u);
+  EXPECT_EQ(c.policy.signing.key_usage, std::vector<std::string>{"digitalSignature"});
+  EXPECT_TRUE(c.policy.signing.extended_key_usage.empty());
+  EXPECT_EQ(c.policy.encryption.key_usage, std::vector<std::string>{"keyAgreement"});
+  EXPECT_EQ(c.policy.encryption.extended_key_usage,
+            (std::vector<std::string>{"emailProtection", "msEFS"}));
   EXPECT_EQ(c.log.level, "debug");
   EXPECT_EQ(c.log.file, dir() / "kmsd.log");
 }
@@ -732,6 +763,118 @@ TEST_F(ConfigTest, AdminCertificatesMustFitThePolicy) {
   expect_problem(r.problems[0], 15, "admin.cert_validity_days",
                  "900 days exceeds policy.max_validity_days (825)");
   expect_problem(r.problems[1], 16, "admin.key_type", "\"rsa-2048\" is not in policy.key_types");
+}
+
+// ---- policy ----
+
+TEST_F(ConfigTest, PolicyLengthLimitsNameTheirRanges) {
+  Minimal m;
+  m.extra = join_lines({
+      "[policy]",                      // 14
+      "max_user_id_length = 0",        // 15
+      "max_email_length = 255",        // 16
+      "max_display_name_length = 65",  // 17
+  });
+  const LoadResult r = load_text(m.text());
+  ASSERT_EQ(r.problems.size(), 3u) << dump(r, file());
+  expect_problem(r.problems[0], 15, "policy.max_user_id_length",
+                 "must be between 1 and 255, found 0");
+  expect_problem(r.problems[1], 16, "policy.max_email_length",
+                 "must be between 6 and 254, found 255");
+  expect_problem(r.problems[2], 17, "policy.max_display_name_length",
+                 "must be between 1 and 64, found 65");
+}
+
+TEST_F(ConfigTest, MisspeltUsagesAreReportedWithASuggestion) {
+  Minimal m;
+  m.extra = join_lines({
+      "[policy.signing]",                                       // 14
+      "key_usage = [\"digitalSignatur\", \"nonRepudiation\"]",  // 15
+      "extended_key_usage = [\"emailProtect\"]",                // 16
+      "[policy.encryption]",                                    // 17
+      "key_usage = [\"keyagreement\"]",                         // 18
+      "extended_key_usage = [\"clientAuht\"]",                  // 19
+  });
+  const LoadResult r = load_text(m.text());
+  ASSERT_EQ(r.problems.size(), 4u) << dump(r, file());
+  expect_problem(r.problems[0], 15, "policy.signing.key_usage",
+                 "unknown key usage \"digitalSignatur\"; known: digitalSignature, ");
+  expect_problem(r.problems[0], 15, "policy.signing.key_usage",
+                 "(did you mean \"digitalSignature\"?)");
+  expect_problem(r.problems[1], 16, "policy.signing.extended_key_usage",
+                 "unknown extended key usage \"emailProtect\"");
+  expect_problem(r.problems[1], 16, "policy.signing.extended_key_usage",
+                 "(did you mean \"emailProtection\"?)");
+  expect_problem(r.problems[2], 18, "policy.encryption.key_usage",
+                 "(did you mean \"keyAgreement\"?)");
+  expect_problem(r.problems[3], 19, "policy.encryption.extended_key_usage",
+                 "(did you mean \"clientAuth\"?)");
+}
+
+TEST_F(ConfigTest, UsagesThatAreNotForUserCertificatesAreReported) {
+  Minimal m;
+  m.extra = join_lines({
+      "[policy.signing]",                                              // 14
+      "key_usage = [\"digitalSignature\", \"keyCertSign\"]",           // 15
+      "extended_key_usage = [\"E-mail Protection\", \"commonName\"]",  // 16
+      "[policy.encryption]",                                           // 17
+      "key_usage = [\"keyAgreement\", \"keyAgreement\"]",              // 18
+      "extended_key_usage = \"emailProtection\"",                      // 19
+  });
+  const LoadResult r = load_text(m.text());
+  ASSERT_EQ(r.problems.size(), 5u) << dump(r, file());
+  expect_problem(r.problems[0], 15, "policy.signing.key_usage",
+                 "\"keyCertSign\" is a CA usage; user certificates must not carry it");
+  expect_problem(r.problems[1], 16, "policy.signing.extended_key_usage",
+                 "write the short name \"emailProtection\" instead of \"E-mail Protection\"");
+  expect_problem(r.problems[2], 16, "policy.signing.extended_key_usage",
+                 "\"commonName\" is not an extended key usage");
+  expect_problem(r.problems[3], 18, "policy.encryption.key_usage",
+                 "\"keyAgreement\" is listed twice");
+  expect_problem(r.problems[4], 19, "policy.encryption.extended_key_usage",
+                 "expected an array of strings, found a string");
+}
+
+TEST_F(ConfigTest, EmptyUsageListsMeanNoSuchExtension) {
+  Minimal m;
+  m.extra = join_lines({
+      "[policy]",
+      "x509_versions = [1, 3]",
+      "[policy.signing]",
+      "key_usage = []",
+      "extended_key_usage = []",
+  });
+  const LoadResult r = load_text(m.text());
+  ASSERT_TRUE(r.ok()) << dump(r, file());
+  EXPECT_TRUE(r.config.policy.signing.key_usage.empty());
+  EXPECT_TRUE(r.config.policy.signing.extended_key_usage.empty());
+  // The other profile keeps its defaults.
+  EXPECT_EQ(r.config.policy.encryption.key_usage, PolicyConfig{}.encryption.key_usage);
+}
+
+TEST_F(ConfigTest, UnknownKeyInAProfileTableIsReported) {
+  Minimal m;
+  m.extra = join_lines({
+      "[policy.signing]",                     // 14
+      "key_usages = [\"digitalSignature\"]",  // 15
+      "[policy.archive]",                     // 16
+      "key_usage = []",                       // 17
+  });
+  const LoadResult r = load_text(m.text());
+  ASSERT_EQ(r.problems.size(), 2u) << dump(r, file());
+  expect_problem(r.problems[0], 15, "policy.signing.key_usages", "did you mean 'key_usage'?");
+  expect_problem(r.problems[1], 16, "policy.archive", "unknown key");
+}
+
+TEST_F(ConfigTest, PolicyWithoutV3CouldNeverIssueAdministratorCertificates) {
+  Minimal m;
+  m.extra = join_lines({
+      "[policy]",             // 14
+      "x509_versions = [1]",  // 15
+  });
+  const LoadResult r = load_text(m.text());
+  expect_one(r, 15, "policy.x509_versions",
+             "does not allow 3; administrator and TLS server certificates are always v3");
 }
 
 // ---- paths ----
