@@ -8,6 +8,7 @@
 
 #include <iostream>
 
+#include "cli/client/admin_client.hpp"
 #include "config/config.hpp"
 #include "daemon/provision/initializer.hpp"
 #include "daemon/startup/secret_source.hpp"
@@ -203,6 +204,66 @@ int run_socket_op(const SocketArgs& a, const std::string& op) {
   return print_reply(*reply, a.output);
 }
 
+// How kmsctl reaches the admin API: flags, else environment (KMSCTL_SERVER, KMSCTL_P12,
+// KMSCTL_CA, KMSCTL_PASSPHRASE_FILE).
+struct AdminArgs {
+  std::string server;
+  std::string p12;
+  std::string ca;
+  std::string passphrase_file;
+  std::string output = "table";
+};
+
+void add_admin_options(CLI::App* cmd, AdminArgs& a) {
+  cmd->add_option("--server", a.server, "admin API URL, https://HOST:PORT")
+      ->envname("KMSCTL_SERVER");
+  cmd->add_option("--p12", a.p12, "your administrator PKCS#12")->envname("KMSCTL_P12");
+  cmd->add_option("--ca", a.ca, "PEM file of the KMS CA (or its root) to verify the server")
+      ->envname("KMSCTL_CA");
+  cmd->add_option("--passphrase-file", a.passphrase_file,
+                  "0600 file with the PKCS#12 passphrase (default: prompt)")
+      ->envname("KMSCTL_PASSPHRASE_FILE");
+  cmd->add_option("-o,--output", a.output, "table or json")
+      ->check(CLI::IsMember({"table", "json"}))
+      ->capture_default_str();
+}
+
+Result<std::unique_ptr<client::AdminClient>> connect_admin(const AdminArgs& a) {
+  if (a.server.empty() || a.p12.empty() || a.ca.empty())
+    return make_error(ErrorCode::kInvalidArgument,
+                      "the admin API needs --server, --p12 and --ca (or KMSCTL_SERVER, KMSCTL_P12, "
+                      "KMSCTL_CA)");
+  KMSD_ASSIGN_OR_RETURN(auto pass,
+                        secret_from(a.passphrase_file, "Passphrase for " + a.p12 + ": "));
+  return client::AdminClient::connect({a.server, a.p12, std::move(pass), a.ca});
+}
+
+// Maps an HTTP reply to kmsctl's exit codes, printing the server's sentence on failure.
+int exit_for_reply(const client::Reply& r) {
+  if (r.status >= 200 && r.status < 300) return kOk;
+  std::cerr << "kmsctl: " << r.error_text() << "\n";
+  if (r.status == 401 || r.status == 403) return kAuth;
+  if (r.status == 409) return kExists;
+  if (r.status == 503) return kUnreachable;
+  if (r.status >= 400 && r.status < 500) return kUsage;
+  return kFailed;
+}
+
+int run_whoami(const AdminArgs& a) {
+  auto c = connect_admin(a);
+  if (!c.ok()) return fail(c.error());
+  auto r = (*c)->get("/v1/whoami");
+  if (!r.ok()) return fail(r.error());
+  if (int rc = exit_for_reply(*r); rc != kOk) return rc;
+  auto j = r->json();
+  if (a.output == "json")
+    std::cout << j.dump(2) << "\n";
+  else
+    std::cout << j.value("name", "?") << " (" << j.value("role", "?") << ", certificate "
+              << j.value("certificate_serial", "?") << ")\n";
+  return kOk;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -248,6 +309,10 @@ int main(int argc, char** argv) {
   auto* status_cmd = app.add_subcommand("status", "seal state and token state of a running kmsd");
   add_socket_opts(status_cmd);
 
+  AdminArgs admin;
+  auto* whoami_cmd = app.add_subcommand("whoami", "the administrator your certificate stands for");
+  add_admin_options(whoami_cmd, admin);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -258,5 +323,6 @@ int main(int argc, char** argv) {
   if (*unseal_cmd) return run_socket_op(sock, "unseal");
   if (*seal_cmd) return run_socket_op(sock, "seal");
   if (*status_cmd) return run_socket_op(sock, "status");
+  if (*whoami_cmd) return run_whoami(admin);
   return kUsage;
 }
