@@ -130,6 +130,10 @@ const std::vector<SectionSchema>& schema() {
         "encryption"}},
       {"policy.signing", {"key_usage", "extended_key_usage"}},
       {"policy.encryption", {"key_usage", "extended_key_usage"}},
+      {"enrollment", {"token_ttl_days", "max_failed_attempts"}},
+      {"approvals", {"ttl_hours", "required"}},
+      {"approvals.required",
+       {"revoke", "recover", "admin_add", "admin_remove", "policy_change", "dr"}},
       {"log", {"level", "file"}},
   };
   return kSchema;
@@ -693,6 +697,8 @@ class Loader {
     load_store(section(root, "store"), cfg.store);
     load_startup(section(root, "startup"), cfg.startup);
     load_policy(section(root, "policy"), cfg.policy);
+    load_enrollment(section(root, "enrollment"), cfg.enrollment);
+    load_approvals(root, cfg.approvals);
     load_log(section(root, "log"), cfg.log);
     cross_checks(root, cfg);
   }
@@ -999,6 +1005,19 @@ class Loader {
   void load_admin(const Section& s, AdminConfig& c) {
     set_int(s, "cert_validity_days", 1, 3650, c.cert_validity_days);
     if (auto k = choice(s, "key_type", kKeyTypes, false)) c.key_type = *k;
+  }
+
+  void load_enrollment(const Section& s, EnrollmentConfig& c) {
+    set_int(s, "token_ttl_days", 1, 365, c.token_ttl_days);
+    set_int(s, "max_failed_attempts", 1, 100, c.max_failed_attempts);
+  }
+
+  void load_approvals(const toml::table& root, ApprovalsConfig& c) {
+    Section s = section(root, "approvals");
+    set_int(s, "ttl_hours", 1, 24 * 90, c.ttl_hours);
+    if (s.table == nullptr) return;
+    Section r = section(*s.table, "required", s.name);
+    for (auto& [operation, k] : c.required) set_int(r, operation, 1, 16, k);
   }
 
   void load_store(const Section& s, StoreConfig& c) {

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -86,6 +87,20 @@ struct PolicyConfig {
   ProfileUsages encryption{{"keyEncipherment", "keyAgreement"}, {"emailProtection"}};
 };
 
+// One-time enrollment (and recovery) tokens.
+struct EnrollmentConfig {
+  unsigned token_ttl_days = 14;      // a token not used by then expires
+  unsigned max_failed_attempts = 5;  // wrong tokens before the token locks
+};
+
+// k-of-n approvals: how many distinct administrators each sensitive operation needs.
+// Operations: revoke, recover, admin_add, admin_remove, policy_change, dr.
+struct ApprovalsConfig {
+  unsigned ttl_hours = 72;  // a pending request expires after this
+  std::map<std::string, int> required{{"revoke", 1},       {"recover", 2},       {"admin_add", 2},
+                                      {"admin_remove", 2}, {"policy_change", 2}, {"dr", 2}};
+};
+
 struct LogConfig {
   std::string level = "info";  // trace debug info warn error
   std::filesystem::path file;  // empty: stderr
@@ -100,6 +115,8 @@ struct Config {
   StoreConfig store;
   StartupConfig startup;
   PolicyConfig policy;
+  EnrollmentConfig enrollment;
+  ApprovalsConfig approvals;
   LogConfig log;
 };
 

@@ -986,5 +986,41 @@ TEST(ConfigTypes, ProblemToStringOmitsAZeroLine) {
             "/etc/kmsd.toml: store.path: missing");
 }
 
+TEST_F(ConfigTest, ApprovalAndEnrollmentSettingsAreReadAndChecked) {
+  Minimal m;
+  m.extra = join_lines({
+      "[enrollment]",             // 14
+      "token_ttl_days = 7",       // 15
+      "max_failed_attempts = 0",  // 16
+      "[approvals]",              // 17
+      "ttl_hours = 24",           // 18
+      "[approvals.required]",     // 19
+      "revoke = 2",               // 20
+      "recover = 17",             // 21
+      "recovr = 2",               // 22
+  });
+  const LoadResult r = load_text(m.text());
+  ASSERT_EQ(r.problems.size(), 3u) << dump(r, file());
+  expect_problem(r.problems[0], 16, "enrollment.max_failed_attempts",
+                 "must be between 1 and 100, found 0");
+  expect_problem(r.problems[1], 21, "approvals.required.recover",
+                 "must be between 1 and 16, found 17");
+  EXPECT_EQ(r.problems[2].line, 22u);
+  EXPECT_EQ(r.problems[2].key, "approvals.required.recovr");
+  EXPECT_NE(r.problems[2].message.find("did you mean 'recover'"), std::string::npos)
+      << r.problems[2].message;
+
+  Minimal good;
+  good.extra = join_lines({"[enrollment]", "token_ttl_days = 7", "[approvals]", "ttl_hours = 24",
+                           "[approvals.required]", "revoke = 2"});
+  const LoadResult ok = load_text(good.text());
+  ASSERT_TRUE(ok.ok()) << dump(ok, file());
+  EXPECT_EQ(ok.config.enrollment.token_ttl_days, 7u);
+  EXPECT_EQ(ok.config.enrollment.max_failed_attempts, 5u);
+  EXPECT_EQ(ok.config.approvals.ttl_hours, 24u);
+  EXPECT_EQ(ok.config.approvals.required.at("revoke"), 2);
+  EXPECT_EQ(ok.config.approvals.required.at("recover"), 2);
+}
+
 }  // namespace
 }  // namespace kmsd::config
