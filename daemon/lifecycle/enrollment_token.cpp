@@ -155,6 +155,18 @@ Result<IssuedToken> EnrollmentTokens::issue(std::string_view user_id, std::chron
   return out;
 }
 
+Result<SecretBytes> EnrollmentTokens::reveal(const SealedToken& sealed, std::string_view user_id) {
+  std::span<const std::uint8_t> rec(sealed.record);
+  if (rec.size() <= kSealedTokenHeaderLen || rec[0] != kSealedTokenVersion)
+    return make_error(ErrorCode::kCrypto, "the stored token record is not a version 1 record");
+  const std::uint64_t expires = get_u64(rec.subspan(1, 8));
+  KMSD_ASSIGN_OR_RETURN(auto value, token_.open(rec.subspan(kSealedTokenHeaderLen),
+                                                token_aad(user_id, expires)));
+  if (value.size() != kTokenBytes)
+    return make_error(ErrorCode::kCrypto, "the stored token record has the wrong length");
+  return encode_token(value.span());
+}
+
 Result<TokenCheck> EnrollmentTokens::check(const SecretBytes& presented, const SealedToken& sealed,
                                            std::string_view user_id, std::chrono::sys_seconds now,
                                            std::uint32_t failed_attempts_so_far,

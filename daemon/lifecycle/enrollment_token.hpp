@@ -119,6 +119,12 @@ class EnrollmentTokens {
                            std::uint32_t max_attempts = kDefaultMaxAttempts,
                            bool already_used = false);
 
+  // The display text of the token sealed in SEALED for USER_ID. Only for completing the one
+  // delivery of a token — a bulk-enable run that was killed before it wrote its result file
+  // and is started again for the same job — never for showing a token a second time to
+  // anyone else. kCrypto when the record does not open for this user.
+  Result<SecretBytes> reveal(const SealedToken& sealed, std::string_view user_id);
+
  private:
   hsm::Token& token_;
 };

@@ -336,5 +336,15 @@ TEST(VerdictNames, AreStableWords) {
   EXPECT_STREQ(to_string(Verdict::kSealedRecordInvalid), "sealed-record-invalid");
 }
 
+TEST_F(EnrollmentTokenTest, RevealGivesBackTheIssuedTextOnlyForItsUser) {
+  IssuedToken issued = issue(kAlice);
+  auto again = tokens_->reveal(issued.sealed, kAlice);
+  ASSERT_TRUE(again.ok()) << again.error().message;
+  EXPECT_EQ(again->view(), issued.text.view());
+  auto other = tokens_->reveal(issued.sealed, "bob");
+  ASSERT_FALSE(other.ok());
+  EXPECT_EQ(other.error().code, ErrorCode::kCrypto);
+}
+
 }  // namespace
 }  // namespace kmsd::lifecycle
