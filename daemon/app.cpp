@@ -14,7 +14,11 @@
 
 #include "daemon/api/http_server.hpp"
 #include "daemon/api/routes.hpp"
+#include "daemon/approvals/approvals.hpp"
+#include "daemon/audit/audit_log.hpp"
+#include "daemon/policy/policy_check.hpp"
 #include "daemon/provision/initializer.hpp"
+#include "daemon/users/user_service.hpp"
 #include "daemon/startup/seal.hpp"
 #include "daemon/startup/secret_source.hpp"
 #include "daemon/startup/unseal_socket.hpp"
@@ -44,12 +48,25 @@ Status configure_logging(const config::LogConfig& log) {
   return {};
 }
 
+namespace {
+approvals::Rules approval_rules(const config::ApprovalsConfig& c) {
+  approvals::Rules r;
+  r.required = c.required;
+  r.ttl = std::chrono::hours(c.ttl_hours);
+  return r;
+}
+}  // namespace
+
 struct Daemon::Impl {
   std::shared_ptr<const config::Config> cfg;
   std::mutex cfg_mu;
   std::unique_ptr<store::Store> store;
   std::unique_ptr<hsm::Token> token;
   std::unique_ptr<startup::Seal> seal;
+  std::unique_ptr<policy::PolicyInForce> policy;
+  std::unique_ptr<audit::AuditLog> audit;
+  std::unique_ptr<approvals::Approvals> approvals;
+  std::unique_ptr<users::UserService> users;
 
   // TLS context for the admin listener, rebuilt whenever the key material changes.
   std::mutex tls_mu;
@@ -98,7 +115,14 @@ struct Daemon::Impl {
       restart.push_back("token");
     if (n.store.path != current->store.path) restart.push_back("store.path");
     if (n.server.unseal_socket != current->server.unseal_socket) restart.push_back("unseal_socket");
+    auto next_policy = policy::PolicyCheck::create(n.policy);
+    if (!next_policy.ok()) {
+      spdlog::error("SIGHUP: {}; keeping the configuration in force", next_policy.error().message);
+      return;
+    }
     spdlog::set_level(spdlog::level::from_str(n.log.level));
+    policy->replace(std::make_shared<const policy::PolicyCheck>(std::move(*next_policy)));
+    approvals->set_rules(approval_rules(n.approvals));
     {
       std::lock_guard lk(cfg_mu);
       cfg = std::make_shared<const config::Config>(loaded.config);
@@ -128,6 +152,28 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
   sopts.tls_names = cfg.server.tls_names;
   sopts.digest = cfg.ca.digest;
   impl->seal = std::make_unique<startup::Seal>(*impl->token, *impl->store, sopts);
+  KMSD_ASSIGN_OR_RETURN(auto policy, policy::PolicyCheck::create(cfg.policy));
+  impl->policy = std::make_unique<policy::PolicyInForce>(
+      std::make_shared<const policy::PolicyCheck>(std::move(policy)));
+  impl->audit = std::make_unique<audit::AuditLog>(*impl->store, *impl->token);
+  impl->approvals = std::make_unique<approvals::Approvals>(*impl->store, *impl->audit);
+  impl->approvals->set_rules(approval_rules(cfg.approvals));
+  Impl* d = impl.get();
+  impl->users = std::make_unique<users::UserService>(
+      *impl->store, *impl->token, *impl->audit, *impl->policy, [d] {
+        auto c = d->config();
+        return users::TokenSettings{std::chrono::days(c->enrollment.token_ttl_days),
+                                    c->enrollment.max_failed_attempts};
+      });
+  users::UserService& us = *impl->users;
+  impl->approvals->register_operation(
+      "revoke", [&us](const nlohmann::json& p, const std::string& by) -> Result<nlohmann::json> {
+        return us.revoke(p.value("user", std::string()), p.value("reason", 0), by);
+      });
+  impl->approvals->register_operation(
+      "recover", [&us](const nlohmann::json& p, const std::string& by) -> Result<nlohmann::json> {
+        return us.recover(p.value("user", std::string()), by);
+      });
   impl->cfg = std::make_shared<const config::Config>(std::move(cfg));
   return std::unique_ptr<Daemon>(new Daemon(std::move(impl)));
 }
@@ -139,7 +185,7 @@ int Daemon::run() {
   net::thread_pool workers(cfg->server.worker_threads);
 
   api::PublicRoutes public_routes(*d.seal);
-  api::AdminRoutes admin_routes(*d.seal, *d.store);
+  api::AdminRoutes admin_routes({*d.seal, *d.store, *d.users, *d.approvals, *d.audit});
   auto logged = [](const char* listener, auto routes) {
     return [listener, routes](const api::Request& req, const api::Peer& peer) {
       auto t0 = std::chrono::steady_clock::now();

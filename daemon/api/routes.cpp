@@ -82,29 +82,320 @@ Response PublicRoutes::handle(const Request& req, const Peer&) const {
   return error_response(req, http::status::not_found, "no such resource: " + path);
 }
 
+namespace {
+
+// Splits "/v1/users/alice%2Fx/reissue" into decoded segments {"v1","users","alice/x","reissue"}.
+std::optional<std::vector<std::string>> segments(const std::string& path) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (std::size_t i = 1; i <= path.size(); ++i) {
+    if (i == path.size() || path[i] == '/') {
+      out.push_back(cur);
+      cur.clear();
+      continue;
+    }
+    char c = path[i];
+    if (c == '%') {
+      auto hexval = [](char h) -> int {
+        if (h >= '0' && h <= '9') return h - '0';
+        if (h >= 'a' && h <= 'f') return h - 'a' + 10;
+        if (h >= 'A' && h <= 'F') return h - 'A' + 10;
+        return -1;
+      };
+      if (i + 2 >= path.size()) return std::nullopt;  // needs two hex digits
+      int hi = hexval(path[i + 1]), lo = hexval(path[i + 2]);
+      if (hi < 0 || lo < 0) return std::nullopt;
+      cur.push_back(static_cast<char>(hi * 16 + lo));
+      i += 2;
+    } else {
+      cur.push_back(c);
+    }
+  }
+  return out;
+}
+
+std::string query_param(const Request& req, const std::string& name) {
+  std::string target(req.target());
+  auto q = target.find('?');
+  if (q == std::string::npos) return "";
+  std::string query = target.substr(q + 1);
+  std::size_t pos = 0;
+  while (pos <= query.size()) {
+    auto amp = query.find('&', pos);
+    std::string kv = query.substr(pos, amp == std::string::npos ? std::string::npos : amp - pos);
+    auto eq = kv.find('=');
+    if (kv.substr(0, eq) == name) return eq == std::string::npos ? "" : kv.substr(eq + 1);
+    if (amp == std::string::npos) break;
+    pos = amp + 1;
+  }
+  return "";
+}
+
+bool allowed(store::AdminRole role, http::verb verb, bool approval_call) {
+  if (role == store::AdminRole::kAdmin) return true;
+  if (role == store::AdminRole::kApprover) return approval_call;
+  return verb == http::verb::get;  // auditor: read only
+}
+
+Response outcome_response(const Request& req, const approvals::Outcome& o) {
+  using store::RequestState;
+  json j{{"state", store::to_string(o.state)}, {"message", o.message}};
+  if (!o.request_id.empty()) j["request_id"] = o.request_id;
+  switch (o.state) {
+    case RequestState::kExecuted:
+      j["result"] = o.result;
+      return json_response(req, http::status::ok, j.dump());
+    case RequestState::kPending:
+      j["approvals"] = o.approvals;
+      j["required"] = o.required;
+      return json_response(req, http::status::accepted, j.dump());
+    case RequestState::kFailed:
+      j["error"] = o.message;
+      return json_response(req, http::status::conflict, j.dump());
+    default:
+      return json_response(req, http::status::ok, j.dump());
+  }
+}
+
+json issued_json(const users::Issued& i) {
+  return json{{"user", i.user.id},
+              {"state", store::to_string(i.user.state)},
+              {"token", std::string(i.token.view())},
+              {"expires_at", i.expires_at},
+              {"message", i.message}};
+}
+
+Result<users::UserInput> user_input(const json& j) {
+  if (!j.is_object()) return make_error(ErrorCode::kInvalidArgument, "expected a JSON object");
+  users::UserInput in;
+  for (auto [key, field] : {std::pair<const char*, std::string*>{"id", &in.id},
+                            {"email", &in.email},
+                            {"display_name", &in.display_name}}) {
+    if (!j.contains(key) || !j[key].is_string())
+      return make_error(ErrorCode::kInvalidArgument, std::string("\"") + key + "\" (a string) is required");
+    *field = j[key].get<std::string>();
+  }
+  if (j.contains("dn") && !j["dn"].is_null()) {
+    if (!j["dn"].is_string())
+      return make_error(ErrorCode::kInvalidArgument, "\"dn\" must be a string");
+    in.dn = j["dn"].get<std::string>();
+  }
+  return in;
+}
+
+}  // namespace
+
+Response error_from(const Request& req, const Error& e) {
+  http::status st = http::status::internal_server_error;
+  switch (e.code) {
+    case ErrorCode::kInvalidArgument:
+    case ErrorCode::kConfig: st = http::status::bad_request; break;
+    case ErrorCode::kNotFound: st = http::status::not_found; break;
+    case ErrorCode::kAlreadyExists:
+    case ErrorCode::kFailedPrecondition: st = http::status::conflict; break;
+    case ErrorCode::kPermissionDenied: st = http::status::forbidden; break;
+    case ErrorCode::kUnauthenticated: st = http::status::unauthorized; break;
+    case ErrorCode::kUnavailable:
+    case ErrorCode::kPinLocked: st = http::status::service_unavailable; break;
+    default: break;
+  }
+  json j{{"error", e.message}};
+  if (auto reason = users::refusal_reason(e); !reason.empty()) j["reason"] = reason;
+  auto res = json_response(req, st, j.dump());
+  if (st == http::status::service_unavailable) res.set(http::field::retry_after, "5");
+  return res;
+}
+
 Response AdminRoutes::handle(const Request& req, const Peer& peer) const {
-  auto auth = authenticate(peer, store_);
+  auto auth = authenticate(peer, s_.store);
   if (auto* fail = std::get_if<AuthFailure>(&auth)) {
     auto res = error_response(req, fail->status, fail->message);
     if (fail->status == http::status::unauthorized)
       res.set(http::field::www_authenticate, "Mutual-TLS");
     return res;
   }
-  const Identity& who = std::get<Identity>(auth);
+  return route(req, std::get<Identity>(auth));
+}
+
+Response AdminRoutes::route(const Request& req, const Identity& who) const {
   const std::string path = path_of(req);
-  if (path == "/v1/whoami") {
-    if (req.method() != http::verb::get) return method_not_allowed(req, "GET");
+  auto seg_opt = segments(path);
+  if (!seg_opt || seg_opt->empty() || (*seg_opt)[0] != "v1")
+    return error_response(req, http::status::not_found, "no such resource: " + path);
+  const auto& seg = *seg_opt;
+  const http::verb verb = req.method();
+  const bool approval_call = seg.size() >= 2 && seg[1] == "requests";
+  const bool anyone = seg.size() == 2 && (seg[1] == "whoami" || seg[1] == "status");
+  if (!anyone && !allowed(who.role, verb, approval_call))
+    return error_response(req, http::status::forbidden,
+                          "administrator '" + who.name + "' has role " +
+                              store::to_string(who.role) + ", which may not " +
+                              std::string(req.method_string()) + " " + path);
+  json body = json::object();
+  if (verb == http::verb::post && !req.body().empty()) {
+    body = json::parse(req.body(), nullptr, false);
+    if (body.is_discarded())
+      return error_response(req, http::status::bad_request, "the request body is not JSON");
+  }
+  auto respond = [&](const auto& result, http::status ok_status, auto to_json) -> Response {
+    if (!result.ok()) return error_from(req, result.error());
+    return json_response(req, ok_status, to_json(*result).dump());
+  };
+
+  if (seg.size() == 2 && seg[1] == "whoami" && verb == http::verb::get)
     return json_response(req, http::status::ok,
                          json{{"name", who.name},
                               {"role", store::to_string(who.role)},
                               {"certificate_serial", who.cert_serial}}
                              .dump());
+  if (seg.size() == 2 && seg[1] == "status" && verb == http::verb::get)
+    return json_response(req, http::status::ok, startup::status_json(s_.seal.status()));
+
+  if (seg.size() >= 2 && seg[1] == "users") {
+    if (seg.size() == 2 && verb == http::verb::post) {
+      auto in = user_input(body);
+      if (!in.ok()) return error_from(req, in.error());
+      return respond(s_.users.enable(*in, who.name), http::status::created, issued_json);
+    }
+    if (seg.size() == 3 && seg[2] == "bulk" && verb == http::verb::post) {
+      if (!body.contains("users") || !body["users"].is_array())
+        return error_response(req, http::status::bad_request, "\"users\" (an array) is required");
+      if (body["users"].size() > 1000)
+        return error_response(req, http::status::payload_too_large,
+                              "at most 1000 users per request; send the file in batches");
+      users::BulkOptions opts;
+      opts.job = body.value("job", std::string());
+      opts.reissue_pending = body.value("reissue_pending", false);
+      opts.include_revoked = body.value("include_revoked", false);
+      std::vector<users::UserInput> list;
+      std::vector<std::pair<std::size_t, std::string>> malformed;
+      for (std::size_t i = 0; i < body["users"].size(); ++i) {
+        auto in = user_input(body["users"][i]);
+        if (!in.ok()) {
+          malformed.emplace_back(i, in.error().message);
+          continue;
+        }
+        list.push_back(std::move(*in));
+      }
+      if (!malformed.empty())
+        return error_response(req, http::status::bad_request,
+                              "user " + std::to_string(malformed.front().first) + " of the batch: " +
+                                  malformed.front().second);
+      auto lines = s_.users.bulk_enable(list, opts, who.name);
+      if (!lines.ok()) return error_from(req, lines.error());
+      json results = json::array();
+      for (const auto& l : *lines) {
+        json r{{"id", l.id}, {"status", users::to_string(l.status)}, {"message", l.message}};
+        if (l.status == users::BulkStatus::kIssued) {
+          r["token"] = std::string(l.token.view());
+          r["expires_at"] = l.expires_at;
+        }
+        results.push_back(std::move(r));
+      }
+      return json_response(req, http::status::ok, json{{"results", results}}.dump());
+    }
+    if (seg.size() == 3 && verb == http::verb::get)
+      return respond(s_.users.show(seg[2]), http::status::ok, [](const json& j) { return j; });
+    if (seg.size() == 4 && verb == http::verb::post) {
+      const std::string& id = seg[2];
+      if (seg[3] == "reissue")
+        return respond(s_.users.reissue(id, who.name), http::status::ok, issued_json);
+      if (seg[3] == "revoke") {
+        int reason = body.value("reason", 0);
+        auto out = s_.approvals.submit("revoke", {{"user", id}, {"reason", reason}}, who.name);
+        if (!out.ok()) return error_from(req, out.error());
+        return outcome_response(req, *out);
+      }
+      if (seg[3] == "recover") {
+        auto out = s_.approvals.submit("recover", {{"user", id}}, who.name);
+        if (!out.ok()) return error_from(req, out.error());
+        return outcome_response(req, *out);
+      }
+    }
   }
-  if (path == "/v1/status") {
-    if (req.method() != http::verb::get) return method_not_allowed(req, "GET");
-    return json_response(req, http::status::ok, startup::status_json(seal_.status()));
+  if (seg.size() == 3 && seg[1] == "reports" && seg[2] == "users" && verb == http::verb::get) {
+    const std::string format = query_param(req, "format").empty() ? "json" : query_param(req, "format");
+    users::ReportFormat f;
+    std::string type;
+    if (format == "json") {
+      f = users::ReportFormat::kJson;
+      type = "application/json";
+    } else if (format == "csv") {
+      f = users::ReportFormat::kCsv;
+      type = "text/csv; charset=utf-8";
+    } else if (format == "ldif") {
+      f = users::ReportFormat::kLdif;
+      type = "text/x-ldif; charset=utf-8";
+    } else {
+      return error_response(req, http::status::bad_request, "format must be json, csv or ldif");
+    }
+    std::string out;
+    auto st = s_.users.report(f, [&](std::string_view chunk) {
+      out.append(chunk);
+      return Status{};
+    });
+    if (!st.ok()) return error_from(req, st.error());
+    return text_response(req, http::status::ok, std::move(out), type);
   }
-  return error_response(req, http::status::not_found, "no such resource: " + path);
+  if (seg.size() >= 2 && seg[1] == "requests") {
+    if (seg.size() == 2 && verb == http::verb::get) {
+      std::optional<store::RequestState> state;
+      if (auto q = query_param(req, "state"); !q.empty()) {
+        state = store::parse_request_state(q);
+        if (!state)
+          return error_response(req, http::status::bad_request,
+                                "state must be pending, executed, denied, expired or failed");
+      }
+      auto list = s_.approvals.list(state);
+      if (!list.ok()) return error_from(req, list.error());
+      json arr = json::array();
+      for (const auto& r : *list) {
+        auto decisions = s_.store.approvals(r.id);
+        int n = 0;
+        if (decisions.ok())
+          for (const auto& d : *decisions) n += d.approve ? 1 : 0;
+        json j{{"id", r.id},
+               {"operation", r.operation},
+               {"params", json::parse(r.params, nullptr, false)},
+               {"requested_by", r.requested_by},
+               {"required", r.required},
+               {"approvals", n},
+               {"state", store::to_string(r.state)},
+               {"created_at", r.created_at},
+               {"expires_at", r.expires_at}};
+        if (r.result) j["result"] = json::parse(*r.result, nullptr, false);
+        arr.push_back(std::move(j));
+      }
+      return json_response(req, http::status::ok, json{{"requests", arr}}.dump());
+    }
+    if (seg.size() == 4 && verb == http::verb::post && (seg[3] == "approve" || seg[3] == "deny")) {
+      auto out = seg[3] == "approve" ? s_.approvals.approve(seg[2], who.name)
+                                     : s_.approvals.deny(seg[2], who.name);
+      if (!out.ok()) return error_from(req, out.error());
+      return outcome_response(req, *out);
+    }
+  }
+  if (seg.size() == 3 && seg[1] == "audit" && verb == http::verb::get) {
+    if (seg[2] == "verify") {
+      auto rep = s_.audit.verify();
+      if (!rep.ok()) return error_from(req, rep.error());
+      json j{{"ok", rep->ok()}, {"records", rep->records}};
+      if (rep->first_bad) j["first_bad"] = *rep->first_bad;
+      if (!rep->problem.empty()) j["problem"] = rep->problem;
+      return json_response(req, http::status::ok, j.dump());
+    }
+    if (seg[2] == "export") {
+      std::string out;
+      auto st = s_.audit.export_records([&](const json& j) {
+        out += j.dump() + "\n";
+        return Status{};
+      });
+      if (!st.ok()) return error_from(req, st.error());
+      return text_response(req, http::status::ok, std::move(out), "application/x-ndjson");
+    }
+  }
+  return error_response(req, http::status::not_found,
+                        "no such resource: " + std::string(req.method_string()) + " " + path);
 }
 
 }  // namespace kmsd::api

@@ -6,6 +6,9 @@
 #include <string>
 
 #include "daemon/api/http_server.hpp"
+#include "daemon/approvals/approvals.hpp"
+#include "daemon/audit/audit_log.hpp"
+#include "daemon/users/user_service.hpp"
 #include "daemon/startup/seal.hpp"
 #include "daemon/store/store.hpp"
 
@@ -36,15 +39,27 @@ class PublicRoutes {
   startup::Seal& seal_;
 };
 
-// /v1/...: mutual TLS only.
+// The services behind the admin API.
+struct AdminServices {
+  startup::Seal& seal;
+  store::Store& store;
+  users::UserService& users;
+  approvals::Approvals& approvals;
+  audit::AuditLog& audit;
+};
+
+// /v1/...: mutual TLS only; every endpoint checks the caller's role (docs/admin-api.md).
 class AdminRoutes {
  public:
-  AdminRoutes(startup::Seal& seal, store::Store& store) : seal_(seal), store_(store) {}
+  explicit AdminRoutes(AdminServices services) : s_(services) {}
   Response handle(const Request& req, const Peer& peer) const;
 
  private:
-  startup::Seal& seal_;
-  store::Store& store_;
+  Response route(const Request& req, const Identity& who) const;
+  AdminServices s_;
 };
+
+// Maps a service error to its HTTP status and {"error", "reason"} body.
+Response error_from(const Request& req, const Error& e);
 
 }  // namespace kmsd::api

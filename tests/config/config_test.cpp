@@ -1019,7 +1019,7 @@ TEST_F(ConfigTest, ApprovalAndEnrollmentSettingsAreReadAndChecked) {
   EXPECT_EQ(ok.config.enrollment.max_failed_attempts, 5u);
   EXPECT_EQ(ok.config.approvals.ttl_hours, 24u);
   EXPECT_EQ(ok.config.approvals.required.at("revoke"), 2);
-  EXPECT_EQ(ok.config.approvals.required.at("recover"), 2);
+  EXPECT_EQ(ok.config.approvals.required.at("recover"), 1);
 }
 
 }  // namespace

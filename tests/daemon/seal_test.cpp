@@ -229,7 +229,13 @@ TEST_F(SealTest, PublicRoutesReportSealStateAndServeTheCa) {
 }
 
 TEST_F(SealTest, AdminRoutesNeedAVerifiedAdministratorCertificate) {
-  api::AdminRoutes routes(*seal, *kms.store);
+  auto policy = policy::PolicyInForce(
+      std::make_shared<const policy::PolicyCheck>(policy::PolicyCheck::create({}).value()));
+  audit::AuditLog audit(*kms.store, *kms.token);
+  approvals::Approvals approvals(*kms.store, audit);
+  users::UserService users(*kms.store, *kms.token, audit, policy,
+                           [] { return users::TokenSettings{}; });
+  api::AdminRoutes routes({*seal, *kms.store, users, approvals, audit});
   api::Peer anonymous;
   anonymous.tls = true;
   EXPECT_EQ(routes.handle(get("/v1/whoami"), anonymous).result(), api::http::status::unauthorized);
