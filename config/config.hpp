@@ -97,8 +97,10 @@ struct EnrollmentConfig {
 // Operations: revoke, recover, admin_add, admin_remove, policy_change, dr.
 struct ApprovalsConfig {
   unsigned ttl_hours = 72;  // a pending request expires after this
-  std::map<std::string, int> required{{"revoke", 1},       {"recover", 2},       {"admin_add", 2},
-                                      {"admin_remove", 2}, {"policy_change", 2}, {"dr", 2}};
+  // Default 1 everywhere: a fresh KMS has a single administrator, and k > 1 before a second
+  // one exists would lock every gated operation. Raise k once enough administrators exist.
+  std::map<std::string, int> required{{"revoke", 1},       {"recover", 1},       {"admin_add", 1},
+                                      {"admin_remove", 1}, {"policy_change", 1}, {"dr", 1}};
 };
 
 struct LogConfig {
