@@ -18,11 +18,11 @@
 #include "daemon/audit/audit_log.hpp"
 #include "daemon/policy/policy_check.hpp"
 #include "daemon/provision/initializer.hpp"
-#include "daemon/users/user_service.hpp"
 #include "daemon/startup/seal.hpp"
 #include "daemon/startup/secret_source.hpp"
 #include "daemon/startup/unseal_socket.hpp"
 #include "daemon/store/store.hpp"
+#include "daemon/users/user_service.hpp"
 #include "hsm/token.hpp"
 
 namespace kmsd {

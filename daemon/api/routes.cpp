@@ -172,7 +172,8 @@ Result<users::UserInput> user_input(const json& j) {
                             {"email", &in.email},
                             {"display_name", &in.display_name}}) {
     if (!j.contains(key) || !j[key].is_string())
-      return make_error(ErrorCode::kInvalidArgument, std::string("\"") + key + "\" (a string) is required");
+      return make_error(ErrorCode::kInvalidArgument,
+                        std::string("\"") + key + "\" (a string) is required");
     *field = j[key].get<std::string>();
   }
   if (j.contains("dn") && !j["dn"].is_null()) {
@@ -189,15 +190,28 @@ Response error_from(const Request& req, const Error& e) {
   http::status st = http::status::internal_server_error;
   switch (e.code) {
     case ErrorCode::kInvalidArgument:
-    case ErrorCode::kConfig: st = http::status::bad_request; break;
-    case ErrorCode::kNotFound: st = http::status::not_found; break;
+    case ErrorCode::kConfig:
+      st = http::status::bad_request;
+      break;
+    case ErrorCode::kNotFound:
+      st = http::status::not_found;
+      break;
     case ErrorCode::kAlreadyExists:
-    case ErrorCode::kFailedPrecondition: st = http::status::conflict; break;
-    case ErrorCode::kPermissionDenied: st = http::status::forbidden; break;
-    case ErrorCode::kUnauthenticated: st = http::status::unauthorized; break;
+    case ErrorCode::kFailedPrecondition:
+      st = http::status::conflict;
+      break;
+    case ErrorCode::kPermissionDenied:
+      st = http::status::forbidden;
+      break;
+    case ErrorCode::kUnauthenticated:
+      st = http::status::unauthorized;
+      break;
     case ErrorCode::kUnavailable:
-    case ErrorCode::kPinLocked: st = http::status::service_unavailable; break;
-    default: break;
+    case ErrorCode::kPinLocked:
+      st = http::status::service_unavailable;
+      break;
+    default:
+      break;
   }
   json j{{"error", e.message}};
   if (auto reason = users::refusal_reason(e); !reason.empty()) j["reason"] = reason;
@@ -279,8 +293,8 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
       }
       if (!malformed.empty())
         return error_response(req, http::status::bad_request,
-                              "user " + std::to_string(malformed.front().first) + " of the batch: " +
-                                  malformed.front().second);
+                              "user " + std::to_string(malformed.front().first) +
+                                  " of the batch: " + malformed.front().second);
       auto lines = s_.users.bulk_enable(list, opts, who.name);
       if (!lines.ok()) return error_from(req, lines.error());
       json results = json::array();
@@ -314,7 +328,8 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
     }
   }
   if (seg.size() == 3 && seg[1] == "reports" && seg[2] == "users" && verb == http::verb::get) {
-    const std::string format = query_param(req, "format").empty() ? "json" : query_param(req, "format");
+    const std::string format =
+        query_param(req, "format").empty() ? "json" : query_param(req, "format");
     users::ReportFormat f;
     std::string type;
     if (format == "json") {

@@ -8,9 +8,9 @@
 #include "daemon/api/http_server.hpp"
 #include "daemon/approvals/approvals.hpp"
 #include "daemon/audit/audit_log.hpp"
-#include "daemon/users/user_service.hpp"
 #include "daemon/startup/seal.hpp"
 #include "daemon/store/store.hpp"
+#include "daemon/users/user_service.hpp"
 
 namespace kmsd::api {
 

@@ -14,7 +14,9 @@ using lifecycle::Action;
 
 namespace {
 
-std::int64_t now_unix() { return static_cast<std::int64_t>(std::time(nullptr)); }
+std::int64_t now_unix() {
+  return static_cast<std::int64_t>(std::time(nullptr));
+}
 
 std::string utc(std::int64_t t) {
   std::time_t tt = static_cast<std::time_t>(t);
@@ -27,20 +29,28 @@ std::string utc(std::int64_t t) {
 
 lifecycle::UserState to_lifecycle(store::UserState s) {
   switch (s) {
-    case store::UserState::kEnabled: return lifecycle::UserState::kEnabled;
-    case store::UserState::kActive: return lifecycle::UserState::kActive;
-    case store::UserState::kRevoked: return lifecycle::UserState::kRevoked;
-    case store::UserState::kRecovery: return lifecycle::UserState::kRecovery;
+    case store::UserState::kEnabled:
+      return lifecycle::UserState::kEnabled;
+    case store::UserState::kActive:
+      return lifecycle::UserState::kActive;
+    case store::UserState::kRevoked:
+      return lifecycle::UserState::kRevoked;
+    case store::UserState::kRecovery:
+      return lifecycle::UserState::kRecovery;
   }
   return lifecycle::UserState::kNone;
 }
 
 store::UserState to_store(lifecycle::UserState s) {
   switch (s) {
-    case lifecycle::UserState::kActive: return store::UserState::kActive;
-    case lifecycle::UserState::kRevoked: return store::UserState::kRevoked;
-    case lifecycle::UserState::kRecovery: return store::UserState::kRecovery;
-    default: return store::UserState::kEnabled;
+    case lifecycle::UserState::kActive:
+      return store::UserState::kActive;
+    case lifecycle::UserState::kRevoked:
+      return store::UserState::kRevoked;
+    case lifecycle::UserState::kRecovery:
+      return store::UserState::kRecovery;
+    default:
+      return store::UserState::kEnabled;
   }
 }
 
@@ -87,12 +97,18 @@ std::string refusal_reason(const Error& e) {
 
 const char* to_string(BulkStatus s) noexcept {
   switch (s) {
-    case BulkStatus::kIssued: return "issued";
-    case BulkStatus::kPending: return "pending";
-    case BulkStatus::kSkippedRevoked: return "skipped-revoked";
-    case BulkStatus::kSkippedActive: return "skipped-active";
-    case BulkStatus::kSkippedRecovery: return "skipped-recovery";
-    case BulkStatus::kInvalid: return "invalid";
+    case BulkStatus::kIssued:
+      return "issued";
+    case BulkStatus::kPending:
+      return "pending";
+    case BulkStatus::kSkippedRevoked:
+      return "skipped-revoked";
+    case BulkStatus::kSkippedActive:
+      return "skipped-active";
+    case BulkStatus::kSkippedRecovery:
+      return "skipped-recovery";
+    case BulkStatus::kInvalid:
+      return "invalid";
   }
   return "invalid";
 }
@@ -112,8 +128,12 @@ struct Prepared {
 UserService::UserService(store::Store& store, hsm::Token& token, audit::AuditLog& audit,
                          const policy::PolicyInForce& policy,
                          std::function<TokenSettings()> settings)
-    : store_(store), token_(token), audit_(audit), policy_(policy),
-      settings_(std::move(settings)), tokens_(token) {}
+    : store_(store),
+      token_(token),
+      audit_(audit),
+      policy_(policy),
+      settings_(std::move(settings)),
+      tokens_(token) {}
 
 namespace {
 Result<Prepared> prepare(store::Store& store, const std::string& id) {
@@ -179,9 +199,10 @@ Result<Issued> UserService::enable(const UserInput& in, const std::string& admin
                             {"email", in.email},
                             {"previous_state", lifecycle::to_string(p.from)},
                             {"token_expires_at", issued.expires_at}}));
-    issued.message = std::string(p.from == lifecycle::UserState::kRevoked ? "re-enabled" : "enabled") +
-                     " " + in.id + "; enrollment token valid until " + utc(issued.expires_at) +
-                     " (shown once: hand it to the user)";
+    issued.message =
+        std::string(p.from == lifecycle::UserState::kRevoked ? "re-enabled" : "enabled") + " " +
+        in.id + "; enrollment token valid until " + utc(issued.expires_at) +
+        " (shown once: hand it to the user)";
     out = std::move(issued);
     return {};
   });
@@ -278,7 +299,8 @@ Result<json> UserService::recover(const std::string& id, const std::string& admi
                {"key_history_depth", depth},
                {"message", id + " is in recovery (" + std::to_string(depth) +
                                " escrowed key(s) will be handed back at enrollment); issue the "
-                               "recovery token with `kmsctl user reissue " + id + "`"}};
+                               "recovery token with `kmsctl user reissue " +
+                               id + "`"}};
     return {};
   });
   if (!st.ok()) return st.error();
@@ -354,8 +376,11 @@ Result<std::vector<BulkLine>> UserService::bulk_enable(const std::vector<UserInp
         } else if (p.from == lifecycle::UserState::kEnabled && p.facts.has_pending_token &&
                    p.token->issued_by == issued_by && p.token->expires_at > now) {
           // The same job enabled this user before and its result never reached the file.
-          KMSD_ASSIGN_OR_RETURN(line.token,
-                                tokens_.reveal({p.token->sealed, std::chrono::sys_seconds(std::chrono::seconds(p.token->expires_at))}, in.id));
+          KMSD_ASSIGN_OR_RETURN(
+              line.token,
+              tokens_.reveal({p.token->sealed,
+                              std::chrono::sys_seconds(std::chrono::seconds(p.token->expires_at))},
+                             in.id));
           line.status = BulkStatus::kIssued;
           line.expires_at = p.token->expires_at;
           line.message = "token issued by this job on " + utc(p.token->issued_at) +
@@ -363,8 +388,8 @@ Result<std::vector<BulkLine>> UserService::bulk_enable(const std::vector<UserInp
         } else if (p.from == lifecycle::UserState::kEnabled && !options.reissue_pending) {
           line.status = BulkStatus::kPending;
           line.message = p.facts.has_pending_token
-                             ? "already enabled: a token was issued on " +
-                                   utc(p.token->issued_at) + " by " + p.token->issued_by +
+                             ? "already enabled: a token was issued on " + utc(p.token->issued_at) +
+                                   " by " + p.token->issued_by +
                                    " and has not been used; no new token (use "
                                    "--reissue-pending to replace it)"
                              : "already enabled without a usable token; use --reissue-pending "
@@ -395,11 +420,11 @@ Result<std::vector<BulkLine>> UserService::bulk_enable(const std::vector<UserInp
             line.status = BulkStatus::kIssued;
             line.token = std::move(issued.token);
             line.expires_at = issued.expires_at;
-            line.message = std::string(action == Action::kReissue
-                                           ? "pending token replaced by a new one"
-                                           : (revoked ? "re-enabled; token issued"
-                                                      : "enabled; token issued")) +
-                           ", valid until " + utc(line.expires_at);
+            line.message =
+                std::string(action == Action::kReissue ? "pending token replaced by a new one"
+                                                       : (revoked ? "re-enabled; token issued"
+                                                                  : "enabled; token issued")) +
+                ", valid until " + utc(line.expires_at);
           }
         }
       }
@@ -444,8 +469,8 @@ std::string ldif_line(std::string_view attr, std::string_view value) {
     if (c == 0 || c == '\n' || c == '\r' || c > 127) safe = false;
   if (value.empty()) safe = true;
   if (safe) return std::string(attr) + ": " + std::string(value) + "\n";
-  return std::string(attr) + ":: " +
-         base64({reinterpret_cast<const std::uint8_t*>(value.data()), value.size()}) + "\n";
+  return std::string(attr) +
+         ":: " + base64({reinterpret_cast<const std::uint8_t*>(value.data()), value.size()}) + "\n";
 }
 
 std::string dn_escape(std::string_view v) {
@@ -467,15 +492,17 @@ Status UserService::report(ReportFormat format,
   const std::int64_t now = now_unix();
   const std::uint32_t max_attempts = settings_().max_attempts;
   if (format == ReportFormat::kCsv)
-    KMSD_TRY(sink("id,email,display_name,state,signing_serial,signing_not_after,"
-                  "encryption_serial,encryption_not_after,key_history_depth,last_enrolled_at,"
-                  "token_status\r\n"));
+    KMSD_TRY(
+        sink("id,email,display_name,state,signing_serial,signing_not_after,"
+             "encryption_serial,encryption_not_after,key_history_depth,last_enrolled_at,"
+             "token_status\r\n"));
   if (format == ReportFormat::kJson) KMSD_TRY(sink("["));
   bool first = true;
   std::string after;
   for (;;) {
     std::vector<store::UserRecord> page;
-    KMSD_ASSIGN_OR_RETURN(std::size_t n, store_.for_each_user(after, 500, [&](const store::UserRecord& u) {
+    KMSD_ASSIGN_OR_RETURN(std::size_t n,
+                          store_.for_each_user(after, 500, [&](const store::UserRecord& u) {
                             page.push_back(u);
                             return Status{};
                           }));

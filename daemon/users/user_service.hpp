@@ -47,7 +47,14 @@ struct Issued {
 // Error messages of refusals have the form "<reason>: <sentence>".
 std::string refusal_reason(const Error& e);
 
-enum class BulkStatus { kIssued, kPending, kSkippedRevoked, kSkippedActive, kSkippedRecovery, kInvalid };
+enum class BulkStatus {
+  kIssued,
+  kPending,
+  kSkippedRevoked,
+  kSkippedActive,
+  kSkippedRecovery,
+  kInvalid
+};
 const char* to_string(BulkStatus s) noexcept;  // "issued", "pending", "skipped-revoked", ...
 
 struct BulkLine {
@@ -59,9 +66,9 @@ struct BulkLine {
 };
 
 struct BulkOptions {
-  std::string job;              // the client's id for one input file (resumption)
-  bool reissue_pending = false; // replace tokens issued earlier and not used
-  bool include_revoked = false; // re-enable revoked users
+  std::string job;               // the client's id for one input file (resumption)
+  bool reissue_pending = false;  // replace tokens issued earlier and not used
+  bool include_revoked = false;  // re-enable revoked users
 };
 
 enum class ReportFormat { kJson, kCsv, kLdif };
