@@ -3,7 +3,17 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include <chrono>
+#include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <regex>
+#include <set>
+#include <thread>
 
 #include "tests/e2e/harness.hpp"
 
@@ -231,6 +241,104 @@ TEST_F(UsersTest, EveryEndpointRefusesMissingAndForeignCertificatesAndChangesNot
   }
   EXPECT_EQ(api("GET", "/v1/users/x").status, 404);  // nothing was created
   EXPECT_EQ(api("GET", "/v1/audit/verify").j()["records"], 0);
+}
+
+}  // namespace
+}  // namespace kmsd::testing
+
+namespace kmsd::testing {
+namespace {
+
+class BulkEnableTest : public UsersTest {
+ protected:
+  std::string admin_opts() {
+    return " --server https://localhost:" + std::to_string(admin_port_) + " --p12 " +
+           shell_quote(admin_p12()) + " --ca " + shell_quote(dir() / "ca.pem") +
+           " --passphrase-file " + shell_quote(pass_path());
+  }
+  // Result lines by id (skipping the job line and the header).
+  std::map<std::string, std::vector<std::string>> results(const std::filesystem::path& file) {
+    std::map<std::string, std::vector<std::string>> out;
+    std::ifstream in(file);
+    std::string line;
+    int n = 0;
+    while (std::getline(in, line)) {
+      if (n++ < 2) continue;
+      if (!line.empty() && line.back() == '\r') line.pop_back();
+      out[line.substr(0, line.find(','))].push_back(line);
+    }
+    return out;
+  }
+};
+
+TEST_F(BulkEnableTest, KilledMidFileAndStartedAgainLeavesExactlyOneTokenPerUser) {
+  ASSERT_EQ(kmsctl("user enable pending1 --email p@example.com --name P" + admin_opts()).status, 0);
+  ASSERT_EQ(kmsctl("user enable revoked1 --email r@example.com --name R" + admin_opts()).status, 0);
+  ASSERT_EQ(kmsctl("user revoke revoked1" + admin_opts()).status, 0);
+  const int kUsers = 3000;
+  {
+    std::ofstream csv(dir() / "users.csv");
+    csv << "id,email,display_name\n";
+    csv << "pending1,p@example.com,P\nrevoked1,r@example.com,R\nbad1,no-at-sign,Bad\n";
+    csv << "comma1,c@example.com,\"Doe, Jane\"\n";
+    for (int i = 0; i < kUsers; ++i)
+      csv << "u" << i << ",u" << i << "@example.com,User " << i << "\n";
+  }
+  const auto out = dir() / "result.csv";
+  const std::string cmd = shell_quote(kmsctl_bin()) + " user bulk-enable --input " +
+                          shell_quote(dir() / "users.csv") + " --out " + shell_quote(out) +
+                          " --batch 100" + admin_opts();
+  // Start, let some batches land, then SIGKILL the client mid-file.
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::execl("/bin/sh", "sh", "-c", (cmd + " >/dev/null 2>&1").c_str(), nullptr);
+    ::_exit(127);
+  }
+  for (int i = 0; i < 400 && results(out).size() < 300; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ::kill(pid, SIGKILL);
+  ::waitpid(pid, nullptr, 0);
+  sh("pkill -KILL -f " + shell_quote(out.string()));  // the kmsctl under sh, if still alive
+  const std::size_t partial = results(out).size();
+  EXPECT_LT(partial, static_cast<std::size_t>(kUsers + 4)) << "the run finished before the kill";
+
+  auto again = sh(cmd);
+  ASSERT_EQ(again.status, 0) << again.output;
+  auto lines = results(out);
+  ASSERT_EQ(lines.size(), static_cast<std::size_t>(kUsers + 4));
+  std::set<std::string> tokens;
+  for (const auto& [id, ls] : lines) {
+    ASSERT_EQ(ls.size(), 1u) << id << " appears " << ls.size() << " times";
+    if (ls[0].find(",issued,") != std::string::npos) {
+      std::smatch m;
+      ASSERT_TRUE(std::regex_search(ls[0], m, std::regex("([0-9A-Z]{4}-){5}[0-9A-Z]{4}"))) << ls[0];
+      EXPECT_TRUE(tokens.insert(m.str()).second) << "token repeated: " << ls[0];
+    }
+  }
+  EXPECT_EQ(tokens.size(), static_cast<std::size_t>(kUsers + 1));  // u0..u2999 and comma1
+  EXPECT_THAT(lines["pending1"][0], HasSubstr(",pending,"));
+  EXPECT_THAT(lines["revoked1"][0], HasSubstr(",skipped-revoked,"));
+  EXPECT_THAT(lines["bad1"][0], HasSubstr(",invalid,"));
+  // Every token the file holds is the one the server holds: each user has exactly one
+  // pending token, issued once by this job.
+  auto rows = sh("sqlite3 " + shell_quote(db_path()) +
+                 " \"SELECT count(*), count(DISTINCT user_id) FROM enrollment_tokens "
+                 "WHERE issued_by LIKE 'bulk:%'\"");
+  EXPECT_EQ(rows.output, std::to_string(kUsers + 1) + "|" + std::to_string(kUsers + 1) + "\n");
+  struct stat st {};
+  ASSERT_EQ(::stat(out.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+
+  // A third run has nothing left to do and changes nothing.
+  auto before =
+      sh("sqlite3 " + shell_quote(db_path()) + " 'SELECT * FROM enrollment_tokens' | md5sum");
+  auto third = sh(cmd);
+  EXPECT_EQ(third.status, 0) << third.output;
+  EXPECT_EQ(sh("sqlite3 " + shell_quote(db_path()) + " 'SELECT * FROM enrollment_tokens' | md5sum")
+                .output,
+            before.output);
+  EXPECT_EQ(results(out).size(), static_cast<std::size_t>(kUsers + 4));
+  EXPECT_EQ(kmsctl("audit verify" + admin_opts()).status, 0);
 }
 
 }  // namespace
