@@ -9,6 +9,7 @@
 
 #include "daemon/api/routes.hpp"
 #include "daemon/ca/issuer.hpp"
+#include "daemon/policy/policy_check.hpp"
 #include "daemon/provision/initializer.hpp"
 #include "daemon/startup/seal.hpp"
 #include "daemon/startup/unseal_socket.hpp"
@@ -264,6 +265,69 @@ TEST_F(SealTest, AdminRoutesNeedAVerifiedAdministratorCertificate) {
   server.client_cert.reset(X509_dup(seal->material()->tls_cert.get()));
   server.client_cert_verified = true;
   EXPECT_EQ(routes.handle(get("/v1/whoami"), server).result(), api::http::status::forbidden);
+}
+
+// Each role reaches only its endpoints; refused calls change nothing.
+TEST_F(SealTest, EveryRoleIsLimitedToItsEndpoints) {
+  ASSERT_TRUE(seal->unseal(SecretBytes::from_string(testing::kUserPin)).ok());
+  auto policy = policy::PolicyInForce(
+      std::make_shared<const policy::PolicyCheck>(policy::PolicyCheck::create({}).value()));
+  audit::AuditLog audit(*kms.store, *kms.token);
+  approvals::Approvals approvals(*kms.store, audit);
+  users::UserService users(*kms.store, *kms.token, audit, policy,
+                           [] { return users::TokenSettings{}; });
+  api::AdminRoutes routes({*seal, *kms.store, users, approvals, audit});
+
+  // Certificates issued by the KMS CA for an auditor and an approver.
+  auto peer_for = [&](const std::string& name, store::AdminRole role) {
+    auto key = ca::generate_key(hsm::KeyType::kEcP256);
+    auto subject = ca::parse_subject("/CN=" + name);
+    ca::IssueRequest req;
+    req.subject = subject->get();
+    req.public_key = key->get();
+    auto cert = ca::issue_on_token(req, seal->material()->ca_cert.get(), *kms.token, EVP_sha256());
+    EXPECT_TRUE(cert.ok());
+    EXPECT_TRUE(kms.store
+                    ->insert_certificate(
+                        provision::certificate_record(cert->get(), store::CertKind::kAdmin))
+                    .ok());
+    EXPECT_TRUE(
+        kms.store->insert_admin({name, role, ca::serial_hex(cert->get()), 1, std::nullopt}).ok());
+    api::Peer p;
+    p.tls = true;
+    p.client_cert = std::move(*cert);
+    p.client_cert_verified = true;
+    return p;
+  };
+  api::Peer auditor = peer_for("audrey", store::AdminRole::kAuditor);
+  api::Peer approver = peer_for("apollo", store::AdminRole::kApprover);
+  auto post = [](const std::string& target, const std::string& body) {
+    api::Request r{api::http::verb::post, target, 11};
+    r.body() = body;
+    r.prepare_payload();
+    return r;
+  };
+  const std::string user = R"({"id":"x","email":"x@example.com","display_name":"X"})";
+  using api::http::status;
+  EXPECT_EQ(routes.handle(post("/v1/users", user), auditor).result(), status::forbidden);
+  EXPECT_EQ(routes.handle(post("/v1/users", user), approver).result(), status::forbidden);
+  EXPECT_EQ(routes.handle(post("/v1/users/x/revoke", "{}"), auditor).result(), status::forbidden);
+  EXPECT_EQ(routes.handle(get("/v1/users/x"), approver).result(), status::forbidden);
+  EXPECT_EQ(routes.handle(get("/v1/audit/verify"), approver).result(), status::forbidden);
+  // What each role may do gets past the role check (404: no such user/request).
+  EXPECT_EQ(routes.handle(get("/v1/users/x"), auditor).result(), status::not_found);
+  EXPECT_EQ(routes.handle(get("/v1/audit/verify"), auditor).result(), status::ok);
+  EXPECT_EQ(routes.handle(get("/v1/requests"), approver).result(), status::ok);
+  EXPECT_EQ(routes.handle(post("/v1/requests/nope/approve", ""), approver).result(),
+            status::not_found);
+  EXPECT_EQ(routes.handle(post("/v1/requests/nope/approve", ""), auditor).result(),
+            status::forbidden);
+  // Nothing was created or audited by the refused calls.
+  EXPECT_FALSE(kms.store->find_user("x")->has_value());
+  EXPECT_EQ(audit.verify()->records, 0u);
+  // A removed administrator is refused even with a valid certificate.
+  ASSERT_TRUE(kms.store->remove_admin("audrey", 2).ok());
+  EXPECT_EQ(routes.handle(get("/v1/users/x"), auditor).result(), status::forbidden);
 }
 
 }  // namespace
