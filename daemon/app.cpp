@@ -156,6 +156,10 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
   impl->policy = std::make_unique<policy::PolicyInForce>(
       std::make_shared<const policy::PolicyCheck>(std::move(policy)));
   impl->audit = std::make_unique<audit::AuditLog>(*impl->store, *impl->token);
+  impl->seal->set_audit_hook(
+      [a = impl->audit.get()](const std::string& action, const std::string& detail) {
+        return a->append("operator", action, {{"detail", detail}});
+      });
   impl->approvals = std::make_unique<approvals::Approvals>(*impl->store, *impl->audit);
   impl->approvals->set_rules(approval_rules(cfg.approvals));
   Impl* d = impl.get();

@@ -102,6 +102,13 @@ Status Seal::unseal(const SecretBytes& secret) {
     return make_error(login.error().code, why);
   }
   auto built = build_material();
+  if (built.ok() && audit_hook_) {
+    auto audited = audit_hook_("seal.unseal", "token " + token_.status().token_label);
+    if (!audited.ok())
+      built = audited.error().context(
+          "the unseal could not be written to the audit log, so it "
+          "was undone");
+  }
   if (!built.ok()) {
     token_.logout();
     std::lock_guard lk(mu_);
@@ -118,8 +125,18 @@ Status Seal::unseal(const SecretBytes& secret) {
   return {};
 }
 
+void Seal::set_audit_hook(AuditHook hook) {
+  std::lock_guard serial(unseal_mu_);
+  audit_hook_ = std::move(hook);
+}
+
 void Seal::seal() {
   std::lock_guard serial(unseal_mu_);
+  if (audit_hook_ && material()) {
+    // Sealing always happens; a failed audit record is logged, never a reason to stay open.
+    if (auto st = audit_hook_("seal.seal", "requested"); !st.ok())
+      spdlog::error("sealing: the audit record could not be written: {}", st.error().message);
+  }
   {
     std::lock_guard lk(mu_);
     material_.reset();

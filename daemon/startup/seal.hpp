@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -50,6 +51,12 @@ class Seal {
  public:
   Seal(hsm::Token& token, store::Store& store, SealOptions options);
 
+  // Records seal events in the audit chain: called with ("seal.unseal", ...) once the token is
+  // logged in (an unseal that cannot be audited is undone: fail closed) and ("seal.seal", ...)
+  // before the login is dropped.
+  using AuditHook = std::function<Status(const std::string& action, const std::string& detail)>;
+  void set_audit_hook(AuditHook hook);
+
   // Presents the startup secret. Wrong secrets are counted and logged with the token's own
   // PIN state; the daemon stays sealed. Unsealing an unsealed daemon is a no-op.
   Status unseal(const SecretBytes& secret);
@@ -73,6 +80,7 @@ class Seal {
   mutable std::mutex mu_;
   mutable std::shared_ptr<const KeyMaterial> material_;
   std::string ca_pem_;
+  AuditHook audit_hook_;
   std::uint64_t failures_ = 0;
   mutable std::string last_failure_;
 };

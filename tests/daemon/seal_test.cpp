@@ -330,5 +330,31 @@ TEST_F(SealTest, EveryRoleIsLimitedToItsEndpoints) {
   EXPECT_EQ(routes.handle(get("/v1/users/x"), auditor).result(), status::forbidden);
 }
 
+TEST_F(SealTest, UnsealAndSealAreAuditedAndAnUnauditableUnsealIsUndone) {
+  audit::AuditLog audit(*kms.store, *kms.token);
+  seal->set_audit_hook([&](const std::string& action, const std::string& detail) {
+    return audit.append("operator", action, {{"detail", detail}});
+  });
+  ASSERT_TRUE(seal->unseal(SecretBytes::from_string(testing::kUserPin)).ok());
+  seal->seal();
+  std::vector<std::string> actions;
+  ASSERT_TRUE(audit
+                  .export_records([&](const nlohmann::json& j) {
+                    actions.push_back(j["action"]);
+                    return Status{};
+                  })
+                  .ok());
+  EXPECT_EQ(actions, (std::vector<std::string>{"seal.unseal", "seal.seal"}));
+
+  seal->set_audit_hook([](const std::string&, const std::string&) -> Status {
+    return make_error(ErrorCode::kStore, "disk full");
+  });
+  auto st = seal->unseal(SecretBytes::from_string(testing::kUserPin));
+  ASSERT_FALSE(st.ok());
+  EXPECT_THAT(st.error().message, HasSubstr("could not be written to the audit log"));
+  EXPECT_EQ(seal->status().state, startup::State::kSealed);
+  EXPECT_FALSE(kms.token->logged_in());
+}
+
 }  // namespace
 }  // namespace kmsd
