@@ -13,6 +13,7 @@
 #include <fstream>
 #include <string>
 
+#include "bench/bench_sandbox.hpp"
 #include "daemon/audit/audit_log.hpp"
 #include "daemon/policy/policy_check.hpp"
 #include "daemon/users/user_service.hpp"
@@ -23,8 +24,8 @@ using namespace kmsd;
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-constexpr const char* kModule = "/usr/lib/softhsm/libsofthsm2.so";
-constexpr const char* kPin = "87654321";
+using bench::kModule;
+using bench::kPin;
 
 long peak_rss_kib() {
   rusage ru{};
@@ -42,16 +43,8 @@ int main(int argc, char** argv) {
     if (a == "--users") users = std::atol(argv[i + 1]);
     if (a == "--wrap") wrap = argv[i + 1];
   }
-  std::string t = (fs::temp_directory_path() / "kmsd-bulk-bench-XXXXXX").string();
-  if (::mkdtemp(t.data()) == nullptr) return 1;
-  const fs::path dir = t;
-  fs::create_directories(dir / "tokens");
-  std::ofstream(dir / "softhsm2.conf") << "directories.tokendir = " << (dir / "tokens").string()
-                                       << "\nobjectstore.backend = file\nlog.level = ERROR\n";
-  ::setenv("SOFTHSM2_CONF", (dir / "softhsm2.conf").c_str(), 1);
-  std::string cmd = "softhsm2-util --init-token --free --label bench --so-pin 12345678 --pin " +
-                    std::string(kPin) + " >/dev/null";
-  if (std::system(cmd.c_str()) != 0) return 1;
+  bench::Sandbox sandbox;
+  const fs::path& dir = sandbox.dir;
 
   hsm::TokenOptions o;
   o.module_path = kModule;
@@ -107,7 +100,5 @@ int main(int argc, char** argv) {
       "total: %ld users (%ld tokens issued) in %.1f s = %.0f users/s; target 10000/s "
       "ratio %.2f\n",
       users, issued, s, users / s, users / s / 10000.0);
-  std::error_code ec;
-  fs::remove_all(dir, ec);
   return issued == users ? 0 : 1;
 }

@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/bench_sandbox.hpp"
 #include "common/ossl.hpp"
 #include "daemon/ca/issuer.hpp"
 #include "hsm/token.hpp"
@@ -30,31 +31,9 @@ using namespace kmsd;
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-constexpr const char* kModule = "/usr/lib/softhsm/libsofthsm2.so";
-constexpr const char* kPin = "87654321";
-
-struct Sandbox {
-  fs::path dir;
-  Sandbox() {
-    std::string t = (fs::temp_directory_path() / "kmsd-bench-XXXXXX").string();
-    if (::mkdtemp(t.data()) == nullptr) std::abort();
-    dir = t;
-    fs::create_directories(dir / "tokens");
-    std::ofstream(dir / "softhsm2.conf") << "directories.tokendir = " << (dir / "tokens").string()
-                                         << "\nobjectstore.backend = file\nlog.level = ERROR\n";
-    ::setenv("SOFTHSM2_CONF", (dir / "softhsm2.conf").c_str(), 1);
-    std::string cmd = "softhsm2-util --init-token --free --label bench --so-pin 12345678 --pin " +
-                      std::string(kPin) + " >/dev/null";
-    if (std::system(cmd.c_str()) != 0) {
-      std::fprintf(stderr, "token_bench: softhsm2-util failed\n");
-      std::exit(1);
-    }
-  }
-  ~Sandbox() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
-};
+using bench::kModule;
+using bench::kPin;
+using bench::Sandbox;
 
 // Runs OP on THREADS threads for SECONDS; returns operations per second (-1 on failure).
 double rate(int threads, double seconds, const std::function<bool()>& op) {

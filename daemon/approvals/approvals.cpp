@@ -154,26 +154,33 @@ Result<Outcome> Approvals::submit(const std::string& operation, const json& para
   return out;
 }
 
+Result<store::ApprovalRequestRecord> Approvals::decide(const std::string& request_id,
+                                                       const std::string& administrator,
+                                                       bool approve, std::int64_t now) {
+  KMSD_TRY(expire_due(now));
+  KMSD_ASSIGN_OR_RETURN(auto found, store_.find_approval_request(request_id));
+  if (!found) return make_error(ErrorCode::kNotFound, "no request " + request_id);
+  if (found->state != RequestState::kPending)
+    return make_error(ErrorCode::kFailedPrecondition,
+                      "request " + request_id + " is " + store::to_string(found->state) +
+                          "; only pending requests can be " + (approve ? "approved" : "denied"));
+  auto added = store_.add_approval({request_id, administrator, approve, now});
+  if (!added.ok()) {
+    if (added.error().code == ErrorCode::kAlreadyExists)
+      return make_error(ErrorCode::kAlreadyExists,
+                        "administrator '" + administrator + "' has already " +
+                            (approve ? "approved" : "decided on") + " request " + request_id +
+                            (approve ? "; another administrator must approve it" : ""));
+    return added.error();
+  }
+  return *found;
+}
+
 Result<Outcome> Approvals::approve(const std::string& request_id, const std::string& approver) {
   Outcome out;
   Status st = store_.transaction([&]() -> Status {
     const std::int64_t now = now_unix();
-    KMSD_TRY(expire_due(now));
-    KMSD_ASSIGN_OR_RETURN(auto found, store_.find_approval_request(request_id));
-    if (!found) return make_error(ErrorCode::kNotFound, "no request " + request_id);
-    auto req = *found;
-    if (req.state != RequestState::kPending)
-      return make_error(ErrorCode::kFailedPrecondition,
-                        "request " + request_id + " is " + store::to_string(req.state) +
-                            "; only pending requests can be approved");
-    auto added = store_.add_approval({request_id, approver, true, now});
-    if (!added.ok()) {
-      if (added.error().code == ErrorCode::kAlreadyExists)
-        return make_error(ErrorCode::kAlreadyExists,
-                          "administrator '" + approver + "' has already approved request " +
-                              request_id + "; another administrator must approve it");
-      return added.error();
-    }
+    KMSD_ASSIGN_OR_RETURN(auto req, decide(request_id, approver, true, now));
     KMSD_ASSIGN_OR_RETURN(auto decisions, store_.approvals(request_id));
     const int n = count_approvals(decisions);
     KMSD_TRY(audit_.append(approver, "request.approve",
@@ -202,22 +209,7 @@ Result<Outcome> Approvals::deny(const std::string& request_id, const std::string
   Outcome out;
   Status st = store_.transaction([&]() -> Status {
     const std::int64_t now = now_unix();
-    KMSD_TRY(expire_due(now));
-    KMSD_ASSIGN_OR_RETURN(auto found, store_.find_approval_request(request_id));
-    if (!found) return make_error(ErrorCode::kNotFound, "no request " + request_id);
-    auto req = *found;
-    if (req.state != RequestState::kPending)
-      return make_error(ErrorCode::kFailedPrecondition,
-                        "request " + request_id + " is " + store::to_string(req.state) +
-                            "; only pending requests can be denied");
-    auto added = store_.add_approval({request_id, approver, false, now});
-    if (!added.ok()) {
-      if (added.error().code == ErrorCode::kAlreadyExists)
-        return make_error(
-            ErrorCode::kAlreadyExists,
-            "administrator '" + approver + "' has already decided on request " + request_id);
-      return added.error();
-    }
+    KMSD_ASSIGN_OR_RETURN(auto req, decide(request_id, approver, false, now));
     req.state = RequestState::kDenied;
     req.decided_at = now;
     req.result = json{{"denied_by", approver}}.dump();

@@ -67,6 +67,10 @@ class Approvals {
   Result<Outcome> run(store::ApprovalRequestRecord& req, const std::string& executed_by,
                       int approvals);
   Status expire_due(std::int64_t now);
+  // Records ADMINISTRATOR's decision on a pending request (at most one per administrator).
+  Result<store::ApprovalRequestRecord> decide(const std::string& request_id,
+                                              const std::string& administrator, bool approve,
+                                              std::int64_t now);
 
   store::Store& store_;
   audit::AuditLog& audit_;

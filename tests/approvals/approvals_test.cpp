@@ -4,7 +4,7 @@
 #include <gtest/gtest.h>
 
 #include "daemon/approvals/approvals.hpp"
-#include "tests/support/sandbox.hpp"
+#include "tests/support/logged_in_token.hpp"
 
 namespace kmsd {
 namespace {
@@ -17,11 +17,8 @@ class ApprovalsTest : public testing::TokenSandbox {
  protected:
   void SetUp() override {
     TokenSandbox::SetUp();
-    hsm::TokenOptions o;
-    o.module_path = testing::kSoftHsmModule;
-    o.token_uri = token().uri();
-    token_ = std::move(hsm::Token::open(o).value());
-    ASSERT_TRUE(token_->login(SecretBytes::from_string(testing::kUserPin)).ok());
+    token_ = testing::open_logged_in_token(token());
+    ASSERT_NE(token_, nullptr);
     ASSERT_TRUE(token_->generate_audit_key().ok());
     store_ = std::move(store::Store::open(dir() / "kmsd.db").value());
     audit_ = std::make_unique<audit::AuditLog>(*store_, *token_);

@@ -6,7 +6,7 @@
 #include <sqlite3.h>
 
 #include "daemon/audit/audit_log.hpp"
-#include "tests/support/sandbox.hpp"
+#include "tests/support/logged_in_token.hpp"
 
 namespace kmsd {
 namespace {
@@ -18,11 +18,8 @@ class AuditTest : public testing::TokenSandbox {
  protected:
   void SetUp() override {
     TokenSandbox::SetUp();
-    hsm::TokenOptions o;
-    o.module_path = testing::kSoftHsmModule;
-    o.token_uri = token().uri();
-    token_ = std::move(hsm::Token::open(o).value());
-    ASSERT_TRUE(token_->login(SecretBytes::from_string(testing::kUserPin)).ok());
+    token_ = testing::open_logged_in_token(token());
+    ASSERT_NE(token_, nullptr);
     ASSERT_TRUE(token_->generate_audit_key().ok());
     db_path_ = dir() / "kmsd.db";
     store_ = std::move(store::Store::open(db_path_).value());

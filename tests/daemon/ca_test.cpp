@@ -6,7 +6,7 @@
 
 #include "daemon/ca/issuer.hpp"
 #include "hsm/token.hpp"
-#include "tests/support/sandbox.hpp"
+#include "tests/support/logged_in_token.hpp"
 
 namespace kmsd {
 namespace {
@@ -17,13 +17,8 @@ class IssuerTest : public testing::TokenSandbox {
  protected:
   void SetUp() override {
     TokenSandbox::SetUp();
-    hsm::TokenOptions o;
-    o.module_path = testing::kSoftHsmModule;
-    o.token_uri = token().uri();
-    auto t = hsm::Token::open(o);
-    ASSERT_TRUE(t.ok()) << t.error().message;
-    tok = std::move(*t);
-    ASSERT_TRUE(tok->login(SecretBytes::from_string(testing::kUserPin)).ok());
+    tok = testing::open_logged_in_token(token());
+    ASSERT_NE(tok, nullptr);
     ASSERT_TRUE(tok->generate_ca_key(hsm::KeyType::kEcP256).ok());
     auto pub = tok->ca_public_key();
     ASSERT_TRUE(pub.ok());

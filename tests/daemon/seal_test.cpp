@@ -48,6 +48,22 @@ Kms make_kms(const std::filesystem::path& dir, const std::string& token_label) {
   return k;
 }
 
+// The services behind the admin API, as kmsd wires them, with the default policy.
+struct AdminStack {
+  AdminStack(startup::Seal& seal, Kms& kms)
+      : policy(
+            std::make_shared<const policy::PolicyCheck>(policy::PolicyCheck::create({}).value())),
+        audit(*kms.store, *kms.token),
+        approvals(*kms.store, audit),
+        users(*kms.store, *kms.token, audit, policy, [] { return users::TokenSettings{}; }),
+        routes({seal, *kms.store, users, approvals, audit}) {}
+  policy::PolicyInForce policy;
+  audit::AuditLog audit;
+  approvals::Approvals approvals;
+  users::UserService users;
+  api::AdminRoutes routes;
+};
+
 class SealTest : public testing::TokenSandbox {
  protected:
   void SetUp() override {
@@ -230,13 +246,8 @@ TEST_F(SealTest, PublicRoutesReportSealStateAndServeTheCa) {
 }
 
 TEST_F(SealTest, AdminRoutesNeedAVerifiedAdministratorCertificate) {
-  auto policy = policy::PolicyInForce(
-      std::make_shared<const policy::PolicyCheck>(policy::PolicyCheck::create({}).value()));
-  audit::AuditLog audit(*kms.store, *kms.token);
-  approvals::Approvals approvals(*kms.store, audit);
-  users::UserService users(*kms.store, *kms.token, audit, policy,
-                           [] { return users::TokenSettings{}; });
-  api::AdminRoutes routes({*seal, *kms.store, users, approvals, audit});
+  AdminStack stack(*seal, kms);
+  api::AdminRoutes& routes = stack.routes;
   api::Peer anonymous;
   anonymous.tls = true;
   EXPECT_EQ(routes.handle(get("/v1/whoami"), anonymous).result(), api::http::status::unauthorized);
@@ -270,13 +281,9 @@ TEST_F(SealTest, AdminRoutesNeedAVerifiedAdministratorCertificate) {
 // Each role reaches only its endpoints; refused calls change nothing.
 TEST_F(SealTest, EveryRoleIsLimitedToItsEndpoints) {
   ASSERT_TRUE(seal->unseal(SecretBytes::from_string(testing::kUserPin)).ok());
-  auto policy = policy::PolicyInForce(
-      std::make_shared<const policy::PolicyCheck>(policy::PolicyCheck::create({}).value()));
-  audit::AuditLog audit(*kms.store, *kms.token);
-  approvals::Approvals approvals(*kms.store, audit);
-  users::UserService users(*kms.store, *kms.token, audit, policy,
-                           [] { return users::TokenSettings{}; });
-  api::AdminRoutes routes({*seal, *kms.store, users, approvals, audit});
+  AdminStack stack(*seal, kms);
+  api::AdminRoutes& routes = stack.routes;
+  audit::AuditLog& audit = stack.audit;
 
   // Certificates issued by the KMS CA for an auditor and an approver.
   auto peer_for = [&](const std::string& name, store::AdminRole role) {
