@@ -87,24 +87,24 @@ class BulkRun {
   // Sends and writes the entries not yet in the result file; the exit code.
   int run(const std::vector<bulk::Entry>& entries) {
     auto already = file_.written();
-    std::vector<const bulk::Entry*> todo;
+    std::vector<const bulk::Entry*> to_send;
     for (const auto& e : entries) {
       auto it = already.find(e.id);
       if (it != already.end() && it->second > 0) {
         --it->second;
         continue;
       }
-      todo.push_back(&e);
+      to_send.push_back(&e);
     }
-    Progress progress(todo.size());
+    Progress progress(to_send.size());
     std::vector<const bulk::Entry*> chunk;
     std::size_t users = 0, done = 0;
-    for (std::size_t i = 0; i < todo.size(); ++i) {
-      chunk.push_back(todo[i]);
-      if (todo[i]->user) ++users;
-      if (users < static_cast<std::size_t>(a_.batch) && i + 1 < todo.size()) continue;
+    for (std::size_t i = 0; i < to_send.size(); ++i) {
+      chunk.push_back(to_send[i]);
+      if (to_send[i]->user) ++users;
+      if (users < static_cast<std::size_t>(a_.batch) && i + 1 < to_send.size()) continue;
       if (int rc = flush(chunk); rc != kOk) {
-        std::cerr << "kmsctl: " << done << " of " << todo.size() << " lines of this run are in "
+        std::cerr << "kmsctl: " << done << " of " << to_send.size() << " lines of this run are in "
                   << a_.out << "; run the same command again to continue job " << job_ << "\n";
         return rc;
       }
