@@ -10,7 +10,7 @@
 #include <cstring>
 #include <span>
 
-#include "cli/csv.hpp"
+#include "common/csv.hpp"
 #include "common/ossl.hpp"
 
 namespace kmsd::cli::bulk {

@@ -4,7 +4,8 @@
 #include <cctype>
 #include <ctime>
 
-#include "cli/csv.hpp"
+#include "common/clock.hpp"
+#include "common/csv.hpp"
 
 namespace kmsd::cli::render {
 
@@ -79,17 +80,8 @@ std::optional<std::int64_t> integer(const json& j, std::string_view field) {
   return v->get<std::int64_t>();
 }
 
-std::string rfc3339(std::int64_t unix_seconds) {
-  std::time_t t = static_cast<std::time_t>(unix_seconds);
-  std::tm tm{};
-  if (!gmtime_r(&t, &tm)) return std::to_string(unix_seconds);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
-
 std::string time_text(const json& j, std::string_view field) {
-  if (auto n = integer(j, field)) return rfc3339(*n);
+  if (auto n = integer(j, field)) return utc_text(*n);
   return text(j, field);
 }
 

@@ -21,8 +21,6 @@ std::string url_encode(std::string_view s);
 std::string text(const nlohmann::json& j, std::string_view field);
 // FIELD of J as an integer, if it is one.
 std::optional<std::int64_t> integer(const nlohmann::json& j, std::string_view field);
-// Unix seconds as RFC 3339 UTC ("2024-05-01T12:00:00Z").
-std::string rfc3339(std::int64_t unix_seconds);
 // A time field: unix seconds shown as RFC 3339, a string as is, missing as "".
 std::string time_text(const nlohmann::json& j, std::string_view field);
 

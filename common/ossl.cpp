@@ -97,6 +97,26 @@ std::string hex(std::span<const std::uint8_t> bytes) {
   return out;
 }
 
+Result<Bytes> from_hex(std::string_view hex) {
+  if (hex.size() % 2 != 0)
+    return make_error(ErrorCode::kInvalidArgument, "hex text has an odd number of digits");
+  auto nibble = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+  };
+  Bytes out;
+  out.reserve(hex.size() / 2);
+  for (std::size_t i = 0; i < hex.size(); i += 2) {
+    int hi = nibble(hex[i]), lo = nibble(hex[i + 1]);
+    if (hi < 0 || lo < 0)
+      return make_error(ErrorCode::kInvalidArgument,
+                        "not lower-case hex: '" + std::string(hex) + "'");
+    out.push_back(static_cast<std::uint8_t>(hi << 4 | lo));
+  }
+  return out;
+}
+
 Bytes sha256(std::span<const std::uint8_t> bytes) {
   Bytes out(32);
   unsigned int n = 0;

@@ -4,6 +4,7 @@
 
 #include <ctime>
 
+#include "common/clock.hpp"
 #include "common/ossl.hpp"
 
 namespace kmsd::approvals {
@@ -12,10 +13,6 @@ using json = nlohmann::json;
 using store::RequestState;
 
 namespace {
-
-std::int64_t now_unix() {
-  return static_cast<std::int64_t>(std::time(nullptr));
-}
 
 Result<std::string> new_request_id() {
   std::uint8_t b[8];
@@ -80,7 +77,7 @@ Result<Outcome> Approvals::run(store::ApprovalRequestRecord& req, const std::str
     });
     result = st.ok() ? Result<json>(std::move(value)) : Result<json>(st.error());
   }
-  req.decided_at = now_unix();
+  req.decided_at = unix_now();
   if (result.ok()) {
     req.state = RequestState::kExecuted;
     out.result = *result;
@@ -118,7 +115,7 @@ Result<Outcome> Approvals::submit(const std::string& operation, const json& para
   const int k = rules.required_for(operation);
   Outcome out;
   Status st = store_.transaction([&]() -> Status {
-    const std::int64_t now = now_unix();
+    const std::int64_t now = unix_now();
     if (k <= 1) {
       KMSD_ASSIGN_OR_RETURN(out.result, executor(params, requester));
       KMSD_TRY(audit_.append(requester, operation, {{"params", params}, {"result", out.result}}));
@@ -179,7 +176,7 @@ Result<store::ApprovalRequestRecord> Approvals::decide(const std::string& reques
 Result<Outcome> Approvals::approve(const std::string& request_id, const std::string& approver) {
   Outcome out;
   Status st = store_.transaction([&]() -> Status {
-    const std::int64_t now = now_unix();
+    const std::int64_t now = unix_now();
     KMSD_ASSIGN_OR_RETURN(auto req, decide(request_id, approver, true, now));
     KMSD_ASSIGN_OR_RETURN(auto decisions, store_.approvals(request_id));
     const int n = count_approvals(decisions);
@@ -208,7 +205,7 @@ Result<Outcome> Approvals::approve(const std::string& request_id, const std::str
 Result<Outcome> Approvals::deny(const std::string& request_id, const std::string& approver) {
   Outcome out;
   Status st = store_.transaction([&]() -> Status {
-    const std::int64_t now = now_unix();
+    const std::int64_t now = unix_now();
     KMSD_ASSIGN_OR_RETURN(auto req, decide(request_id, approver, false, now));
     req.state = RequestState::kDenied;
     req.decided_at = now;
@@ -227,7 +224,7 @@ Result<Outcome> Approvals::deny(const std::string& request_id, const std::string
 
 Result<std::vector<store::ApprovalRequestRecord>> Approvals::list(
     std::optional<store::RequestState> state) {
-  KMSD_TRY(store_.transaction([&] { return expire_due(now_unix()); }));
+  KMSD_TRY(store_.transaction([&] { return expire_due(unix_now()); }));
   return store_.approval_requests(state);
 }
 

@@ -2,6 +2,7 @@
 
 #include <ctime>
 
+#include "common/clock.hpp"
 #include "common/ossl.hpp"
 
 namespace kmsd::audit {
@@ -31,22 +32,6 @@ ossl::Bytes head_bytes(std::int64_t seq, std::span<const std::uint8_t> hash) {
   return out;
 }
 
-Result<ossl::Bytes> from_hex(const std::string& hex) {
-  if (hex.size() % 2 != 0) return make_error(ErrorCode::kInvalidArgument, "odd-length hex");
-  ossl::Bytes out;
-  for (std::size_t i = 0; i < hex.size(); i += 2) {
-    auto nib = [](char c) -> int {
-      if (c >= '0' && c <= '9') return c - '0';
-      if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-      return -1;
-    };
-    int hi = nib(hex[i]), lo = nib(hex[i + 1]);
-    if (hi < 0 || lo < 0) return make_error(ErrorCode::kInvalidArgument, "bad hex");
-    out.push_back(static_cast<std::uint8_t>(hi << 4 | lo));
-  }
-  return out;
-}
-
 }  // namespace
 
 Result<ossl::Bytes> AuditLog::mac_of(std::string_view domain, std::span<const std::uint8_t> data) {
@@ -62,7 +47,7 @@ Status AuditLog::append(const std::string& actor, const std::string& action, con
     KMSD_ASSIGN_OR_RETURN(auto last, store_.last_audit());
     store::AuditRecord rec;
     rec.seq = last ? last->seq + 1 : 1;
-    rec.at = static_cast<std::int64_t>(std::time(nullptr));
+    rec.at = unix_now();
     rec.actor = actor;
     rec.action = action;
     rec.record = json{{"v", 1},         {"seq", rec.seq},   {"at", rec.at},
@@ -130,8 +115,8 @@ Result<VerifyReport> AuditLog::verify() {
     return rep;
   }
   json head = json::parse(*head_text, nullptr, false);
-  auto head_hash = from_hex(head.value("hash", std::string()));
-  auto head_mac = from_hex(head.value("mac", std::string()));
+  auto head_hash = ossl::from_hex(head.value("hash", std::string()));
+  auto head_mac = ossl::from_hex(head.value("mac", std::string()));
   std::int64_t head_seq = head.value("seq", std::int64_t{-1});
   auto want = head_hash.ok() ? mac_of(kHeadDomain, head_bytes(head_seq, *head_hash))
                              : Result<ossl::Bytes>(head_hash.error());

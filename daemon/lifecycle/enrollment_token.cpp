@@ -2,7 +2,7 @@
 
 #include <cstring>
 
-#include "daemon/lifecycle/utc_text.hpp"
+#include "common/clock.hpp"
 
 namespace kmsd::lifecycle {
 
@@ -160,8 +160,8 @@ Result<SecretBytes> EnrollmentTokens::reveal(const SealedToken& sealed, std::str
   if (rec.size() <= kSealedTokenHeaderLen || rec[0] != kSealedTokenVersion)
     return make_error(ErrorCode::kCrypto, "the stored token record is not a version 1 record");
   const std::uint64_t expires = get_u64(rec.subspan(1, 8));
-  KMSD_ASSIGN_OR_RETURN(auto value, token_.open(rec.subspan(kSealedTokenHeaderLen),
-                                                token_aad(user_id, expires)));
+  KMSD_ASSIGN_OR_RETURN(
+      auto value, token_.open(rec.subspan(kSealedTokenHeaderLen), token_aad(user_id, expires)));
   if (value.size() != kTokenBytes)
     return make_error(ErrorCode::kCrypto, "the stored token record has the wrong length");
   return encode_token(value.span());

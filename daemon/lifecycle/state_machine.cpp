@@ -1,6 +1,6 @@
 #include "daemon/lifecycle/state_machine.hpp"
 
-#include "daemon/lifecycle/utc_text.hpp"
+#include "common/clock.hpp"
 
 namespace kmsd::lifecycle {
 

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <ctime>
 
+#include "common/clock.hpp"
 #include "common/files.hpp"
 #include "daemon/ca/issuer.hpp"
 
@@ -18,10 +19,6 @@ Status refuse_existing_p12(const std::filesystem::path& p12) {
                     p12.string() + " already exists; choose another --admin-p12 path");
 }
 
-std::int64_t now_unix() {
-  return static_cast<std::int64_t>(std::time(nullptr));
-}
-
 }  // namespace
 
 store::CertificateRecord certificate_record(X509* cert, store::CertKind kind) {
@@ -33,7 +30,7 @@ store::CertificateRecord certificate_record(X509* cert, store::CertKind kind) {
   rec.not_after = ca::not_after_unix(cert);
   auto der = ossl::x509_to_der(cert);
   if (der.ok()) rec.der = std::move(der).value();
-  rec.issued_at = now_unix();
+  rec.issued_at = unix_now();
   return rec;
 }
 
@@ -105,11 +102,11 @@ Status record_initialized(store::Store& store, X509* ca_cert,
     a.name = admin_name;
     a.role = store::AdminRole::kAdmin;
     a.cert_serial = admin_rec.serial;
-    a.created_at = now_unix();
+    a.created_at = unix_now();
     KMSD_TRY(store.insert_admin(a));
     KMSD_TRY(store.put_setting(kSettingCaSerial, ca::serial_hex(ca_cert)));
     KMSD_TRY(store.put_setting(kSettingMasterVersion, "1"));
-    KMSD_TRY(store.put_setting(kSettingInitializedAt, std::to_string(now_unix())));
+    KMSD_TRY(store.put_setting(kSettingInitializedAt, std::to_string(unix_now())));
     return store.put_setting(kSettingState, "initialized");
   });
 }

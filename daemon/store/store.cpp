@@ -1,5 +1,7 @@
 #include "daemon/store/store.hpp"
 
+#include "common/clock.hpp"
+
 #include <fcntl.h>
 #include <sqlite3.h>
 #include <sys/stat.h>
@@ -329,12 +331,6 @@ Error sqlite_error(sqlite3* db, int rc, std::string_view what) {
   const char* msg = db != nullptr ? sqlite3_errmsg(db) : nullptr;
   if (msg == nullptr || std::strcmp(msg, "not an error") == 0) msg = sqlite3_errstr(rc);
   return store_error(what, msg);
-}
-
-std::int64_t now_seconds() {
-  return std::chrono::duration_cast<std::chrono::seconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
 }
 
 // One prepared statement. Binding errors are remembered and reported by step(), so call
@@ -673,7 +669,7 @@ struct Store::Impl {
         KMSD_ASSIGN_OR_RETURN(Lease st,
                               stmt("INSERT OR IGNORE INTO schema_version (id, version, applied_at) "
                                    "VALUES (1, 0, ?1)"));
-        st->bind(1, now_seconds());
+        st->bind(1, unix_now());
         KMSD_TRY(st->run(what));
       }
       KMSD_ASSIGN_OR_RETURN(int current, read_version());
@@ -686,7 +682,7 @@ struct Store::Impl {
       KMSD_TRY(check_foreign_keys(m, what));
       KMSD_ASSIGN_OR_RETURN(Lease st, stmt("UPDATE schema_version SET version = ?1, "
                                            "applied_at = ?2 WHERE id = 1"));
-      st->bind(1, static_cast<std::int64_t>(m.version)).bind(2, now_seconds());
+      st->bind(1, static_cast<std::int64_t>(m.version)).bind(2, unix_now());
       return st->run(what);
     };
     Status st = body();

@@ -4,6 +4,8 @@
 
 #include <ctime>
 
+#include "common/clock.hpp"
+#include "common/csv.hpp"
 #include "common/ossl.hpp"
 #include "daemon/lifecycle/state_machine.hpp"
 
@@ -13,19 +15,6 @@ using json = nlohmann::json;
 using lifecycle::Action;
 
 namespace {
-
-std::int64_t now_unix() {
-  return static_cast<std::int64_t>(std::time(nullptr));
-}
-
-std::string utc(std::int64_t t) {
-  std::time_t tt = static_cast<std::time_t>(t);
-  std::tm tm{};
-  gmtime_r(&tt, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
 
 lifecycle::UserState to_lifecycle(store::UserState s) {
   switch (s) {
@@ -176,7 +165,7 @@ Result<Issued> UserService::enable(const UserInput& in, const std::string& admin
   KMSD_TRY(policy_.current()->admit_identity(identity_of(in)));
   Result<Issued> out = Error{};
   Status st = store_.transaction([&]() -> Status {
-    const std::int64_t now = now_unix();
+    const std::int64_t now = unix_now();
     KMSD_ASSIGN_OR_RETURN(auto p, prepare(store_, in.id));
     auto d = lifecycle::transition(p.from, Action::kEnable, p.facts);
     if (!d.ok()) return d.error();
@@ -201,7 +190,7 @@ Result<Issued> UserService::enable(const UserInput& in, const std::string& admin
                             {"token_expires_at", issued.expires_at}}));
     issued.message =
         std::string(p.from == lifecycle::UserState::kRevoked ? "re-enabled" : "enabled") + " " +
-        in.id + "; enrollment token valid until " + utc(issued.expires_at) +
+        in.id + "; enrollment token valid until " + utc_text(issued.expires_at) +
         " (shown once: hand it to the user)";
     out = std::move(issued);
     return {};
@@ -213,7 +202,7 @@ Result<Issued> UserService::enable(const UserInput& in, const std::string& admin
 Result<Issued> UserService::reissue(const std::string& id, const std::string& admin) {
   Result<Issued> out = Error{};
   Status st = store_.transaction([&]() -> Status {
-    const std::int64_t now = now_unix();
+    const std::int64_t now = unix_now();
     KMSD_ASSIGN_OR_RETURN(auto p, prepare(store_, id));
     auto d = lifecycle::transition(p.from, Action::kReissue, p.facts);
     if (!d.ok()) return d.error();
@@ -229,7 +218,7 @@ Result<Issued> UserService::reissue(const std::string& id, const std::string& ad
                             {"replaced_pending_token", p.facts.has_pending_token},
                             {"token_expires_at", issued.expires_at}}));
     issued.message = std::string("new ") + store::to_string(purpose) + " token for " + id +
-                     ", valid until " + utc(issued.expires_at) +
+                     ", valid until " + utc_text(issued.expires_at) +
                      (p.facts.has_pending_token ? "; the previous token no longer works" : "");
     out = std::move(issued);
     return {};
@@ -241,7 +230,7 @@ Result<Issued> UserService::reissue(const std::string& id, const std::string& ad
 Result<json> UserService::revoke(const std::string& id, int reason, const std::string& admin) {
   json out;
   Status st = store_.transaction([&]() -> Status {
-    const std::int64_t now = now_unix();
+    const std::int64_t now = unix_now();
     KMSD_ASSIGN_OR_RETURN(auto p, prepare(store_, id));
     auto d = lifecycle::transition(p.from, Action::kRevoke, p.facts);
     if (!d.ok()) return d.error();
@@ -280,7 +269,7 @@ Result<json> UserService::revoke(const std::string& id, int reason, const std::s
 Result<json> UserService::recover(const std::string& id, const std::string& admin) {
   json out;
   Status st = store_.transaction([&]() -> Status {
-    const std::int64_t now = now_unix();
+    const std::int64_t now = unix_now();
     KMSD_ASSIGN_OR_RETURN(auto p, prepare(store_, id));
     auto d = lifecycle::transition(p.from, Action::kRecover, p.facts);
     if (!d.ok()) return d.error();
@@ -310,7 +299,7 @@ Result<json> UserService::recover(const std::string& id, const std::string& admi
 Result<json> UserService::show(const std::string& id) {
   KMSD_ASSIGN_OR_RETURN(auto p, prepare(store_, id));
   if (!p.user) return make_error(ErrorCode::kNotFound, "no user " + id);
-  const std::int64_t now = now_unix();
+  const std::int64_t now = unix_now();
   json j{{"user", user_json(*p.user)}};
   json token = nullptr;
   if (p.token) {
@@ -350,7 +339,7 @@ Result<std::vector<BulkLine>> UserService::bulk_enable(const std::vector<UserInp
   lines.reserve(users.size());
   json summary = json::array();
   Status st = store_.transaction([&]() -> Status {
-    const std::int64_t now = now_unix();
+    const std::int64_t now = unix_now();
     for (const auto& in : users) {
       BulkLine line;
       line.id = in.id;
@@ -363,7 +352,7 @@ Result<std::vector<BulkLine>> UserService::bulk_enable(const std::vector<UserInp
         if (p.from == lifecycle::UserState::kActive) {
           line.status = BulkStatus::kSkippedActive;
           line.message = "already enrolled" +
-                         (p.user->last_enrolled_at ? " since " + utc(*p.user->last_enrolled_at)
+                         (p.user->last_enrolled_at ? " since " + utc_text(*p.user->last_enrolled_at)
                                                    : std::string()) +
                          "; nothing to do";
         } else if (p.from == lifecycle::UserState::kRecovery) {
@@ -371,7 +360,7 @@ Result<std::vector<BulkLine>> UserService::bulk_enable(const std::vector<UserInp
           line.message = "a key recovery is under way; not re-enabled";
         } else if (revoked && !options.include_revoked) {
           line.status = BulkStatus::kSkippedRevoked;
-          line.message = "revoked on " + utc(p.user->updated_at) +
+          line.message = "revoked on " + utc_text(p.user->updated_at) +
                          "; not re-enabled (use --include-revoked to re-enable revoked users)";
         } else if (p.from == lifecycle::UserState::kEnabled && p.facts.has_pending_token &&
                    p.token->issued_by == issued_by && p.token->expires_at > now) {
@@ -383,13 +372,13 @@ Result<std::vector<BulkLine>> UserService::bulk_enable(const std::vector<UserInp
                              in.id));
           line.status = BulkStatus::kIssued;
           line.expires_at = p.token->expires_at;
-          line.message = "token issued by this job on " + utc(p.token->issued_at) +
-                         ", delivered now; valid until " + utc(line.expires_at);
+          line.message = "token issued by this job on " + utc_text(p.token->issued_at) +
+                         ", delivered now; valid until " + utc_text(line.expires_at);
         } else if (p.from == lifecycle::UserState::kEnabled && !options.reissue_pending) {
           line.status = BulkStatus::kPending;
           line.message = p.facts.has_pending_token
-                             ? "already enabled: a token was issued on " + utc(p.token->issued_at) +
-                                   " by " + p.token->issued_by +
+                             ? "already enabled: a token was issued on " +
+                                   utc_text(p.token->issued_at) + " by " + p.token->issued_by +
                                    " and has not been used; no new token (use "
                                    "--reissue-pending to replace it)"
                              : "already enabled without a usable token; use --reissue-pending "
@@ -424,7 +413,7 @@ Result<std::vector<BulkLine>> UserService::bulk_enable(const std::vector<UserInp
                 std::string(action == Action::kReissue ? "pending token replaced by a new one"
                                                        : (revoked ? "re-enabled; token issued"
                                                                   : "enabled; token issued")) +
-                ", valid until " + utc(line.expires_at);
+                ", valid until " + utc_text(line.expires_at);
           }
         }
       }
@@ -442,16 +431,6 @@ Result<std::vector<BulkLine>> UserService::bulk_enable(const std::vector<UserInp
 }
 
 namespace {
-
-std::string csv_field(std::string_view v) {
-  if (v.find_first_of(",\"\r\n") == std::string_view::npos) return std::string(v);
-  std::string out = "\"";
-  for (char c : v) {
-    if (c == '"') out += '"';
-    out += c;
-  }
-  return out + "\"";
-}
 
 std::string base64(std::span<const std::uint8_t> data) {
   std::string out(4 * ((data.size() + 2) / 3) + 1, '\0');
@@ -489,7 +468,7 @@ std::string dn_escape(std::string_view v) {
 
 Status UserService::report(ReportFormat format,
                            const std::function<Status(std::string_view)>& sink) {
-  const std::int64_t now = now_unix();
+  const std::int64_t now = unix_now();
   const std::uint32_t max_attempts = settings_().max_attempts;
   if (format == ReportFormat::kCsv)
     KMSD_TRY(
@@ -531,11 +510,11 @@ Status UserService::report(ReportFormat format,
         j["token_status"] = tstat;
         chunk += (first ? "\n" : ",\n") + j.dump();
       } else if (format == ReportFormat::kCsv) {
-        chunk += csv_field(u.id) + "," + csv_field(u.email) + "," + csv_field(u.display_name) +
+        chunk += csv::quote(u.id) + "," + csv::quote(u.email) + "," + csv::quote(u.display_name) +
                  "," + store::to_string(u.state) + "," + (sign ? sign->serial : "") + "," +
-                 (sign ? utc(sign->not_after) : "") + "," + (enc ? enc->serial : "") + "," +
-                 (enc ? utc(enc->not_after) : "") + "," + std::to_string(depth) + "," +
-                 (u.last_enrolled_at ? utc(*u.last_enrolled_at) : "") + "," + tstat + "\r\n";
+                 (sign ? utc_text(sign->not_after) : "") + "," + (enc ? enc->serial : "") + "," +
+                 (enc ? utc_text(enc->not_after) : "") + "," + std::to_string(depth) + "," +
+                 (u.last_enrolled_at ? utc_text(*u.last_enrolled_at) : "") + "," + tstat + "\r\n";
       } else if (sign || enc) {  // LDIF: only users with certificates to publish
         chunk += ldif_line("dn", u.dn ? *u.dn : "uid=" + dn_escape(u.id));
         chunk += ldif_line("changetype", "modify");

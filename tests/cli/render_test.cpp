@@ -1,4 +1,5 @@
 #include "cli/render.hpp"
+#include "common/clock.hpp"
 
 #include <gtest/gtest.h>
 
@@ -126,7 +127,7 @@ TEST(Render, AuditVerifyNamesTheFirstBadRecord) {
 TEST(Render, UrlEncodeAndTimes) {
   EXPECT_EQ(url_encode("cn=Doe, Jane/o=x"), "cn%3DDoe%2C%20Jane%2Fo%3Dx");
   EXPECT_EQ(url_encode("a-b_c.d~e"), "a-b_c.d~e");
-  EXPECT_EQ(rfc3339(0), "1970-01-01T00:00:00Z");
+  EXPECT_EQ(utc_text(0), "1970-01-01T00:00:00Z");
   EXPECT_EQ(time_text(json::parse(R"({"t":"2024-01-01T00:00:00Z"})"), "t"), "2024-01-01T00:00:00Z");
   EXPECT_EQ(time_text(json::parse("{}"), "t"), "");
 }

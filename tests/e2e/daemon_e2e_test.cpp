@@ -233,19 +233,12 @@ TEST_F(KmsdTest, AdminListenerRequiresAnAdministratorCertificate) {
   EXPECT_THAT(other.output, HasSubstr("\n401"));
   EXPECT_THAT(other.output, HasSubstr("not accepted"));
   // kmsctl speaks the same mutual TLS.
-  std::string admin_opts = " --server https://localhost:" + std::to_string(admin_port_) +
-                           " --p12 " + shell_quote(admin_p12()) + " --ca " +
-                           shell_quote(dir() / "ca.pem") + " --passphrase-file " +
-                           shell_quote(pass_path());
-  auto who = kmsctl("whoami" + admin_opts);
+  auto who = kmsctl("whoami" + kmsctl_admin_options());
   EXPECT_EQ(who.status, 0) << who.output;
   EXPECT_THAT(who.output, HasSubstr("alice (admin"));
   std::ofstream(dir() / "wrong.pass") << "nope\n";
   ::chmod((dir() / "wrong.pass").c_str(), 0600);
-  auto wrong =
-      kmsctl("whoami --server https://localhost:" + std::to_string(admin_port_) + " --p12 " +
-             shell_quote(admin_p12()) + " --ca " + shell_quote(dir() / "ca.pem") +
-             " --passphrase-file " + shell_quote(dir() / "wrong.pass"));
+  auto wrong = kmsctl("whoami" + kmsctl_admin_options(dir() / "wrong.pass"));
   EXPECT_EQ(wrong.status, 4) << wrong.output;
   EXPECT_THAT(wrong.output, HasSubstr("wrong passphrase"));
   // The server certificate verifies against the KMS CA for the configured name.

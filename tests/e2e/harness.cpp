@@ -209,6 +209,13 @@ std::string KmsdTest::http_code(const std::string& path) {
   return r.output;
 }
 
+std::string KmsdTest::kmsctl_admin_options(const fs::path& passphrase_file) const {
+  return " --server https://localhost:" + std::to_string(admin_port_) + " --p12 " +
+         shell_quote(admin_p12()) + " --ca " + shell_quote(dir() / "ca.pem") +
+         " --passphrase-file " +
+         shell_quote(passphrase_file.empty() ? pass_path() : passphrase_file);
+}
+
 std::string KmsdTest::log_text() const {
   std::ifstream f(log_path());
   std::stringstream ss;

@@ -51,6 +51,9 @@ class KmsdTest : public TokenSandbox {
   CommandResult get_public(const std::string& path);
   std::string http_code(const std::string& path);
   std::string log_text() const;
+  // kmsctl's admin-API options as the first administrator, with the CA fetched to ca.pem;
+  // PASSPHRASE_FILE defaults to the right one.
+  std::string kmsctl_admin_options(const std::filesystem::path& passphrase_file = {}) const;
 
   std::filesystem::path conf_path() const { return dir() / "kmsd.toml"; }
   std::filesystem::path secret_path() const { return dir() / "startup.secret"; }

@@ -260,11 +260,7 @@ namespace {
 
 class BulkEnableTest : public UsersTest {
  protected:
-  std::string admin_opts() {
-    return " --server https://localhost:" + std::to_string(admin_port_) + " --p12 " +
-           shell_quote(admin_p12()) + " --ca " + shell_quote(dir() / "ca.pem") +
-           " --passphrase-file " + shell_quote(pass_path());
-  }
+  std::string admin_opts() const { return kmsctl_admin_options(); }
   // Result lines by id (skipping the job line and the header).
   std::map<std::string, std::vector<std::string>> results(const std::filesystem::path& file) {
     std::map<std::string, std::vector<std::string>> out;

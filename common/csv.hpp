@@ -9,7 +9,7 @@
 #include <string_view>
 #include <vector>
 
-namespace kmsd::cli::csv {
+namespace kmsd::csv {
 
 struct Record {
   std::vector<std::string> fields;
@@ -43,4 +43,4 @@ std::string quote(std::string_view field);
 // One record: the quoted fields joined by commas, ending in CRLF.
 std::string format_record(const std::vector<std::string>& fields);
 
-}  // namespace kmsd::cli::csv
+}  // namespace kmsd::csv

@@ -1,6 +1,6 @@
-#include "cli/csv.hpp"
+#include "common/csv.hpp"
 
-namespace kmsd::cli::csv {
+namespace kmsd::csv {
 
 namespace {
 
@@ -129,4 +129,4 @@ std::string format_record(const std::vector<std::string>& fields) {
   return out;
 }
 
-}  // namespace kmsd::cli::csv
+}  // namespace kmsd::csv

@@ -1,8 +1,8 @@
-#include "cli/csv.hpp"
+#include "common/csv.hpp"
 
 #include <gtest/gtest.h>
 
-namespace kmsd::cli::csv {
+namespace kmsd::csv {
 namespace {
 
 std::vector<Record> read_all(std::string_view text) {
@@ -105,4 +105,4 @@ TEST(Csv, WhatTheWriterWritesTheReaderReadsBack) {
 }
 
 }  // namespace
-}  // namespace kmsd::cli::csv
+}  // namespace kmsd::csv
