@@ -39,6 +39,21 @@ std::string Endpoint::to_string() const {
   return host + ":" + std::to_string(port);
 }
 
+namespace {
+std::string public_url(const Config& cfg, const char* path) {
+  const Endpoint& e = cfg.server.public_listen;
+  if (e.host == "0.0.0.0" || e.host == "::") return "";
+  return "http://" + e.to_string() + path;
+}
+}  // namespace
+
+std::string crl_url_for(const Config& cfg) {
+  return cfg.ca.crl_url.empty() ? public_url(cfg, "/crl") : cfg.ca.crl_url;
+}
+std::string ocsp_url_for(const Config& cfg) {
+  return cfg.ca.ocsp_url.empty() ? public_url(cfg, "/ocsp") : cfg.ca.ocsp_url;
+}
+
 const char* to_string(StartupSource s) noexcept {
   switch (s) {
     case StartupSource::kPrompt:
@@ -82,6 +97,19 @@ constexpr std::array<std::pair<std::string_view, StartupSource>, 2> kStartupSour
     {"file", StartupSource::kFile},
 }};
 
+// Keys kmsd generates and escrows for encryption certificates: EC P-384 is left out because
+// S/MIME clients that read P-256 (ECDH) and RSA widely do not all read P-384.
+constexpr std::array<std::pair<std::string_view, hsm::KeyType>, 3> kEncryptionKeyTypes{{
+    {"ec-p256", hsm::KeyType::kEcP256},
+    {"rsa-2048", hsm::KeyType::kRsa2048},
+    {"rsa-3072", hsm::KeyType::kRsa3072},
+}};
+
+constexpr std::array<std::pair<std::string_view, RenewKey>, 2> kRenewKey{{
+    {"new", RenewKey::kNew},
+    {"same", RenewKey::kSame},
+}};
+
 constexpr std::array<std::pair<std::string_view, std::string_view>, 3> kDigests{{
     {"sha256", "sha256"},
     {"sha384", "sha384"},
@@ -120,7 +148,9 @@ const std::vector<SectionSchema>& schema() {
         "io_threads", "max_body_bytes", "request_timeout_seconds"}},
       {"token", {"module", "uri", "pool_size", "wrap_mechanism", "labels"}},
       {"token.labels", {"master_prefix", "master_mac_prefix", "ca", "audit"}},
-      {"ca", {"key_type", "subject", "validity_days", "digest"}},
+      {"ca",
+       {"key_type", "subject", "validity_days", "digest", "crl_url", "ocsp_url", "crl_path",
+        "crl_next_update_hours", "ocsp_validity_minutes"}},
       {"admin", {"cert_validity_days", "key_type"}},
       {"store", {"path"}},
       {"startup", {"source", "file"}},
@@ -130,7 +160,9 @@ const std::vector<SectionSchema>& schema() {
         "encryption"}},
       {"policy.signing", {"key_usage", "extended_key_usage"}},
       {"policy.encryption", {"key_usage", "extended_key_usage"}},
-      {"enrollment", {"token_ttl_days", "max_failed_attempts"}},
+      {"enrollment",
+       {"token_ttl_days", "max_failed_attempts", "cert_validity_days", "encryption_key_type",
+        "renew_encryption_key"}},
       {"approvals", {"ttl_hours", "required"}},
       {"approvals.required",
        {"revoke", "recover", "admin_add", "admin_remove", "policy_change", "dr"}},
@@ -1000,6 +1032,33 @@ class Loader {
     }
     set_int(s, "validity_days", 1, 36500, c.validity_days);
     if (auto d = choice(s, "digest", kDigests, false)) c.digest = std::string(*d);
+    http_url(s, "crl_url", c.crl_url);
+    http_url(s, "ocsp_url", c.ocsp_url);
+    if (auto p = path(s, "crl_path", false, &line)) {
+      require_parent_dir(s, "crl_path", line, *p);
+      c.crl_path = *p;
+    }
+    set_int(s, "crl_next_update_hours", 1, 24 * 365, c.crl_next_update_hours);
+    set_int(s, "ocsp_validity_minutes", 1, 7 * 24 * 60, c.ocsp_validity_minutes);
+  }
+
+  // An absolute http:// or https:// URL without spaces or commas (it goes into a certificate
+  // extension as written).
+  void http_url(const Section& s, std::string_view key, std::string& out) {
+    std::uint32_t line = 0;
+    auto v = str(s, key, false, &line);
+    if (!v) return;
+    const bool scheme = v->rfind("http://", 0) == 0 || v->rfind("https://", 0) == 0;
+    const bool clean =
+        v->find_first_of(" ,\t\r\n\"") == std::string::npos && v->find('\0') == std::string::npos;
+    const std::size_t host_at = v->find("://") + 3;
+    if (!scheme || !clean || v->size() <= host_at) {
+      problem(
+          line, key_of(s, key),
+          in_quotes(*v) + " is not an absolute http:// or https:// URL without spaces or commas");
+      return;
+    }
+    out = *v;
   }
 
   void load_admin(const Section& s, AdminConfig& c) {
@@ -1010,6 +1069,10 @@ class Loader {
   void load_enrollment(const Section& s, EnrollmentConfig& c) {
     set_int(s, "token_ttl_days", 1, 365, c.token_ttl_days);
     set_int(s, "max_failed_attempts", 1, 100, c.max_failed_attempts);
+    set_int(s, "cert_validity_days", 1, 3650, c.cert_validity_days);
+    if (auto k = choice(s, "encryption_key_type", kEncryptionKeyTypes, false))
+      c.encryption_key_type = *k;
+    if (auto r = choice(s, "renew_encryption_key", kRenewKey, false)) c.renew_encryption_key = *r;
   }
 
   void load_approvals(const toml::table& root, ApprovalsConfig& c) {
@@ -1191,7 +1254,22 @@ class Loader {
               "does not allow 3; administrator and TLS server certificates are always v3 and "
               "could never be issued");
     }
+    if (cfg.enrollment.cert_validity_days > cfg.policy.max_validity_days) {
+      problem(line_of_key(root, "enrollment", "cert_validity_days"),
+              "enrollment.cert_validity_days",
+              std::to_string(cfg.enrollment.cert_validity_days) +
+                  " days exceeds policy.max_validity_days (" +
+                  std::to_string(cfg.policy.max_validity_days) +
+                  "); user certificates could never be issued");
+    }
     const auto& kt = cfg.policy.key_types;
+    if (!kt.empty() &&
+        std::find(kt.begin(), kt.end(), cfg.enrollment.encryption_key_type) == kt.end()) {
+      problem(line_of_key(root, "enrollment", "encryption_key_type"),
+              "enrollment.encryption_key_type",
+              in_quotes(spelling(kEncryptionKeyTypes, cfg.enrollment.encryption_key_type)) +
+                  " is not in policy.key_types; encryption certificates could never be issued");
+    }
     if (!kt.empty() && std::find(kt.begin(), kt.end(), cfg.admin.key_type) == kt.end()) {
       problem(line_of_key(root, "admin", "key_type"), "admin.key_type",
               in_quotes(spelling(kKeyTypes, cfg.admin.key_type)) +

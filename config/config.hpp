@@ -48,6 +48,14 @@ struct CaConfig {
   std::string subject = "/O=kmsd/CN=kmsd CA";  // OpenSSL one-line form, "/K=V/K=V"
   unsigned validity_days = 3650;
   std::string digest = "sha256";  // sha256 | sha384 | sha512
+  // Put in every end-entity certificate (CRL distribution point, OCSP authority information
+  // access). Empty: derived from server.public_listen ("http://HOST:PORT/crl", ".../ocsp")
+  // by crl_url_for()/ocsp_url_for(), or left out when that listens on a wildcard address.
+  std::string crl_url;
+  std::string ocsp_url;
+  std::filesystem::path crl_path;       // empty: the CRL is only served at /crl
+  unsigned crl_next_update_hours = 24;  // nextUpdate of every CRL
+  unsigned ocsp_validity_minutes = 60;  // nextUpdate of OCSP responses
 };
 
 struct AdminConfig {
@@ -87,10 +95,16 @@ struct PolicyConfig {
   ProfileUsages encryption{{"keyEncipherment", "keyAgreement"}, {"emailProtection"}};
 };
 
-// One-time enrollment (and recovery) tokens.
+// What renewal does with the escrowed encryption key.
+enum class RenewKey { kNew, kSame };  // "new": a new key is appended to the history
+
+// Enrollment: one-time tokens and the user certificates they buy.
 struct EnrollmentConfig {
-  unsigned token_ttl_days = 14;      // a token not used by then expires
-  unsigned max_failed_attempts = 5;  // wrong tokens before the token locks
+  unsigned token_ttl_days = 14;                              // a token not used by then expires
+  unsigned max_failed_attempts = 5;                          // wrong tokens before the token locks
+  unsigned cert_validity_days = 365;                         // signing and encryption certificates
+  hsm::KeyType encryption_key_type = hsm::KeyType::kEcP256;  // generated and escrowed by kmsd
+  RenewKey renew_encryption_key = RenewKey::kNew;
 };
 
 // k-of-n approvals: how many distinct administrators each sensitive operation needs.
@@ -121,6 +135,10 @@ struct Config {
   ApprovalsConfig approvals;
   LogConfig log;
 };
+
+// The effective CRL and OCSP URLs (see CaConfig).
+std::string crl_url_for(const Config& cfg);
+std::string ocsp_url_for(const Config& cfg);
 
 // One problem found in the file: where, which key, what is wrong and what to do.
 struct Problem {

@@ -91,6 +91,12 @@ Status add_ext(X509* cert, X509* issuer, int nid, const char* value) {
   return {};
 }
 
+std::string join(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ",") + n;
+  return out;
+}
+
 bool is_ip_address(const std::string& s) {
   ASN1_OCTET_STRING* ip = a2i_IPADDRESS(s.c_str());
   if (ip == nullptr) {
@@ -112,8 +118,15 @@ Result<ossl::X509Ptr> issue(const IssueRequest& req, X509* issuer_cert, EVP_PKEY
   if (req.serial.empty() || req.serial.size() > 20)
     return make_error(ErrorCode::kInvalidArgument, "serial must be 1 to 20 bytes");
 
+  const bool v1 = req.profile == Profile::kUser && req.x509_version == 1;
+  if (req.profile == Profile::kUser && req.x509_version != 1 && req.x509_version != 3)
+    return make_error(ErrorCode::kInvalidArgument, "X.509 version must be 1 or 3");
+  if (v1 && (!req.key_usage.empty() || !req.extended_key_usage.empty() || !req.email.empty() ||
+             !req.crl_url.empty() || !req.ocsp_url.empty()))
+    return make_error(ErrorCode::kInvalidArgument,
+                      "an X.509 v1 certificate cannot carry extensions (usages, e-mail, URLs)");
   ossl::X509Ptr cert(X509_new());
-  if (!cert || X509_set_version(cert.get(), X509_VERSION_3) != 1)
+  if (!cert || X509_set_version(cert.get(), v1 ? X509_VERSION_1 : X509_VERSION_3) != 1)
     return crypto_error("creating certificate");
   ossl::BignumPtr bn(BN_bin2bn(req.serial.data(), static_cast<int>(req.serial.size()), nullptr));
   ossl::Asn1IntegerPtr serial(BN_to_ASN1_INTEGER(bn.get(), nullptr));
@@ -131,6 +144,11 @@ Result<ossl::X509Ptr> issue(const IssueRequest& req, X509* issuer_cert, EVP_PKEY
   if (X509_set_pubkey(cert.get(), req.public_key) != 1) return crypto_error("setting public key");
 
   X509* issuer = issuer_cert != nullptr ? issuer_cert : cert.get();
+  if (v1) {
+    if (X509_sign(cert.get(), ca_key, md) <= 0)
+      return crypto_error("signing the certificate with the CA key on the token");
+    return cert;
+  }
   KMSD_TRY(add_ext(cert.get(), issuer, NID_subject_key_identifier, "hash"));
   KMSD_TRY(add_ext(cert.get(), issuer, NID_authority_key_identifier, "keyid:always"));
   switch (req.profile) {
@@ -156,6 +174,24 @@ Result<ossl::X509Ptr> issue(const IssueRequest& req, X509* issuer_cert, EVP_PKEY
       if (!san.empty()) KMSD_TRY(add_ext(cert.get(), issuer, NID_subject_alt_name, san.c_str()));
       break;
     }
+    case Profile::kUser:
+      KMSD_TRY(add_ext(cert.get(), issuer, NID_basic_constraints, "critical,CA:FALSE"));
+      if (!req.key_usage.empty())
+        KMSD_TRY(add_ext(cert.get(), issuer, NID_key_usage,
+                         ("critical," + join(req.key_usage)).c_str()));
+      if (!req.extended_key_usage.empty())
+        KMSD_TRY(
+            add_ext(cert.get(), issuer, NID_ext_key_usage, join(req.extended_key_usage).c_str()));
+      if (!req.email.empty())
+        KMSD_TRY(add_ext(cert.get(), issuer, NID_subject_alt_name, ("email:" + req.email).c_str()));
+      break;
+  }
+  if (req.profile != Profile::kCa) {
+    if (!req.crl_url.empty())
+      KMSD_TRY(
+          add_ext(cert.get(), issuer, NID_crl_distribution_points, ("URI:" + req.crl_url).c_str()));
+    if (!req.ocsp_url.empty())
+      KMSD_TRY(add_ext(cert.get(), issuer, NID_info_access, ("OCSP;URI:" + req.ocsp_url).c_str()));
   }
   if (X509_sign(cert.get(), ca_key, md) <= 0)
     return crypto_error("signing the certificate with the CA key on the token");

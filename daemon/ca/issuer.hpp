@@ -29,6 +29,7 @@ enum class Profile {
   kCa,           // basicConstraints CA:TRUE critical, keyCertSign|cRLSign
   kAdminClient,  // digitalSignature, extendedKeyUsage clientAuth
   kTlsServer,    // digitalSignature|keyEncipherment, serverAuth, subjectAltName from names
+  kUser,         // S/MIME signing or encryption: the usages given, subjectAltName e-mail
 };
 
 struct IssueRequest {
@@ -38,6 +39,15 @@ struct IssueRequest {
   std::chrono::seconds validity{86400};
   std::vector<std::string> dns_or_ip;  // kTlsServer only: SAN entries
   std::vector<std::uint8_t> serial;    // 16 random bytes from the token; high bit cleared
+  // kUser only: 1 or 3 (the policy check decides which may be issued). A v1 certificate has
+  // no extensions at all, so the usages, e-mail and URLs below must then be empty.
+  int x509_version = 3;
+  std::vector<std::string> key_usage;           // kUser: RFC 5280 names, marked critical
+  std::vector<std::string> extended_key_usage;  // kUser: OpenSSL short names
+  std::string email;                            // kUser: subjectAltName rfc822Name if not empty
+  // End-entity certificates (not kCa): CRL distribution point and OCSP AIA, when not empty.
+  std::string crl_url;
+  std::string ocsp_url;
 };
 
 // Signs REQ with the CA: ISSUER_CERT may be null only for Profile::kCa (self-signed).

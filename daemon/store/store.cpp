@@ -155,7 +155,7 @@ CREATE TABLE IF NOT EXISTS schema_version (
 );
 )sql";
 
-constexpr std::array<Migration, 2> kMigrations = {{
+constexpr std::array<Migration, 3> kMigrations = {{
     {1, R"sql(
 CREATE TABLE settings (
   key   TEXT PRIMARY KEY,
@@ -296,6 +296,14 @@ CREATE TABLE audit_log (
 );
 )sql",
      true},
+    // v3 (enrollment): which escrowed keys the holder of a user's current signing certificate
+    // may fetch (the versions from keys_from_version on: the key of the last enrollment, or
+    // the whole history after a recovery), and an index for the CRL's walk over revocations.
+    {3, R"sql(
+ALTER TABLE users ADD COLUMN keys_from_version INTEGER CHECK (keys_from_version >= 1);
+CREATE INDEX certificates_revoked ON certificates (revoked_at) WHERE revoked_at IS NOT NULL;
+)sql",
+     false},
 }};
 
 // Versions are 1, 2, 3, ... in order, and the last one is what this binary writes.
@@ -1079,12 +1087,29 @@ Result<std::vector<CertificateRecord>> Store::certificates_of_user(const std::st
   return out;
 }
 
+Status Store::for_each_revoked_certificate(
+    const std::function<Status(const CertificateRecord&)>& fn) {
+  std::lock_guard lock(impl_->mu);
+  KMSD_ASSIGN_OR_RETURN(
+      auto st, Statement::prepare(impl_->db.get(), std::string("SELECT ") + kCertColumns +
+                                                       " FROM certificates WHERE revoked_at IS "
+                                                       "NOT NULL ORDER BY revoked_at, serial"));
+  while (true) {
+    KMSD_ASSIGN_OR_RETURN(bool row, st->step("listing revoked certificates"));
+    if (!row) break;
+    KMSD_ASSIGN_OR_RETURN(auto rec, read_certificate(*st));
+    KMSD_TRY(fn(rec));
+  }
+  return {};
+}
+
 // --- users -------------------------------------------------------------------------------
 
 namespace {
 
 constexpr const char* kUserColumns =
-    "id, email, display_name, dn, state, created_at, updated_at, last_enrolled_at";
+    "id, email, display_name, dn, state, created_at, updated_at, last_enrolled_at, "
+    "keys_from_version";
 
 Result<UserRecord> read_user(const Statement& st) {
   UserRecord rec;
@@ -1100,6 +1125,7 @@ Result<UserRecord> read_user(const Statement& st) {
   rec.created_at = st.int64(5);
   rec.updated_at = st.int64(6);
   rec.last_enrolled_at = st.opt_int64(7);
+  if (auto v = st.opt_int64(8)) rec.keys_from_version = static_cast<int>(*v);
   return rec;
 }
 
@@ -1109,6 +1135,10 @@ void bind_opt_text(Statement& st, int idx, const std::optional<std::string>& v) 
   } else {
     st.bind_null(idx);
   }
+}
+
+std::optional<std::int64_t> opt_int64(std::optional<int> v) {
+  return v ? std::optional<std::int64_t>(*v) : std::nullopt;
 }
 
 // LIMIT for SQLite: a size_t larger than int64 means "no limit".
@@ -1123,13 +1153,14 @@ Status Store::insert_user(const UserRecord& rec) {
   if (rec.id.empty()) return make_error(ErrorCode::kInvalidArgument, "a user id must not be empty");
   std::lock_guard lock(impl_->mu);
   KMSD_ASSIGN_OR_RETURN(Lease st, impl_->stmt(std::string("INSERT INTO users (") + kUserColumns +
-                                              ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"));
+                                              ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"));
   st->bind(1, rec.id).bind(2, rec.email).bind(3, rec.display_name);
   bind_opt_text(*st, 4, rec.dn);
   st->bind(5, to_string(rec.state))
       .bind(6, rec.created_at)
       .bind(7, rec.updated_at)
-      .bind(8, rec.last_enrolled_at);
+      .bind(8, rec.last_enrolled_at)
+      .bind(9, opt_int64(rec.keys_from_version));
   Status s = st->run("inserting user " + rec.id);
   if (!s.ok() && is_unique_violation(st->last_rc()))
     return make_error(ErrorCode::kAlreadyExists,
@@ -1153,11 +1184,12 @@ Status Store::update_user(const UserRecord& rec) {
   {
     KMSD_ASSIGN_OR_RETURN(Lease st,
                           impl_->stmt("UPDATE users SET email = ?2, display_name = ?3, dn = ?4, "
-                                      "state = ?5, updated_at = ?6, last_enrolled_at = ?7 "
-                                      "WHERE id = ?1"));
+                                      "state = ?5, updated_at = ?6, last_enrolled_at = ?7, "
+                                      "keys_from_version = ?8 WHERE id = ?1"));
     st->bind(1, rec.id).bind(2, rec.email).bind(3, rec.display_name);
     bind_opt_text(*st, 4, rec.dn);
     st->bind(5, to_string(rec.state)).bind(6, rec.updated_at).bind(7, rec.last_enrolled_at);
+    st->bind(8, opt_int64(rec.keys_from_version));
     KMSD_TRY(st->run("updating user " + rec.id));
   }
   if (impl_->changes() == 0)

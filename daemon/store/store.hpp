@@ -64,6 +64,10 @@ struct UserRecord {
   std::int64_t created_at = 0;
   std::int64_t updated_at = 0;
   std::optional<std::int64_t> last_enrolled_at;
+  // The holder of the user's current signing certificate may fetch the escrowed keys from
+  // this key-history version on: the new key after an enrollment, all of them after a
+  // recovery. Empty: none (never enrolled).
+  std::optional<int> keys_from_version;
 };
 
 // The one live enrollment (or recovery) token of a user. The token itself is sealed under
@@ -139,7 +143,8 @@ struct AuditRecord {
 // Multi-row changes go through transaction().
 class Store {
  public:
-  static constexpr int kSchemaVersion = 2;  // 2: users, tokens, key history, approvals, audit
+  // 2: users, tokens, key history, approvals, audit; 3: enrollment (keys_from_version)
+  static constexpr int kSchemaVersion = 3;
 
   // Opens or creates the database at PATH (mode 0600), applies forward migrations up to
   // kSchemaVersion in one transaction each. A database whose schema is newer than this
@@ -172,6 +177,9 @@ class Store {
   // revocation time and reason stand).
   Status revoke_certificate(const std::string& serial, std::int64_t at, int reason);
   Result<std::vector<CertificateRecord>> certificates_of_user(const std::string& user_id);
+  // Every revoked certificate, in revocation order, streaming (for the CRL); same lock and
+  // callback rules as for_each_user.
+  Status for_each_revoked_certificate(const std::function<Status(const CertificateRecord&)>& fn);
 
   // ---- users ----
   Status insert_user(const UserRecord& rec);  // kAlreadyExists on duplicate id

@@ -193,6 +193,15 @@ TEST_F(ConfigTest, DefaultsApplyWhenOptionalKeysAreAbsent) {
   EXPECT_EQ(c.ca.validity_days, 3650u);
   EXPECT_EQ(c.ca.digest, "sha256");
   EXPECT_EQ(c.admin.cert_validity_days, 365u);
+  EXPECT_EQ(c.ca.crl_next_update_hours, 24u);
+  EXPECT_EQ(c.ca.ocsp_validity_minutes, 60u);
+  EXPECT_TRUE(c.ca.crl_path.empty());
+  EXPECT_EQ(c.enrollment.cert_validity_days, 365u);
+  EXPECT_EQ(c.enrollment.encryption_key_type, hsm::KeyType::kEcP256);
+  EXPECT_EQ(c.enrollment.renew_encryption_key, RenewKey::kNew);
+  // The URLs follow the public listener unless set.
+  EXPECT_EQ(crl_url_for(c), "http://" + c.server.public_listen.to_string() + "/crl");
+  EXPECT_EQ(ocsp_url_for(c), "http://" + c.server.public_listen.to_string() + "/ocsp");
   EXPECT_EQ(c.policy.x509_versions, std::vector<int>{3});
   EXPECT_EQ(c.policy.key_types.size(), 4u);
   EXPECT_EQ(c.policy.max_validity_days, 825u);
@@ -233,6 +242,11 @@ TEST_F(ConfigTest, EveryOptionalKeyIsReadWhenPresent) {
       "subject = \"/C=DE/ST=Berlin/L=Berlin/O=Example\\\\/Sub/OU=PKI/CN=kmsd CA/DC=example\"",
       "validity_days = 7300",
       "digest = \"sha384\"",
+      "crl_url = \"http://kms.example.org/pki/kmsd.crl\"",
+      "ocsp_url = \"https://kms.example.org/ocsp\"",
+      "crl_path = \"data/kmsd.crl\"",
+      "crl_next_update_hours = 6",
+      "ocsp_validity_minutes = 15",
       "[admin]",
       "cert_validity_days = 90",
       "key_type = \"ec-p384\"",
@@ -253,6 +267,10 @@ TEST_F(ConfigTest, EveryOptionalKeyIsReadWhenPresent) {
       "[policy.encryption]",
       "key_usage = [\"keyAgreement\"]",
       "extended_key_usage = [\"emailProtection\", \"msEFS\"]",
+      "[enrollment]",
+      "cert_validity_days = 200",
+      "encryption_key_type = \"rsa-3072\"",
+      "renew_encryption_key = \"same\"",
       "[log]",
       "level = \"debug\"",
       "file = \"kmsd.log\"",
@@ -283,6 +301,16 @@ TEST_F(ConfigTest, EveryOptionalKeyIsReadWhenPresent) {
   EXPECT_EQ(c.ca.subject, "/C=DE/ST=Berlin/L=Berlin/O=Example\\/Sub/OU=PKI/CN=kmsd CA/DC=example");
   EXPECT_EQ(c.ca.validity_days, 7300u);
   EXPECT_EQ(c.ca.digest, "sha384");
+  EXPECT_EQ(c.ca.crl_url, "http://kms.example.org/pki/kmsd.crl");
+  EXPECT_EQ(c.ca.ocsp_url, "https://kms.example.org/ocsp");
+  EXPECT_EQ(crl_url_for(c), "http://kms.example.org/pki/kmsd.crl");
+  EXPECT_EQ(ocsp_url_for(c), "https://kms.example.org/ocsp");
+  EXPECT_EQ(c.ca.crl_path, dir() / "data" / "kmsd.crl");
+  EXPECT_EQ(c.ca.crl_next_update_hours, 6u);
+  EXPECT_EQ(c.ca.ocsp_validity_minutes, 15u);
+  EXPECT_EQ(c.enrollment.cert_validity_days, 200u);
+  EXPECT_EQ(c.enrollment.encryption_key_type, hsm::KeyType::kRsa3072);
+  EXPECT_EQ(c.enrollment.renew_encryption_key, RenewKey::kSame);
   EXPECT_EQ(c.admin.cert_validity_days, 90u);
   EXPECT_EQ(c.admin.key_type, hsm::KeyType::kEcP384);
   EXPECT_EQ(c.startup.source, StartupSource::kFile);
@@ -786,6 +814,34 @@ TEST_F(ConfigTest, AdminCertificatesMustFitThePolicy) {
   expect_problem(r.problems[0], 15, "admin.cert_validity_days",
                  "900 days exceeds policy.max_validity_days (825)");
   expect_problem(r.problems[1], 16, "admin.key_type", "\"rsa-2048\" is not in policy.key_types");
+}
+
+TEST_F(ConfigTest, UserCertificatesMustFitThePolicy) {
+  Minimal m;
+  m.extra = join_lines({
+      "[enrollment]",                        // 14
+      "cert_validity_days = 900",            // 15
+      "encryption_key_type = \"rsa-2048\"",  // 16
+      "[policy]",                            // 17
+      "key_types = [\"ec-p256\"]",           // 18
+  });
+  const LoadResult r = load_text(m.text());
+  ASSERT_EQ(r.problems.size(), 2u) << dump(r, file());
+  expect_problem(r.problems[0], 15, "enrollment.cert_validity_days",
+                 "900 days exceeds policy.max_validity_days (825)");
+  expect_problem(r.problems[1], 16, "enrollment.encryption_key_type",
+                 "\"rsa-2048\" is not in policy.key_types");
+}
+
+TEST_F(ConfigTest, RevocationUrlsMustBeAbsoluteHttpUrls) {
+  Minimal m;
+  // [ca] is line 8 and its subject line 9: the URLs follow on lines 10 and 11.
+  m.subject = join_lines({"\"/O=Example/CN=kmsd CA\"", "crl_url = \"kms.example.org/crl\"",
+                          "ocsp_url = \"http://a,b/ocsp\""});
+  const LoadResult r = load_text(m.text());
+  ASSERT_EQ(r.problems.size(), 2u) << dump(r, file());
+  expect_problem(r.problems[0], 10, "ca.crl_url", "is not an absolute http:// or https:// URL");
+  expect_problem(r.problems[1], 11, "ca.ocsp_url", "is not an absolute http:// or https:// URL");
 }
 
 // ---- policy ----

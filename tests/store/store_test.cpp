@@ -284,7 +284,7 @@ TEST_F(StoreTest, NewerSchemaVersionIsRefusedAndFileLeftByteIdentical) {
     ASSERT_TRUE(s);
     ASSERT_TRUE(s->put_setting("k", "v").ok());
   }
-  static_assert(Store::kSchemaVersion == 2);
+  static_assert(Store::kSchemaVersion == 3);
   const int newer = Store::kSchemaVersion + 1;
   {
     RawDb raw(db_path());
@@ -654,7 +654,7 @@ TEST_F(MigrationTest, V1DatabaseMigratesToV2KeepingEveryCertificateAndAdministra
   write_v1_database();
   auto s = open_store();
   ASSERT_TRUE(s);
-  EXPECT_EQ(s->schema_version(), 2);
+  EXPECT_EQ(s->schema_version(), Store::kSchemaVersion);  // v1 -> v2 -> v3 in one open
 
   auto ca = s->find_certificate("01");
   ASSERT_TRUE(ca.ok() && ca->has_value());
@@ -717,7 +717,14 @@ TEST_F(MigrationTest, V1DatabaseMigratesToV2KeepingEveryCertificateAndAdministra
               "1")
         << index;
   }
-  EXPECT_EQ(raw.query("SELECT version FROM schema_version"), "2");
+  EXPECT_EQ(raw.query("SELECT version FROM schema_version"), std::to_string(Store::kSchemaVersion));
+  // v3: users gained keys_from_version; revoked certificates are indexed for the CRL.
+  EXPECT_EQ(raw.query("SELECT count(*) FROM pragma_table_info('users') "
+                      "WHERE name = 'keys_from_version'"),
+            "1");
+  EXPECT_EQ(raw.query("SELECT count(*) FROM sqlite_master WHERE type = 'index' "
+                      "AND name = 'certificates_revoked'"),
+            "1");
   EXPECT_EQ(raw.query("PRAGMA journal_mode"), "wal");
 
   // Foreign keys still hold on the store's connection: an administrator with a bogus
@@ -770,7 +777,7 @@ TEST_F(MigrationTest, V1DatabaseWithABrokenForeignKeyIsNotMigratedAndStaysAtV1) 
   }
   auto s = open_store();
   ASSERT_TRUE(s);
-  EXPECT_EQ(s->schema_version(), 2);
+  EXPECT_EQ(s->schema_version(), Store::kSchemaVersion);
   auto bogus = s->insert_admin(admin("carol", "0bad"));  // foreign keys are back on
   ASSERT_FALSE(bogus.ok());
   EXPECT_EQ(bogus.error().code, ErrorCode::kNotFound);
@@ -866,6 +873,25 @@ TEST_F(StoreTest, RevokeCertificateRecordsTimeAndReasonOnce) {
   }
 }
 
+TEST_F(StoreTest, ForEachRevokedCertificateWalksOnlyRevokedOnesInRevocationOrder) {
+  auto s = open_store();
+  ASSERT_TRUE(s);
+  for (const char* serial : {"0a", "0b", "0c", "0d"})
+    ASSERT_TRUE(s->insert_certificate(cert(serial, CertKind::kAdmin)).ok());
+  ASSERT_TRUE(s->revoke_certificate("0c", 4000, 1).ok());
+  ASSERT_TRUE(s->revoke_certificate("0a", 4100, 0).ok());
+  std::vector<std::pair<std::string, int>> seen;
+  ASSERT_TRUE(s->for_each_revoked_certificate([&](const CertificateRecord& c) -> Status {
+                 seen.emplace_back(c.serial, c.revocation_reason.value_or(-1));
+                 return {};
+               }).ok());
+  EXPECT_EQ(seen, (std::vector<std::pair<std::string, int>>{{"0c", 1}, {"0a", 0}}));
+  auto stop = s->for_each_revoked_certificate(
+      [](const CertificateRecord&) -> Status { return make_error(ErrorCode::kIo, "stop"); });
+  ASSERT_FALSE(stop.ok());
+  EXPECT_EQ(stop.error().message, "stop");
+}
+
 TEST_F(StoreTest, RemoveAdminMarksTheAdministratorRemovedOnce) {
   auto s = open_store();
   ASSERT_TRUE(s);
@@ -900,6 +926,7 @@ TEST_F(StoreTest, UsersInsertFindUpdateAndRefuseDuplicates) {
   EXPECT_EQ((*f)->state, UserState::kEnabled);
   EXPECT_EQ((*f)->created_at, 5000);
   EXPECT_FALSE((*f)->last_enrolled_at.has_value());
+  EXPECT_FALSE((*f)->keys_from_version.has_value());
   auto other = s->find_user("asmith");
   ASSERT_TRUE(other.ok() && other->has_value());
   EXPECT_FALSE((*other)->dn.has_value());
@@ -921,6 +948,7 @@ TEST_F(StoreTest, UsersInsertFindUpdateAndRefuseDuplicates) {
   changed.dn.reset();
   changed.updated_at = 6000;
   changed.last_enrolled_at = 6000;
+  changed.keys_from_version = 2;
   changed.created_at = 1;  // not updatable
   ASSERT_TRUE(s->update_user(changed).ok());
   f = s->find_user("jdoe");
@@ -930,6 +958,7 @@ TEST_F(StoreTest, UsersInsertFindUpdateAndRefuseDuplicates) {
   EXPECT_FALSE((*f)->dn.has_value());
   EXPECT_EQ((*f)->updated_at, 6000);
   EXPECT_EQ((*f)->last_enrolled_at, std::optional<std::int64_t>(6000));
+  EXPECT_EQ((*f)->keys_from_version, std::optional<int>(2));
   EXPECT_EQ((*f)->created_at, 5000);
 
   auto missing = s->update_user(user("nobody"));
