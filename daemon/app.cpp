@@ -13,9 +13,11 @@
 #include <thread>
 
 #include "daemon/api/http_server.hpp"
+#include "daemon/api/pki_routes.hpp"
 #include "daemon/api/routes.hpp"
 #include "daemon/approvals/approvals.hpp"
 #include "daemon/audit/audit_log.hpp"
+#include "daemon/enroll/enrollment.hpp"
 #include "daemon/policy/policy_check.hpp"
 #include "daemon/provision/initializer.hpp"
 #include "daemon/startup/seal.hpp"
@@ -67,6 +69,7 @@ struct Daemon::Impl {
   std::unique_ptr<audit::AuditLog> audit;
   std::unique_ptr<approvals::Approvals> approvals;
   std::unique_ptr<users::UserService> users;
+  std::unique_ptr<enroll::EnrollmentService> enrollment;
 
   // TLS context for the admin listener, rebuilt whenever the key material changes.
   std::mutex tls_mu;
@@ -78,6 +81,27 @@ struct Daemon::Impl {
   std::shared_ptr<const config::Config> config() {
     std::lock_guard lk(cfg_mu);
     return cfg;
+  }
+
+  // The CA certificate while unsealed; null while sealed.
+  ossl::X509Ptr ca_certificate() {
+    auto m = seal->material();
+    if (!m || !m->ca_cert) return nullptr;
+    X509_up_ref(m->ca_cert.get());
+    return ossl::X509Ptr(m->ca_cert.get());
+  }
+
+  enroll::Settings enroll_settings() {
+    auto c = config();
+    enroll::Settings s;
+    s.validity = std::chrono::days(c->enrollment.cert_validity_days);
+    s.encryption_key_type = c->enrollment.encryption_key_type;
+    s.renew_encryption_key = c->enrollment.renew_encryption_key;
+    s.max_failed_attempts = c->enrollment.max_failed_attempts;
+    s.digest = c->ca.digest;
+    s.crl_url = config::crl_url_for(*c);
+    s.ocsp_url = config::ocsp_url_for(*c);
+    return s;
   }
 
   std::shared_ptr<net::ssl::context> admin_tls() {
@@ -95,6 +119,9 @@ struct Daemon::Impl {
     }
     return tls_ctx;
   }
+
+  // The public PKI endpoints; filled in as the CRL/OCSP responder and CMP server exist.
+  api::PkiHandlers pki_handlers() { return {}; }
 
   void reload() {
     auto current = config();
@@ -178,6 +205,9 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
       "recover", [&us](const nlohmann::json& p, const std::string& by) -> Result<nlohmann::json> {
         return us.recover(p.value("user", std::string()), by);
       });
+  impl->enrollment = std::make_unique<enroll::EnrollmentService>(
+      *impl->store, *impl->token, *impl->audit, *impl->policy, [d] { return d->enroll_settings(); },
+      [d] { return d->ca_certificate(); });
   impl->cfg = std::make_shared<const config::Config>(std::move(cfg));
   return std::unique_ptr<Daemon>(new Daemon(std::move(impl)));
 }
@@ -189,7 +219,27 @@ int Daemon::run() {
   net::thread_pool workers(cfg->server.worker_threads);
 
   api::PublicRoutes public_routes(*d.seal);
+  api::PkiRoutes pki_routes(d.pki_handlers());
   api::AdminRoutes admin_routes({*d.seal, *d.store, *d.users, *d.approvals, *d.audit});
+  api::EnrollRoutes enroll_routes(*d.enrollment);
+  // One handler per listener: the public one serves the PKI paths and the health/CA paths;
+  // the TLS one serves users' enrollment under /enroll/ and administrators under /v1/.
+  struct PublicListener {
+    const api::PkiRoutes& pki;
+    const api::PublicRoutes& rest;
+    api::Response handle(const api::Request& req, const api::Peer& peer) const {
+      if (auto r = pki.handle(req, peer)) return std::move(*r);
+      return rest.handle(req, peer);
+    }
+  };
+  struct TlsListener {
+    const api::EnrollRoutes& enroll;
+    const api::AdminRoutes& admin;
+    api::Response handle(const api::Request& req, const api::Peer& peer) const {
+      if (api::EnrollRoutes::owns(req)) return enroll.handle(req, peer);
+      return admin.handle(req, peer);
+    }
+  };
   auto logged = [](const char* listener, auto routes) {
     return [listener, routes](const api::Request& req, const api::Peer& peer) {
       auto t0 = std::chrono::steady_clock::now();
@@ -206,16 +256,17 @@ int Daemon::run() {
                            std::chrono::seconds(cfg->server.request_timeout_seconds), "public"};
   api::ServerOptions aopts = popts;
   aopts.name = "admin";
-  auto pub =
-      api::HttpServer::listen(ioc, cfg->server.public_listen.host, cfg->server.public_listen.port,
-                              logged("public", public_routes), popts, workers);
+  auto pub = api::HttpServer::listen(
+      ioc, cfg->server.public_listen.host, cfg->server.public_listen.port,
+      logged("public", PublicListener{pki_routes, public_routes}), popts, workers);
   if (!pub.ok()) {
     spdlog::critical("{}", pub.error().message);
     return 1;
   }
-  auto adm = api::HttpServer::listen(ioc, cfg->server.admin_listen.host,
-                                     cfg->server.admin_listen.port, logged("admin", admin_routes),
-                                     aopts, workers, [&d] { return d.admin_tls(); });
+  auto adm =
+      api::HttpServer::listen(ioc, cfg->server.admin_listen.host, cfg->server.admin_listen.port,
+                              logged("tls", TlsListener{enroll_routes, admin_routes}), aopts,
+                              workers, [&d] { return d.admin_tls(); });
   if (!adm.ok()) {
     spdlog::critical("{}", adm.error().message);
     return 1;
