@@ -6,6 +6,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
 
 #include <chrono>
@@ -17,9 +18,11 @@
 #include "daemon/api/routes.hpp"
 #include "daemon/approvals/approvals.hpp"
 #include "daemon/audit/audit_log.hpp"
+#include "daemon/cmp/cmp_server.hpp"
 #include "daemon/enroll/enrollment.hpp"
 #include "daemon/policy/policy_check.hpp"
 #include "daemon/provision/initializer.hpp"
+#include "daemon/revocation/revocation.hpp"
 #include "daemon/startup/seal.hpp"
 #include "daemon/startup/secret_source.hpp"
 #include "daemon/startup/unseal_socket.hpp"
@@ -70,6 +73,8 @@ struct Daemon::Impl {
   std::unique_ptr<approvals::Approvals> approvals;
   std::unique_ptr<users::UserService> users;
   std::unique_ptr<enroll::EnrollmentService> enrollment;
+  std::unique_ptr<revocation::Revocation> revocation;
+  std::unique_ptr<cmp::CmpServer> cmp;
 
   // TLS context for the admin listener, rebuilt whenever the key material changes.
   std::mutex tls_mu;
@@ -121,7 +126,25 @@ struct Daemon::Impl {
   }
 
   // The public PKI endpoints; filled in as the CRL/OCSP responder and CMP server exist.
-  api::PkiHandlers pki_handlers() { return {}; }
+  api::PkiHandlers pki_handlers() {
+    api::PkiHandlers h;
+    h.crl = [this] { return revocation->crl_der(); };
+    h.ocsp = [this](std::span<const std::uint8_t> der) { return revocation->respond(der); };
+    h.cmp = [this](std::span<const std::uint8_t> der) {
+      auto r = cmp->handle(der);
+      return api::PkiHandlers::CmpReply{r.http_status, std::move(r.body),
+                                        std::move(r.content_type)};
+    };
+    return h;
+  }
+
+  // Keeps the CRL current: a new one within seconds of a revocation (the responder compares
+  // the store's revocations with the CRL's) and before half its validity has passed.
+  void refresh_crl() {
+    if (!seal->material()) return;
+    if (auto st = revocation->refresh_if_due(); !st.ok())
+      spdlog::warn("CRL: {}; the previous CRL is still served", st.error().message);
+  }
 
   void reload() {
     auto current = config();
@@ -208,6 +231,21 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
   impl->enrollment = std::make_unique<enroll::EnrollmentService>(
       *impl->store, *impl->token, *impl->audit, *impl->policy, [d] { return d->enroll_settings(); },
       [d] { return d->ca_certificate(); });
+  impl->revocation = std::make_unique<revocation::Revocation>(
+      *impl->store, *impl->token,
+      [d] {
+        auto c = d->config();
+        revocation::Settings s;
+        s.digest = c->ca.digest;
+        s.crl_next_update = std::chrono::hours(c->ca.crl_next_update_hours);
+        s.crl_path = c->ca.crl_path;
+        s.ocsp_validity = std::chrono::minutes(c->ca.ocsp_validity_minutes);
+        return s;
+      },
+      [d] { return d->ca_certificate(); });
+  impl->cmp = std::make_unique<cmp::CmpServer>(
+      *impl->enrollment, *impl->token, *impl->store, [d] { return d->ca_certificate(); },
+      cfg.ca.digest);
   impl->cfg = std::make_shared<const config::Config>(std::move(cfg));
   return std::unique_ptr<Daemon>(new Daemon(std::move(impl)));
 }
@@ -300,6 +338,23 @@ int Daemon::run() {
         ioc.stop();
       };
   signals.async_wait(on_signal);
+
+  // The CRL: checked every 2 seconds on a worker (a count query while nothing changed).
+  net::steady_timer crl_timer(ioc);
+  std::atomic<bool> crl_busy{false};
+  std::function<void(const boost::system::error_code&)> on_crl_tick =
+      [&](const boost::system::error_code& ec) {
+        if (ec || d.stopping) return;
+        if (!crl_busy.exchange(true))
+          net::post(workers, [&d, &crl_busy] {
+            d.refresh_crl();
+            crl_busy = false;
+          });
+        crl_timer.expires_after(std::chrono::seconds(2));
+        crl_timer.async_wait(on_crl_tick);
+      };
+  crl_timer.expires_after(std::chrono::milliseconds(200));
+  crl_timer.async_wait(on_crl_tick);
 
   std::thread prompt_thread;
   if (cfg->startup.source == config::StartupSource::kFile) {

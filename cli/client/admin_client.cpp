@@ -106,6 +106,29 @@ struct AdminClient::Impl {
   }
 };
 
+Result<std::pair<ossl::EvpPkeyPtr, ossl::X509Ptr>> read_pkcs12(const std::filesystem::path& file,
+                                                               const SecretBytes& passphrase) {
+  KMSD_ASSIGN_OR_RETURN(auto p12_text, files::read_text(file));
+  const unsigned char* p = reinterpret_cast<const unsigned char*>(p12_text.data());
+  ossl::Pkcs12Ptr p12(d2i_PKCS12(nullptr, &p, static_cast<long>(p12_text.size())));
+  if (!p12) return ossl::crypto_error(file.string() + " is not a PKCS#12 file");
+  std::string pass(passphrase.view());
+  EVP_PKEY* key = nullptr;
+  X509* cert = nullptr;
+  STACK_OF(X509)* chain = nullptr;
+  int parsed = PKCS12_parse(p12.get(), pass.c_str(), &key, &cert, &chain);
+  secure_wipe(pass.data(), pass.size());
+  ossl::EvpPkeyPtr key_owner(key);
+  ossl::X509Ptr cert_owner(cert);
+  ossl::X509StackPtr chain_owner(chain);
+  if (parsed != 1 || !key || !cert) {
+    ERR_clear_error();
+    return make_error(ErrorCode::kUnauthenticated,
+                      "cannot open " + file.string() + ": wrong passphrase or damaged file");
+  }
+  return std::make_pair(std::move(key_owner), std::move(cert_owner));
+}
+
 AdminClient::AdminClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 AdminClient::~AdminClient() = default;
 
@@ -150,26 +173,15 @@ Result<std::unique_ptr<AdminClient>> AdminClient::connect(ClientOptions options)
   X509_VERIFY_PARAM_set_flags(SSL_CTX_get0_param(c), X509_V_FLAG_PARTIAL_CHAIN);
   SSL_CTX_set_verify(c, SSL_VERIFY_PEER, nullptr);
 
-  KMSD_ASSIGN_OR_RETURN(auto p12_text, files::read_text(options.p12));
-  const unsigned char* p = reinterpret_cast<const unsigned char*>(p12_text.data());
-  ossl::Pkcs12Ptr p12(d2i_PKCS12(nullptr, &p, static_cast<long>(p12_text.size())));
-  if (!p12) return ossl::crypto_error(options.p12.string() + " is not a PKCS#12 file");
-  std::string pass(options.p12_passphrase.view());
-  EVP_PKEY* key = nullptr;
-  X509* cert = nullptr;
-  STACK_OF(X509)* chain = nullptr;
-  int parsed = PKCS12_parse(p12.get(), pass.c_str(), &key, &cert, &chain);
-  secure_wipe(pass.data(), pass.size());
-  ossl::EvpPkeyPtr key_owner(key);
-  ossl::X509Ptr cert_owner(cert);
-  ossl::X509StackPtr chain_owner(chain);
-  if (parsed != 1 || !key || !cert) {
-    ERR_clear_error();
-    return make_error(ErrorCode::kUnauthenticated,
-                      "cannot open " + options.p12.string() + ": wrong passphrase or damaged file");
+  if (!options.p12.empty()) {
+    KMSD_ASSIGN_OR_RETURN(auto pair, read_pkcs12(options.p12, options.p12_passphrase));
+    options.client_key = std::move(pair.first);
+    options.client_cert = std::move(pair.second);
   }
-  if (SSL_CTX_use_certificate(c, cert) != 1 || SSL_CTX_use_PrivateKey(c, key) != 1)
-    return ossl::crypto_error("using the administrator certificate");
+  if (options.client_cert && options.client_key &&
+      (SSL_CTX_use_certificate(c, options.client_cert.get()) != 1 ||
+       SSL_CTX_use_PrivateKey(c, options.client_key.get()) != 1))
+    return ossl::crypto_error("using the client certificate");
   impl->opts = std::move(options);
   return std::unique_ptr<AdminClient>(new AdminClient(std::move(impl)));
 }

@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/ossl.hpp"
 #include "common/result.hpp"
 #include "common/secret.hpp"
 
@@ -17,10 +18,14 @@ namespace kmsd::client {
 
 struct ClientOptions {
   std::string server;         // "https://host:port"
-  std::filesystem::path p12;  // the administrator's PKCS#12
+  std::filesystem::path p12;  // the administrator's PKCS#12 (or a user's: its first key)
   SecretBytes p12_passphrase;
   std::filesystem::path ca_file;  // PEM: the KMS CA or the root that issued it
   std::chrono::seconds timeout{30};
+  // Instead of a PKCS#12: a certificate and key already in memory (a user's signing pair).
+  // With neither, no client certificate is sent (enrollment with a one-time token).
+  ossl::X509Ptr client_cert{};
+  ossl::EvpPkeyPtr client_key{};
 };
 
 struct Reply {
@@ -30,6 +35,10 @@ struct Reply {
   // The server's {"error": "..."} sentence, or the status line when there is none.
   std::string error_text() const;
 };
+
+// The first key of a PKCS#12 file and its certificate.
+Result<std::pair<ossl::EvpPkeyPtr, ossl::X509Ptr>> read_pkcs12(const std::filesystem::path& file,
+                                                               const SecretBytes& passphrase);
 
 class AdminClient {
  public:

@@ -287,6 +287,82 @@ Result<std::vector<std::uint8_t>> make_pkcs12(EVP_PKEY* key, X509* cert, X509* c
   return out;
 }
 
+Result<std::vector<std::uint8_t>> make_pkcs12_bundle(const std::vector<Pkcs12Entry>& entries,
+                                                     X509* ca, const SecretBytes& passphrase) {
+  if (passphrase.empty())
+    return make_error(ErrorCode::kInvalidArgument, "a PKCS#12 passphrase must not be empty");
+  if (entries.empty())
+    return make_error(ErrorCode::kInvalidArgument, "a PKCS#12 bundle needs at least one key");
+  constexpr int kIter = PKCS12_DEFAULT_ITER;
+  std::string pass(passphrase.view());
+  struct Wipe {
+    std::string& s;
+    ~Wipe() { secure_wipe(s.data(), s.size()); }
+  } wipe{pass};
+  using BagStack = STACK_OF(PKCS12_SAFEBAG);
+  using SafeStack = STACK_OF(PKCS7);
+  auto free_bags = [](BagStack* b) { sk_PKCS12_SAFEBAG_pop_free(b, PKCS12_SAFEBAG_free); };
+  auto free_safes = [](SafeStack* s) { sk_PKCS7_pop_free(s, PKCS7_free); };
+  std::unique_ptr<BagStack, decltype(free_bags)> cert_bags(nullptr, free_bags);
+  std::unique_ptr<BagStack, decltype(free_bags)> key_bags(nullptr, free_bags);
+  std::unique_ptr<SafeStack, decltype(free_safes)> safes(nullptr, free_safes);
+
+  auto add_cert = [&](X509* cert, const std::string& name,
+                      const std::vector<unsigned char>& key_id) -> Status {
+    BagStack* raw = cert_bags.release();
+    PKCS12_SAFEBAG* bag = PKCS12_add_cert(&raw, cert);
+    cert_bags.reset(raw);
+    if (bag == nullptr) return crypto_error("adding a certificate to the PKCS#12 file");
+    if (!name.empty() && PKCS12_add_friendlyname(bag, name.c_str(), -1) != 1)
+      return crypto_error("naming a certificate in the PKCS#12 file");
+    if (!key_id.empty() && PKCS12_add_localkeyid(bag, const_cast<unsigned char*>(key_id.data()),
+                                                 static_cast<int>(key_id.size())) != 1)
+      return crypto_error("pairing a certificate with its key in the PKCS#12 file");
+    return {};
+  };
+  for (const auto& e : entries) {
+    if (e.key == nullptr || e.cert == nullptr)
+      return make_error(ErrorCode::kInvalidArgument, "a PKCS#12 entry needs a key and a cert");
+    if (!public_key_matches(e.cert, e.key))
+      return make_error(ErrorCode::kInvalidArgument,
+                        "the certificate '" + e.friendly_name + "' is not for its key");
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int len = 0;
+    if (X509_digest(e.cert, EVP_sha1(), md, &len) != 1)
+      return crypto_error("computing a PKCS#12 localKeyId");
+    std::vector<unsigned char> key_id(md, md + len);  // as PKCS12_create does
+    KMSD_TRY(add_cert(e.cert, e.friendly_name, key_id));
+    BagStack* raw = key_bags.release();
+    PKCS12_SAFEBAG* bag = PKCS12_add_key(&raw, e.key, 0, kIter, NID_aes_256_cbc, pass.c_str());
+    key_bags.reset(raw);
+    if (bag == nullptr) return crypto_error("adding a key to the PKCS#12 file");
+    if ((!e.friendly_name.empty() &&
+         PKCS12_add_friendlyname(bag, e.friendly_name.c_str(), -1) != 1) ||
+        PKCS12_add_localkeyid(bag, key_id.data(), static_cast<int>(key_id.size())) != 1)
+      return crypto_error("naming a key in the PKCS#12 file");
+  }
+  if (ca != nullptr) KMSD_TRY(add_cert(ca, "", {}));
+  {
+    // The certificates in an encrypted safe; the keys, already shrouded, in a plain one.
+    SafeStack* raw = nullptr;
+    const int certs_ok =
+        PKCS12_add_safe(&raw, cert_bags.get(), NID_aes_256_cbc, kIter, pass.c_str());
+    safes.reset(raw);
+    if (certs_ok != 1 || PKCS12_add_safe(&raw, key_bags.get(), -1, 0, nullptr) != 1)
+      return crypto_error("building the PKCS#12 safes");
+  }
+  ossl::Pkcs12Ptr p12(PKCS12_add_safes(safes.get(), 0));
+  if (!p12) return crypto_error("building the PKCS#12 file");
+  if (PKCS12_set_mac(p12.get(), pass.c_str(), -1, nullptr, 0, kIter, EVP_sha256()) != 1)
+    return crypto_error("protecting the PKCS#12 file");
+  int n = i2d_PKCS12(p12.get(), nullptr);
+  if (n <= 0) return crypto_error("encoding the PKCS#12 file");
+  std::vector<std::uint8_t> out(static_cast<std::size_t>(n));
+  unsigned char* p = out.data();
+  i2d_PKCS12(p12.get(), &p);
+  return out;
+}
+
 namespace {
 std::int64_t asn1_time_unix(const ASN1_TIME* t) {
   struct tm tm {};

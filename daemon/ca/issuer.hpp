@@ -82,6 +82,21 @@ Result<std::vector<std::uint8_t>> make_pkcs12(EVP_PKEY* key, X509* cert, X509* c
                                               const std::string& friendly_name,
                                               const SecretBytes& passphrase);
 
+// One key with its certificate in a PKCS#12 bundle.
+struct Pkcs12Entry {
+  EVP_PKEY* key = nullptr;
+  X509* cert = nullptr;
+  std::string friendly_name;
+};
+
+// PKCS#12 with several keys (a user's signing key and every escrowed encryption key), each
+// key bag paired with its certificate by localKeyId, plus the CA. Keys are PKCS#8-shrouded
+// with PBES2/AES-256-CBC, certificates in an AES-256-CBC encrypted safe, MAC SHA-256: the same
+// algorithms OpenSSL 3 uses by default. The first entry is what single-key readers
+// (PKCS12_parse, TLS clients) take: put the signing pair first.
+Result<std::vector<std::uint8_t>> make_pkcs12_bundle(const std::vector<Pkcs12Entry>& entries,
+                                                     X509* ca, const SecretBytes& passphrase);
+
 std::int64_t not_after_unix(const X509* cert);
 std::int64_t not_before_unix(const X509* cert);
 

@@ -216,6 +216,31 @@ std::string KmsdTest::kmsctl_admin_options(const fs::path& passphrase_file) cons
          shell_quote(passphrase_file.empty() ? pass_path() : passphrase_file);
 }
 
+ApiReply KmsdTest::api(const std::string& method, const std::string& path,
+                       const nlohmann::json& body, const std::string& cert_args) {
+  std::string cmd = "curl -s -m 60 --cacert " + shell_quote(dir() / "ca.pem") + " -X " + method +
+                    " -w '\\n%{http_code}' ";
+  cmd += cert_args.empty() ? "--cert-type P12 --cert " +
+                                 shell_quote(admin_p12().string() + ":correct horse battery staple")
+                           : cert_args;
+  if (!body.is_null())
+    cmd += " -H 'Content-Type: application/json' --data-binary " + shell_quote(body.dump());
+  cmd += " " + shell_quote("https://localhost:" + std::to_string(admin_port_) + path);
+  auto r = sh(cmd);
+  ApiReply out;
+  auto nl = r.output.rfind('\n');
+  if (nl != std::string::npos) {
+    out.body = r.output.substr(0, nl);
+    out.status = std::atoi(r.output.c_str() + nl + 1);
+  }
+  return out;
+}
+
+ApiReply KmsdTest::enable(const std::string& id, const std::string& name) {
+  return api("POST", "/v1/users",
+             {{"id", id}, {"email", id + "@example.com"}, {"display_name", name}});
+}
+
 std::string KmsdTest::log_text() const {
   std::ifstream f(log_path());
   std::stringstream ss;

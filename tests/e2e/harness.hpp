@@ -8,6 +8,8 @@
 #include <filesystem>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "tests/support/sandbox.hpp"
 
 namespace kmsd::testing {
@@ -21,6 +23,13 @@ std::string shell_quote(const std::string& s);
 struct CommandResult {
   int status = -1;
   std::string output;  // stdout + stderr
+};
+
+// One HTTPS reply from curl.
+struct ApiReply {
+  int status = 0;
+  std::string body;
+  nlohmann::json j() const { return nlohmann::json::parse(body, nullptr, false); }
 };
 CommandResult sh(const std::string& cmd);
 
@@ -51,6 +60,13 @@ class KmsdTest : public TokenSandbox {
   CommandResult get_public(const std::string& path);
   std::string http_code(const std::string& path);
   std::string log_text() const;
+  // curl against the TLS listener (https://localhost:PORT PATH), verifying the server against
+  // ca.pem (fetched by the caller). CERT_ARGS: curl's client certificate options; empty means
+  // the first administrator's PKCS#12.
+  ApiReply api(const std::string& method, const std::string& path,
+               const nlohmann::json& body = nullptr, const std::string& cert_args = "");
+  // POST /v1/users as the first administrator.
+  ApiReply enable(const std::string& id, const std::string& name = "Jane Doe");
   // kmsctl's admin-API options as the first administrator, with the CA fetched to ca.pem;
   // PASSPHRASE_FILE defaults to the right one.
   std::string kmsctl_admin_options(const std::filesystem::path& passphrase_file = {}) const;

@@ -23,12 +23,6 @@ namespace {
 using ::testing::HasSubstr;
 using json = nlohmann::json;
 
-struct ApiReply {
-  int status = 0;
-  std::string body;
-  json j() const { return json::parse(body, nullptr, false); }
-};
-
 class UsersTest : public KmsdTest {
  protected:
   void SetUp() override {
@@ -41,32 +35,6 @@ class UsersTest : public KmsdTest {
                  shell_quote(public_url() + "/ca.pem"))
                   .status,
               0);
-  }
-
-  ApiReply api(const std::string& method, const std::string& path, const json& body = nullptr,
-               const std::string& cert_args = "") {
-    std::string cmd = "curl -s -m 30 --cacert " + shell_quote(dir() / "ca.pem") + " -X " + method +
-                      " -w '\\n%{http_code}' ";
-    cmd += cert_args.empty()
-               ? "--cert-type P12 --cert " +
-                     shell_quote(admin_p12().string() + ":correct horse battery staple")
-               : cert_args;
-    if (!body.is_null())
-      cmd += " -H 'Content-Type: application/json' --data-binary " + shell_quote(body.dump());
-    cmd += " " + shell_quote("https://localhost:" + std::to_string(admin_port_) + path);
-    auto r = sh(cmd);
-    ApiReply out;
-    auto nl = r.output.rfind('\n');
-    if (nl != std::string::npos) {
-      out.body = r.output.substr(0, nl);
-      out.status = std::atoi(r.output.c_str() + nl + 1);
-    }
-    return out;
-  }
-
-  ApiReply enable(const std::string& id, const std::string& name = "Jane Doe") {
-    return api("POST", "/v1/users",
-               {{"id", id}, {"email", id + "@example.com"}, {"display_name", name}});
   }
 };
 
