@@ -8,6 +8,7 @@ PACKAGES=(
   libssl-dev openssl
   libp11-dev libp11-kit-dev
   softhsm2 opensc
+  libengine-pkcs11-openssl
   libboost-dev
   libsqlite3-dev sqlite3
   libtomlplusplus-dev libcli11-dev nlohmann-json3-dev libspdlog-dev libfmt-dev
