@@ -367,11 +367,7 @@ Status Revocation::refresh_if_due(std::chrono::sys_seconds now) {
   if (!cur) return regenerate_locked();
   const std::int64_t t = now.time_since_epoch().count();
   if (t >= cur->this_update + (cur->next_update - cur->this_update) / 2) return regenerate_locked();
-  std::size_t revoked = 0;
-  KMSD_TRY(store_.for_each_revoked_certificate([&](const store::CertificateRecord&) -> Status {
-    ++revoked;
-    return {};
-  }));
+  KMSD_ASSIGN_OR_RETURN(std::size_t revoked, store_.count_revoked_certificates());
   if (revoked != cur->entries) return regenerate_locked();
   const Settings settings = settings_();
   std::error_code ec;

@@ -1230,6 +1230,15 @@ Result<std::size_t> Store::count_users() {
   return static_cast<std::size_t>(st->int64(0));
 }
 
+Result<std::size_t> Store::count_revoked_certificates() {
+  std::lock_guard lock(impl_->mu);
+  KMSD_ASSIGN_OR_RETURN(
+      Lease st, impl_->stmt("SELECT count(*) FROM certificates WHERE revoked_at IS NOT NULL"));
+  KMSD_ASSIGN_OR_RETURN(bool row, st->step("counting revoked certificates"));
+  if (!row) return store_error("counting revoked certificates", "no result");
+  return static_cast<std::size_t>(st->int64(0));
+}
+
 // --- enrollment tokens -------------------------------------------------------------------
 
 namespace {

@@ -180,6 +180,8 @@ class Store {
   // Every revoked certificate, in revocation order, streaming (for the CRL); same lock and
   // callback rules as for_each_user.
   Status for_each_revoked_certificate(const std::function<Status(const CertificateRecord&)>& fn);
+  // How many certificates are revoked (an index lookup; the CRL's freshness check).
+  Result<std::size_t> count_revoked_certificates();
 
   // ---- users ----
   Status insert_user(const UserRecord& rec);  // kAlreadyExists on duplicate id

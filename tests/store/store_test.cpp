@@ -886,6 +886,9 @@ TEST_F(StoreTest, ForEachRevokedCertificateWalksOnlyRevokedOnesInRevocationOrder
                  return {};
                }).ok());
   EXPECT_EQ(seen, (std::vector<std::pair<std::string, int>>{{"0c", 1}, {"0a", 0}}));
+  auto count = s->count_revoked_certificates();
+  ASSERT_TRUE(count.ok());
+  EXPECT_EQ(*count, 2u);
   auto stop = s->for_each_revoked_certificate(
       [](const CertificateRecord&) -> Status { return make_error(ErrorCode::kIo, "stop"); });
   ASSERT_FALSE(stop.ok());
