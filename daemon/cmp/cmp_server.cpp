@@ -620,13 +620,11 @@ Reply CmpServer::Impl::resume(const OSSL_CMP_MSG* req, const std::string& tid, i
   std::shared_ptr<Transaction> t;
   {
     std::lock_guard lk(table_mu);
+    // Abandoned transactions hold their secret until swept: sweep on every message.
+    const auto now = std::chrono::steady_clock::now();
+    std::erase_if(open, [now](const auto& kv) { return kv.second->expires < now; });
     auto it = open.find(tid);
-    if (it != open.end()) {
-      if (it->second->expires < std::chrono::steady_clock::now())
-        open.erase(it);
-      else
-        t = it->second;
-    }
+    if (it != open.end()) t = it->second;
   }
   if (!t) {
     if (type == kPollReq)
