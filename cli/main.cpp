@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   Commands commands;
   add_local_commands(app, commands);
   add_admin_commands(app, commands);
+  add_admins_commands(app, commands);
   add_user_commands(app, commands);
 
   try {

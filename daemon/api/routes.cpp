@@ -2,6 +2,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "daemon/admins/admin_service.hpp"
 #include "daemon/ca/issuer.hpp"
 #include "daemon/startup/unseal_socket.hpp"
 
@@ -325,6 +326,25 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
         if (!out.ok()) return error_from(req, out.error());
         return outcome_response(req, *out);
       }
+    }
+  }
+  if (s_.admins != nullptr && seg.size() >= 2 && seg[1] == "admins") {
+    if (seg.size() == 2 && verb == http::verb::get)
+      return respond(s_.admins->list(), http::status::ok, [](const json& j) { return j; });
+    if (seg.size() == 2 && verb == http::verb::post) {
+      for (const char* key : {"name", "role", "csr"})
+        if (!body.contains(key) || !body[key].is_string())
+          return error_response(req, http::status::bad_request,
+                                std::string("\"") + key + "\" (a string) is required");
+      auto out = s_.admins->add(body["name"].get<std::string>(), body["role"].get<std::string>(),
+                                body["csr"].get<std::string>(), who.name);
+      if (!out.ok()) return error_from(req, out.error());
+      return outcome_response(req, *out);
+    }
+    if (seg.size() == 3 && verb == http::verb::delete_) {
+      auto out = s_.admins->remove(seg[2], who.name);
+      if (!out.ok()) return error_from(req, out.error());
+      return outcome_response(req, *out);
     }
   }
   if (seg.size() == 3 && seg[1] == "reports" && seg[2] == "users" && verb == http::verb::get) {

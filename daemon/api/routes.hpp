@@ -12,6 +12,10 @@
 #include "daemon/store/store.hpp"
 #include "daemon/users/user_service.hpp"
 
+namespace kmsd::admins {
+class AdminService;
+}
+
 namespace kmsd::api {
 
 // An authenticated administrator.
@@ -46,6 +50,7 @@ struct AdminServices {
   users::UserService& users;
   approvals::Approvals& approvals;
   audit::AuditLog& audit;
+  admins::AdminService* admins = nullptr;  // /v1/admins (404 while not wired)
 };
 
 // /v1/...: mutual TLS only; every endpoint checks the caller's role (docs/admin-api.md).

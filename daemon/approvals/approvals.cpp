@@ -100,8 +100,13 @@ Result<Outcome> Approvals::run(store::ApprovalRequestRecord& req, const std::str
   return out;
 }
 
+Rules Approvals::rules() const {
+  std::lock_guard lk(mu_);
+  return rules_;
+}
+
 Result<Outcome> Approvals::submit(const std::string& operation, const json& params,
-                                  const std::string& requester) {
+                                  const std::string& requester, bool requester_approves) {
   Executor executor;
   Rules rules;
   {
@@ -116,7 +121,7 @@ Result<Outcome> Approvals::submit(const std::string& operation, const json& para
   Outcome out;
   Status st = store_.transaction([&]() -> Status {
     const std::int64_t now = unix_now();
-    if (k <= 1) {
+    if (k <= 1 && requester_approves) {
       KMSD_ASSIGN_OR_RETURN(out.result, executor(params, requester));
       KMSD_TRY(audit_.append(requester, operation, {{"params", params}, {"result", out.result}}));
       out.state = RequestState::kExecuted;
@@ -134,16 +139,20 @@ Result<Outcome> Approvals::submit(const std::string& operation, const json& para
     req.created_at = now;
     req.expires_at = now + rules.ttl.count();
     KMSD_TRY(store_.insert_approval_request(req));
-    KMSD_TRY(store_.add_approval({req.id, requester, true, now}));
-    KMSD_TRY(audit_.append(
-        requester, "request.create",
-        {{"request", req.id}, {"operation", operation}, {"params", params}, {"required", k}}));
+    if (requester_approves) KMSD_TRY(store_.add_approval({req.id, requester, true, now}));
+    KMSD_TRY(audit_.append(requester, "request.create",
+                           {{"request", req.id},
+                            {"operation", operation},
+                            {"params", params},
+                            {"required", k},
+                            {"requester_approves", requester_approves}}));
+    const int have = requester_approves ? 1 : 0;
     out.request_id = req.id;
     out.state = RequestState::kPending;
-    out.approvals = 1;
+    out.approvals = have;
     out.required = k;
-    out.message = "'" + operation + "' needs " + std::to_string(k) + " administrators: request " +
-                  req.id + " is waiting for " + std::to_string(k - 1) +
+    out.message = "'" + operation + "' needs " + std::to_string(k) + " administrator(s): request " +
+                  req.id + " is waiting for " + std::to_string(k - have) +
                   " more approval(s) (kmsctl request approve " + req.id + ")";
     return {};
   });

@@ -56,8 +56,13 @@ class Approvals {
   // Replaces the rules (SIGHUP). Pending requests keep the k they were created with.
   void set_rules(Rules rules);
 
+  // REQUESTER_APPROVES false: the requester is not an administrator (the operator whose
+  // configuration asks for a policy change), so no approval is recorded for it, all k come
+  // from administrators, and even k = 1 makes a pending request.
   Result<Outcome> submit(const std::string& operation, const nlohmann::json& params,
-                         const std::string& requester);
+                         const std::string& requester, bool requester_approves = true);
+  // The rules submit() applies now.
+  Rules rules() const;
   Result<Outcome> approve(const std::string& request_id, const std::string& approver);
   Result<Outcome> deny(const std::string& request_id, const std::string& approver);
   // Marks expired requests as such (also done lazily on approve/list).
@@ -74,7 +79,7 @@ class Approvals {
 
   store::Store& store_;
   audit::AuditLog& audit_;
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::map<std::string, Executor> executors_;
   Rules rules_;
 };
