@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   add_admin_commands(app, commands);
   add_admins_commands(app, commands);
   add_user_commands(app, commands);
+  add_enroll_commands(app, commands);
 
   try {
     app.parse(argc, argv);

@@ -104,6 +104,7 @@ void add_local_commands(CLI::App& app, Commands& commands);
 void add_user_commands(CLI::App& app, Commands& commands);
 void add_bulk_command(CLI::App* user, Commands& commands);
 void add_admin_commands(CLI::App& app, Commands& commands);
+void add_enroll_commands(CLI::App& app, Commands& commands);
 void add_admins_commands(CLI::App& app, Commands& commands);
 
 }  // namespace kmsd::cli
