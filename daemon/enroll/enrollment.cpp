@@ -24,6 +24,12 @@ constexpr const char* kNotValid =
     "the user id or the enrollment token is not valid; check both (the token is the 24-character "
     "code your administrator gave you), or ask your administrator for a new token";
 
+constexpr int kSuperseded = 4;  // RFC 5280 CRLReason
+
+constexpr const char* kUsedOrReplaced =
+    "this enrollment token was used or replaced while the request was being processed; ask "
+    "your administrator for a new token";
+
 lifecycle::UserState to_lifecycle(store::UserState s) {
   switch (s) {
     case store::UserState::kEnabled:
@@ -103,10 +109,14 @@ std::string algorithm_name(EVP_PKEY* key) {
   return EVP_PKEY_get0_type_name(key) != nullptr ? EVP_PKEY_get0_type_name(key) : "unknown";
 }
 
+// PKCS#8 PrivateKeyInfo (i2d_PrivateKey would write SEC1 or PKCS#1, the type's own format).
 Result<SecretBytes> pkcs8_der(EVP_PKEY* key) {
+  std::unique_ptr<PKCS8_PRIV_KEY_INFO, decltype(&PKCS8_PRIV_KEY_INFO_free)> info(
+      EVP_PKEY2PKCS8(key), &PKCS8_PRIV_KEY_INFO_free);
+  if (!info) return ossl::crypto_error("encoding the encryption key as PKCS#8");
   unsigned char* buf = nullptr;
-  int n = i2d_PrivateKey(key, &buf);  // PKCS#8 PrivateKeyInfo for EC and RSA in OpenSSL 3
-  if (n <= 0) return ossl::crypto_error("encoding the encryption key");
+  int n = i2d_PKCS8_PRIV_KEY_INFO(info.get(), &buf);
+  if (n <= 0) return ossl::crypto_error("encoding the encryption key as PKCS#8");
   SecretBytes out(std::span<const std::uint8_t>(buf, static_cast<std::size_t>(n)));
   OPENSSL_clear_free(buf, static_cast<std::size_t>(n));
   return out;
@@ -383,7 +393,7 @@ Result<Enrollment> EnrollmentService::enroll(const std::string& user_id, const S
     default:
       return make_error(ErrorCode::kPermissionDenied, check.message);
   }
-  return enroll_locked(user_id, req, now);
+  return enroll_locked(user_id, req, now, &t.sealed);
 }
 
 Result<SecretBytes> EnrollmentService::pending_token(const std::string& user_id) {
@@ -415,11 +425,12 @@ Status EnrollmentService::record_failed_attempt(const std::string& user_id) {
 
 Result<Enrollment> EnrollmentService::enroll_verified(const std::string& user_id,
                                                       const SigningRequest& req) {
-  return enroll_locked(user_id, req, unix_now());
+  return enroll_locked(user_id, req, unix_now(), nullptr);
 }
 
 Result<Enrollment> EnrollmentService::enroll_locked(const std::string& user_id,
-                                                    const SigningRequest& req, std::int64_t now) {
+                                                    const SigningRequest& req, std::int64_t now,
+                                                    const store::Bytes* checked) {
   const Settings s = settings_();
   auto policy = policy_.current();
   auto ca = ca_certificate_();
@@ -431,27 +442,43 @@ Result<Enrollment> EnrollmentService::enroll_locked(const std::string& user_id,
   // 1. Decide and do the token work outside the store's lock.
   KMSD_ASSIGN_OR_RETURN(auto before, read_facts(store_, user_id));
   if (!before || !before->token) return make_error(ErrorCode::kPermissionDenied, kNotValid);
+  // The token checked by the caller must be the one still pending: a concurrent enrollment
+  // may have spent it, or an administrator replaced it, since it was checked.
+  const store::Bytes sealed = checked != nullptr ? *checked : before->token->sealed;
+  if (before->token->used_at || before->token->sealed != sealed)
+    return make_error(ErrorCode::kPermissionDenied, kUsedOrReplaced);
   {
     auto d = lifecycle::transition(before->from, Action::kEnroll, before->facts);
     if (!d.ok()) return d.error();
   }
   KMSD_ASSIGN_OR_RETURN(auto prepared, issuing.prepare(before->user, before->depth, req, false));
-  const std::int64_t token_issued_at = before->token->issued_at;
 
   // 2. Record everything and spend the token in one transaction.
   Enrollment out;
   out.user_id = user_id;
+  bool revoked_any = false;
   Status st = store_.transaction([&]() -> Status {
     KMSD_ASSIGN_OR_RETURN(auto f, read_facts(store_, user_id));
     // The token checked in step 1 must be the one still pending: not used meanwhile by a
     // concurrent enrollment, not replaced by a reissue, and the history not grown.
-    if (!f || !f->token || f->token->issued_at != token_issued_at || f->token->used_at ||
+    if (!f || !f->token || f->token->sealed != sealed || f->token->used_at ||
         f->depth != before->depth)
-      return make_error(ErrorCode::kPermissionDenied,
-                        "this enrollment token was used or replaced while the request was being "
-                        "processed; ask your administrator for a new token");
+      return make_error(ErrorCode::kPermissionDenied, kUsedOrReplaced);
     auto d = lifecycle::transition(f->from, Action::kEnroll, f->facts);
     if (!d.ok()) return d.error();
+    json superseded = json::array();
+    if (d->deliver_key_history) {
+      // A recovery hands the key history back because the user lost their keys: the signing
+      // certificates from before it must not act for the user any more (fetch that history,
+      // renew), so they are revoked as superseded.
+      KMSD_ASSIGN_OR_RETURN(auto certs, store_.certificates_of_user(user_id));
+      for (const auto& c : certs) {
+        if (c.kind != store::CertKind::kSigning || c.revoked_at) continue;
+        KMSD_TRY(store_.revoke_certificate(c.serial, now, kSuperseded));
+        superseded.push_back(c.serial);
+      }
+    }
+    revoked_any = !superseded.empty();
     KMSD_TRY(issuing.record(f->user, prepared, now));
     KMSD_TRY(store_.mark_token_used(user_id, now));
     store::UserRecord user = f->user;
@@ -470,9 +497,11 @@ Result<Enrollment> EnrollmentService::enroll_locked(const std::string& user_id,
                           {"encryption_serial", ca::serial_hex(prepared.encryption.get())},
                           {"key_version", prepared.key_version},
                           {"key_id", prepared.key_id},
+                          {"superseded_signing_certificates", superseded},
                           {"requested_subject", req.requested_subject}});
   });
   if (!st.ok()) return st.error();
+  if (revoked_any && on_revocation_) on_revocation_();
 
   if (out.recovered) {
     KMSD_ASSIGN_OR_RETURN(out.keys, issuing.open_keys(user_id, 1));

@@ -139,8 +139,9 @@ class EnrollmentService {
   Status revoke_by_holder(X509* cert, int reason);
 
  private:
+  // CHECKED: the sealed token record the caller verified (null: the one pending now).
   Result<Enrollment> enroll_locked(const std::string& user_id, const SigningRequest& req,
-                                   std::int64_t now);
+                                   std::int64_t now, const store::Bytes* checked);
 
   store::Store& store_;
   hsm::Token& token_;

@@ -433,18 +433,9 @@ TEST_F(EnrollmentTest, AnRsaEncryptionKeyGetsKeyEnciphermentOnly) {
   EXPECT_TRUE(verifies_against_ca(enc));
 }
 
-// BUG (reported to the lead, not fixed here): DeliveredKey::pkcs8_der is documented as "the
-// private key, PKCS#8 DER" (enrollment.hpp), and DESIGN.md / store.hpp say the escrow envelope
-// holds the PKCS#8 DER. But pkcs8_der() in daemon/enroll/enrollment.cpp (line 106-113) encodes
-// with i2d_PrivateKey(), which in OpenSSL 3 writes the key-specific format: SEC1 ECPrivateKey
-// (RFC 5915) for EC keys and PKCS#1 RSAPrivateKey for RSA keys, never PrivateKeyInfo. So both
-// the delivered keys and every escrowed blob are SEC1/PKCS#1. Suggested fix: encode with
-// EVP_PKEY2PKCS8() + i2d_PKCS8_PRIV_KEY_INFO() (or OSSL_ENCODER "DER"/"PrivateKeyInfo");
-// key_from_pkcs8() uses d2i_AutoPrivateKey and keeps reading blobs escrowed before the fix.
-// Remove the GTEST_SKIP below once fixed: the assertions after it are the test.
+// DeliveredKey::pkcs8_der and the escrowed blobs are PKCS#8 PrivateKeyInfo (not SEC1 or
+// PKCS#1, which i2d_PrivateKey would write), as enrollment.hpp, store.hpp and DESIGN.md say.
 TEST_F(EnrollmentTest, DeliveredAndEscrowedKeysArePkcs8PrivateKeyInfo) {
-  GTEST_SKIP() << "BUG: EnrollmentService delivers and escrows SEC1/PKCS#1 DER (i2d_PrivateKey in "
-                  "daemon/enroll/enrollment.cpp pkcs8_der()), not the documented PKCS#8";
   auto signing_key = generate(hsm::KeyType::kEcP256);
   const SecretBytes ann_tok = enable("ann");
   auto ann = enroll_->enroll("ann", ann_tok, request(signing_key.get()));
@@ -615,7 +606,6 @@ TEST_F(EnrollmentTest, TwoThreadsWithTheSameTokenAtOnceEnrollExactlyOnce) {
   // Several rounds, each a fresh user, so every way of losing (the token already used when
   // checked, spent by the winner during the loser's certificate work, or spent between the
   // two) gets its chance.
-  std::vector<std::string> already_active;  // losers that got the state machine's refusal
   for (const std::string id : {"ann", "bob", "cem", "dee", "eve", "fay"}) {
     SCOPED_TRACE(id);
     const SecretBytes tok = enable(id);
@@ -636,18 +626,9 @@ TEST_F(EnrollmentTest, TwoThreadsWithTheSameTokenAtOnceEnrollExactlyOnce) {
                           << (results[1]->ok() ? "" : results[1]->error().message);
     const int w = results[0]->ok() ? 0 : 1;
     const auto& loser = *results[1 - w];
-    // BUG (reported to the lead): when the winner commits after the loser's token check but
-    // before enroll_locked() reads the user again (daemon/enroll/enrollment.cpp, lines 432-437),
-    // the loser gets the state machine's kFailedPrecondition "already-active: ..." instead of
-    // the kPermissionDenied "used" answer enrollment.hpp promises for a used token. Remove this
-    // branch once fixed; the two expectations below are the test.
-    if (loser.error().code == ErrorCode::kFailedPrecondition &&
-        loser.error().message.rfind("already-active:", 0) == 0) {
-      already_active.push_back(id);
-    } else {
-      EXPECT_EQ(loser.error().code, ErrorCode::kPermissionDenied) << loser.error().message;
-      EXPECT_THAT(loser.error().message, HasSubstr("used"));
-    }
+    // However the two interleave, the loser is refused as holding a used token.
+    EXPECT_EQ(loser.error().code, ErrorCode::kPermissionDenied) << loser.error().message;
+    EXPECT_THAT(loser.error().message, HasSubstr("used"));
 
     // One set of certificates: the winner's. None for the loser's key.
     const auto certs = certs_of(id);
@@ -671,13 +652,6 @@ TEST_F(EnrollmentTest, TwoThreadsWithTheSameTokenAtOnceEnrollExactlyOnce) {
   EXPECT_EQ(store_->certificates(CertKind::kEncryption).value().size(), 6u);
   EXPECT_EQ(audited("user.enroll").size(), 6u);
   expect_audit_chain_intact();
-  if (!already_active.empty()) {
-    GTEST_SKIP() << "exactly-once held, but BUG: " << already_active.size()
-                 << " loser(s) were refused as already-active (kFailedPrecondition) instead of "
-                    "as a used token (kPermissionDenied): enroll_locked() in "
-                    "daemon/enroll/enrollment.cpp runs the state machine before noticing the "
-                    "token was spent";
-  }
 }
 
 // ---- the policy ---------------------------------------------------------------------------------
@@ -991,6 +965,17 @@ TEST_F(EnrollmentTest, RecoveryEnrollmentHandsBackTheWholeKeyHistory) {
   EXPECT_EQ(audit_rec[0]["details"]["previous_state"], "recovery");
   EXPECT_EQ(audit_rec[0]["details"]["token_purpose"], "recover");
 
+  // The signing certificates from before the recovery were revoked as superseded: they can
+  // neither fetch the history just handed back nor renew.
+  for (X509* old_cert : {e->signing_certificate.get(), r->signing_certificate.get()}) {
+    auto old_rec = store_->find_certificate(ca::serial_hex(old_cert)).value();
+    ASSERT_TRUE(old_rec.has_value());
+    EXPECT_EQ(old_rec->revocation_reason, std::optional<int>(4));
+    auto refused = enroll_->keys_for(old_cert);
+    ASSERT_FALSE(refused.ok());
+    EXPECT_THAT(refused.error().message, HasSubstr("revoked"));
+    EXPECT_FALSE(enroll_->renew(old_cert, request(new_key.get())).ok());
+  }
   auto keys = enroll_->keys_for(rec->signing_certificate.get());
   ASSERT_TRUE(keys.ok()) << keys.error().message;
   ASSERT_EQ(keys->size(), 3u);
