@@ -13,10 +13,12 @@
 #include <mutex>
 #include <thread>
 
+#include "daemon/admins/admin_service.hpp"
 #include "daemon/api/http_server.hpp"
 #include "daemon/api/pki_routes.hpp"
 #include "daemon/api/routes.hpp"
 #include "daemon/approvals/approvals.hpp"
+#include "daemon/approvals/policy_gate.hpp"
 #include "daemon/audit/audit_log.hpp"
 #include "daemon/cmp/cmp_server.hpp"
 #include "daemon/enroll/enrollment.hpp"
@@ -75,6 +77,8 @@ struct Daemon::Impl {
   std::unique_ptr<enroll::EnrollmentService> enrollment;
   std::unique_ptr<revocation::Revocation> revocation;
   std::unique_ptr<cmp::CmpServer> cmp;
+  std::unique_ptr<approvals::PolicyGate> gate;
+  std::unique_ptr<admins::AdminService> admins;
 
   // TLS context for the admin listener, rebuilt whenever the key material changes.
   std::mutex tls_mu;
@@ -146,6 +150,26 @@ struct Daemon::Impl {
       spdlog::warn("CRL: {}; the previous CRL is still served", st.error().message);
   }
 
+  // Judges approval rules offered by the configuration (at start, on SIGHUP) once the token
+  // can write the audit record: applied, unchanged, or a policy_change request.
+  void settle_approval_rules() {
+    if (!seal->material()) return;
+    auto out = gate->settle();
+    if (!out.ok()) {
+      spdlog::warn("approval rules: {}; will try again", out.error().message);
+      return;
+    }
+    if (out->kind != approvals::GateOutcome::Kind::kNothingOffered &&
+        out->kind != approvals::GateOutcome::Kind::kUnchanged)
+      spdlog::info("approval rules: {}", out->message);
+  }
+
+  // Every two seconds on a worker.
+  void maintain() {
+    refresh_crl();
+    settle_approval_rules();
+  }
+
   void reload() {
     auto current = config();
     auto loaded = config::load(current->source_path);
@@ -172,7 +196,7 @@ struct Daemon::Impl {
     }
     spdlog::set_level(spdlog::level::from_str(n.log.level));
     policy->replace(std::make_shared<const policy::PolicyCheck>(std::move(*next_policy)));
-    approvals->set_rules(approval_rules(n.approvals));
+    gate->offer(approval_rules(n.approvals));  // applied (or gated) by the next maintain()
     {
       std::lock_guard lk(cfg_mu);
       cfg = std::make_shared<const config::Config>(loaded.config);
@@ -211,7 +235,9 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
         return a->append("operator", action, {{"detail", detail}});
       });
   impl->approvals = std::make_unique<approvals::Approvals>(*impl->store, *impl->audit);
-  impl->approvals->set_rules(approval_rules(cfg.approvals));
+  impl->gate =
+      std::make_unique<approvals::PolicyGate>(*impl->store, *impl->audit, *impl->approvals);
+  KMSD_TRY(impl->gate->load(approval_rules(cfg.approvals)));
   Impl* d = impl.get();
   impl->users = std::make_unique<users::UserService>(
       *impl->store, *impl->token, *impl->audit, *impl->policy, [d] {
@@ -243,6 +269,11 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
         return s;
       },
       [d] { return d->ca_certificate(); });
+  impl->admins = std::make_unique<admins::AdminService>(
+      *impl->store, *impl->token, *impl->audit, *impl->approvals, *impl->policy, [d] {
+        auto c = d->config();
+        return admins::AdminSettings{std::chrono::days(c->admin.cert_validity_days), c->ca.digest};
+      });
   impl->cmp = std::make_unique<cmp::CmpServer>(
       *impl->enrollment, *impl->token, *impl->store, [d] { return d->ca_certificate(); },
       cfg.ca.digest);
@@ -258,7 +289,9 @@ int Daemon::run() {
 
   api::PublicRoutes public_routes(*d.seal);
   api::PkiRoutes pki_routes(d.pki_handlers());
-  api::AdminRoutes admin_routes({*d.seal, *d.store, *d.users, *d.approvals, *d.audit});
+  api::AdminServices admin_services{*d.seal, *d.store, *d.users, *d.approvals, *d.audit};
+  admin_services.admins = d.admins.get();
+  api::AdminRoutes admin_routes(admin_services);
   api::EnrollRoutes enroll_routes(*d.enrollment);
   // One handler per listener: the public one serves the PKI paths and the health/CA paths;
   // the TLS one serves users' enrollment under /enroll/ and administrators under /v1/.
@@ -339,7 +372,8 @@ int Daemon::run() {
       };
   signals.async_wait(on_signal);
 
-  // The CRL: checked every 2 seconds on a worker (a count query while nothing changed).
+  // Maintenance every 2 seconds on a worker: the CRL (a count query while nothing changed)
+  // and approval rules offered by the configuration.
   net::steady_timer crl_timer(ioc);
   std::atomic<bool> crl_busy{false};
   std::function<void(const boost::system::error_code&)> on_crl_tick =
@@ -347,7 +381,7 @@ int Daemon::run() {
         if (ec || d.stopping) return;
         if (!crl_busy.exchange(true))
           net::post(workers, [&d, &crl_busy] {
-            d.refresh_crl();
+            d.maintain();
             crl_busy = false;
           });
         crl_timer.expires_after(std::chrono::seconds(2));
