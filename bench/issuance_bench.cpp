@@ -1,0 +1,843 @@
+// Issuance throughput of a real kmsd over its HTTPS API, printed next to the raw token signing
+// rate and the scripted alternative (`openssl ca` with the pkcs11 engine), all measured in the
+// same run on the same throw-away SoftHSM2 token.
+//
+//   issuance_bench [--users N] [--clients C] [--seconds S] [--workers W] [--quick]
+//                  [--build-dir DIR] [--keep-log FILE]
+//
+// One run:
+//   1. a sandbox token, a kmsd.toml (P-256 CA, wrap_mechanism "aes-gcm", W worker threads),
+//      `kmsctl init`, the real kmsd started with a startup-secret file, /readyz = 200;
+//   2. N users enabled over the admin API (POST /v1/users/bulk, 1000 per call), their one-time
+//      tokens kept; N P-256 key pairs and CSRs made before any timing;
+//   3. the raw token rate: ECDSA P-256 signatures with the CA key through hsm::Token (a libp11
+//      EVP_PKEY, one per thread, as token_bench), C threads, from this process with its own
+//      session pool while kmsd idles; measured before and after the API phase. Two breakdown
+//      figures go with it: a fresh Token::ca_private_key() per signature, and a whole user
+//      certificate through ca::issue_on_token, which is what kmsd does for each certificate;
+//   4. API issuance: C client threads, each with one kept-alive HTTPS connection, enroll the N
+//      users through POST /enroll/v1/enroll; each enrollment issues two certificates (signing
+//      and encryption), generates the encryption key and escrows it. Enrollments/s,
+//      certificates/s, p50/p99 latency;
+//   5. the scripted alternative, kmsd stopped: `openssl ca` with the pkcs11 engine signing with
+//      the same CA key on the token, one process per certificate, for S seconds: one process at
+//      a time (an administrator's loop), then C at a time (each loop with its own CA database).
+//      Failed processes are counted: SoftHSM2 2.6.1 rewrites token.object at every C_Login, and
+//      a process reading it at that moment finds no token.
+// Every certificate issued is checked against the CA after the timing. kmsd is stopped and the
+// sandbox removed on every exit path (and kmsd dies with this process if it is killed). No
+// assertion on speed: it prints, people judge.
+//
+// --seconds is the length of each raw and scripted measurement; the API phase enrolls all N
+// users. --quick (the ctest smoke run): 6 users, 2 clients, 0.3 s per measurement.
+#include <errno.h>
+#include <fcntl.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdlib.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <nlohmann/json.hpp>
+
+#include "bench/bench_sandbox.hpp"
+#include "cli/client/admin_client.hpp"
+#include "common/ossl.hpp"
+#include "daemon/ca/issuer.hpp"
+#include "hsm/token.hpp"
+
+extern char** environ;
+
+namespace {
+
+using namespace kmsd;
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+using json = nlohmann::json;
+
+using bench::kModule;
+using bench::kPin;
+
+constexpr const char* kCaLabel = "kms-ca";  // kmsd's default [token.labels] ca
+constexpr const char* kP12Pass = "bench admin pass phrase";
+
+std::atomic<bool> g_stop{false};
+extern "C" void on_signal(int) {
+  g_stop = true;
+}
+
+struct Options {
+  long users = 2000;
+  int clients = 4;
+  double seconds = 3.0;
+  int workers = 4;
+  bool quick = false;
+  fs::path build_dir;
+  fs::path keep_log;
+};
+
+double since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+std::string read_text(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+void write_private(const fs::path& p, const std::string& text) {
+  std::ofstream(p, std::ios::binary | std::ios::trunc) << text;
+  fs::permissions(p, fs::perms::owner_read | fs::perms::owner_write);
+}
+
+// The last LINES lines of TEXT, for failure reports.
+std::string tail_lines(const std::string& text, int lines) {
+  std::size_t pos = text.size();
+  for (int i = 0; i <= lines && pos != std::string::npos && pos > 0; ++i)
+    pos = text.rfind('\n', pos - 1);
+  return pos == std::string::npos ? text : text.substr(pos + 1);
+}
+
+std::uint16_t free_port() {
+  namespace net = boost::asio;
+  net::io_context ioc;
+  net::ip::tcp::acceptor a(ioc, {net::ip::make_address("127.0.0.1"), 0});
+  return a.local_endpoint().port();
+}
+
+// GET http://127.0.0.1:PORT TARGET over plain HTTP; status 0 when nothing answered.
+std::pair<int, std::string> http_get(std::uint16_t port, const std::string& target) {
+  namespace beast = boost::beast;
+  namespace http = beast::http;
+  namespace net = boost::asio;
+  net::io_context ioc;
+  beast::tcp_stream stream(ioc);
+  beast::error_code ec;
+  stream.expires_after(std::chrono::seconds(5));
+  stream.connect(net::ip::tcp::endpoint(net::ip::make_address("127.0.0.1"), port), ec);
+  if (ec) return {0, ""};
+  http::request<http::empty_body> req{http::verb::get, target, 11};
+  req.set(http::field::host, "127.0.0.1");
+  http::write(stream, req, ec);
+  if (ec) return {0, ""};
+  beast::flat_buffer buf;
+  http::response<http::string_body> res;
+  http::read(stream, buf, res, ec);
+  if (ec) return {0, ""};
+  stream.socket().shutdown(net::ip::tcp::socket::shutdown_both, ec);
+  return {static_cast<int>(res.result_int()), res.body()};
+}
+
+// Runs ARGV (no shell; argv[0] looked up in PATH) with ENV (nullptr: this process's), stdin
+// from /dev/null, stdout and stderr to OUT_FILE, and waits. The exit status; 128 + signal when
+// killed; -1 when it could not be started. Safe to call from several threads.
+int run(const std::vector<std::string>& argv, const fs::path& out_file,
+        char* const* env = nullptr) {
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, out_file.c_str(),
+                                   O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  pid_t pid = -1;
+  int rc = posix_spawnp(&pid, args[0], &fa, nullptr, args.data(), env != nullptr ? env : environ);
+  posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) return -1;
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0) {
+    if (errno != EINTR) return -1;
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+// The kmsd child process: its own process group, killed if this process dies, stopped
+// (SIGTERM, then SIGKILL to the group) when this object goes.
+class Daemon {
+ public:
+  Daemon() = default;
+  Daemon(const Daemon&) = delete;
+  Daemon& operator=(const Daemon&) = delete;
+  ~Daemon() { stop(); }
+
+  // Forks and execs BIN --config CONF with output to OUT. Call before any thread is started.
+  bool start(const fs::path& bin, const fs::path& conf, const fs::path& out) {
+    const std::string b = bin.string(), c = conf.string(), o = out.string();
+    const pid_t parent = ::getpid();
+    pid_ = ::fork();
+    if (pid_ < 0) return false;
+    if (pid_ == 0) {
+      ::setpgid(0, 0);
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (::getppid() != parent) ::_exit(127);
+      int in = ::open("/dev/null", O_RDONLY);
+      int err = ::open(o.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+      ::dup2(in, STDIN_FILENO);
+      ::dup2(err, STDOUT_FILENO);
+      ::dup2(err, STDERR_FILENO);
+      const char* argv[] = {b.c_str(), "--config", c.c_str(), nullptr};
+      ::execv(argv[0], const_cast<char* const*>(argv));
+      ::_exit(127);
+    }
+    ::setpgid(pid_, pid_);
+    return true;
+  }
+
+  // False once the process has exited.
+  bool alive() {
+    if (pid_ <= 0) return false;
+    int status = 0;
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      return false;
+    }
+    return true;
+  }
+
+  void stop() {
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGTERM);
+    int status = 0;
+    for (int i = 0; i < 200; ++i) {
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    ::kill(-pid_, SIGKILL);
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+  }
+
+ private:
+  pid_t pid_ = -1;
+};
+
+// Copies the kmsd log out of the sandbox before it is removed, when --keep-log asks for it.
+struct LogKeeper {
+  fs::path from, to;
+  ~LogKeeper() {
+    if (to.empty()) return;
+    std::error_code ec;
+    fs::copy_file(from, to, fs::copy_options::overwrite_existing, ec);
+    if (ec)
+      std::fprintf(stderr, "issuance_bench: could not keep the kmsd log: %s\n",
+                   ec.message().c_str());
+  }
+};
+
+// Runs OP(thread index) on THREADS threads for SECONDS; operations per second, or -1 when an
+// operation failed.
+double rate(int threads, double seconds, const std::function<bool(int)>& op) {
+  std::atomic<long> count{0};
+  std::atomic<bool> failed{false};
+  const auto t0 = Clock::now();
+  const auto end =
+      t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  std::vector<std::thread> ts;
+  for (int i = 0; i < threads; ++i)
+    ts.emplace_back([&, i] {
+      long n = 0;
+      while (Clock::now() < end && !failed && !g_stop) {
+        if (!op(i)) failed = true;
+        ++n;
+      }
+      count += n;
+    });
+  for (auto& t : ts) t.join();
+  const double elapsed = since(t0);
+  return failed || g_stop ? -1 : static_cast<double>(count) / elapsed;
+}
+
+bool sign_once(EVP_PKEY* key) {
+  static const unsigned char data[64] = {1, 2, 3};
+  ossl::EvpMdCtxPtr ctx(EVP_MD_CTX_new());
+  unsigned char sig[512];
+  size_t len = sizeof sig;
+  return EVP_DigestSignInit(ctx.get(), nullptr, EVP_sha256(), nullptr, key) == 1 &&
+         EVP_DigestSign(ctx.get(), sig, &len, data, sizeof data) == 1;
+}
+
+// A P-256 CSR for KEY with CN=CN, PEM (what kmsctl enroll sends).
+std::string make_csr(EVP_PKEY* key, const std::string& cn) {
+  ossl::X509ReqPtr req(X509_REQ_new());
+  ossl::X509NamePtr name(X509_NAME_new());
+  if (!req || !name ||
+      X509_NAME_add_entry_by_txt(name.get(), "CN", MBSTRING_UTF8,
+                                 reinterpret_cast<const unsigned char*>(cn.data()),
+                                 static_cast<int>(cn.size()), -1, 0) != 1 ||
+      X509_REQ_set_subject_name(req.get(), name.get()) != 1 ||
+      X509_REQ_set_pubkey(req.get(), key) != 1 || X509_REQ_sign(req.get(), key, EVP_sha256()) <= 0)
+    return "";
+  ossl::BioPtr bio(BIO_new(BIO_s_mem()));
+  if (PEM_write_bio_X509_REQ(bio.get(), req.get()) != 1) return "";
+  char* p = nullptr;
+  long n = BIO_get_mem_data(bio.get(), &p);
+  return std::string(p, static_cast<std::size_t>(n));
+}
+
+// Nearest-rank percentile P (0..1) of SORTED.
+double percentile(const std::vector<double>& sorted, double p) {
+  if (sorted.empty()) return 0;
+  auto rank = static_cast<std::size_t>(std::ceil(p * static_cast<double>(sorted.size())));
+  return sorted[std::clamp<std::size_t>(rank, 1, sorted.size()) - 1];
+}
+
+bool signed_by_ca(const std::string& pem, EVP_PKEY* ca_pub, EVP_PKEY* subject_key = nullptr) {
+  auto cert = ossl::x509_from_pem(pem);
+  if (!cert.ok() || X509_verify(cert->get(), ca_pub) != 1) return false;
+  return subject_key == nullptr || EVP_PKEY_eq(X509_get0_pubkey(cert->get()), subject_key) == 1;
+}
+
+struct User {
+  std::string id;
+  std::string token;
+  ossl::EvpPkeyPtr key;
+  std::string csr;
+};
+
+// ---- the scripted alternative ------------------------------------------------------------------
+
+struct Scripted {
+  int runners = 1;
+  bool skipped = false;
+  std::string why;        // skipped, or nothing succeeded: the reason
+  double per_second = 0;  // certificates written
+  long certificates = 0;
+  long failed = 0;            // processes that exited non-zero
+  std::string first_failure;  // the first one's exit status and output
+  bool verified = false;
+};
+
+// Where the pkcs11 engine is, or "" when libengine-pkcs11-openssl is not installed. The engines
+// directory is $OPENSSL_ENGINES when set (as for the openssl command), else OpenSSL's own.
+fs::path pkcs11_engine() {
+  const char* engines = std::getenv("OPENSSL_ENGINES");
+  if (engines == nullptr) engines = OPENSSL_info(OPENSSL_INFO_ENGINES_DIR);
+  if (engines == nullptr) return {};
+  fs::path p = fs::path(engines) / "pkcs11.so";
+  return fs::exists(p) ? p : fs::path();
+}
+
+// `openssl ca` with the pkcs11 engine, one process per certificate, RUNNERS at a time (each
+// runner with its own CA database under DIR, as parallel shell loops would be), for SECONDS.
+// A process that fails is counted and the loop goes on, as a script would.
+Scripted run_scripted(const fs::path& dir, const fs::path& ca_pem, const std::vector<User>& users,
+                      int runners, double seconds, EVP_PKEY* ca_pub) {
+  Scripted out;
+  out.runners = runners;
+  const fs::path engine = pkcs11_engine();
+  if (engine.empty()) {
+    out.skipped = true;
+    out.why = "libengine-pkcs11-openssl not installed";
+    return out;
+  }
+  fs::create_directories(dir);
+  // The engine's configuration an administrator would keep: the module loaded directly (not
+  // the p11-kit proxy), the PIN in a 0600 file rather than on the command line.
+  write_private(dir / "engine.cnf",
+                "openssl_conf = openssl_init\n"
+                "[openssl_init]\nengines = engine_section\n"
+                "[engine_section]\npkcs11 = pkcs11_section\n"
+                "[pkcs11_section]\nengine_id = pkcs11\n"
+                "dynamic_path = " +
+                    engine.string() + "\nMODULE_PATH = " + kModule + "\nPIN = " + kPin +
+                    "\ninit = 0\n");
+  std::vector<std::string> csrs;
+  for (std::size_t i = 0; i < std::min<std::size_t>(users.size(), 32); ++i) {
+    csrs.push_back((dir / ("csr-" + std::to_string(i) + ".pem")).string());
+    std::ofstream(csrs.back()) << users[i].csr;
+  }
+  for (int r = 0; r < runners; ++r) {
+    const fs::path rd = dir / ("runner-" + std::to_string(r));
+    fs::create_directories(rd / "newcerts");
+    std::ofstream(rd / "index.txt").flush();
+    // The same profile as kmsd's signing certificate: usages, e-mail protection, CRL and OCSP.
+    std::ofstream(rd / "ca.cnf")
+        << "[ca]\ndefault_ca = kms\n[kms]\ndir = " << rd.string()
+        << "\ndatabase = $dir/index.txt\nnew_certs_dir = $dir/newcerts\ncertificate = "
+        << ca_pem.string()
+        << "\nrand_serial = yes\ndefault_md = sha256\ndefault_days = 365\n"
+           "policy = anything\nx509_extensions = user_sign\nunique_subject = no\n"
+           "[anything]\ncommonName = supplied\n"
+           "[user_sign]\nbasicConstraints = critical,CA:FALSE\n"
+           "keyUsage = critical,digitalSignature,nonRepudiation\n"
+           "extendedKeyUsage = emailProtection\nsubjectKeyIdentifier = hash\n"
+           "authorityKeyIdentifier = keyid\n"
+           "crlDistributionPoints = URI:http://127.0.0.1/crl\n"
+           "authorityInfoAccess = OCSP;URI:http://127.0.0.1/ocsp\n";
+  }
+  // This process's environment with OPENSSL_CONF pointing at the engine configuration.
+  std::vector<std::string> env_text;
+  for (char** e = environ; *e != nullptr; ++e)
+    if (std::string_view(*e).rfind("OPENSSL_CONF=", 0) != 0) env_text.emplace_back(*e);
+  env_text.push_back("OPENSSL_CONF=" + (dir / "engine.cnf").string());
+  std::vector<char*> env;
+  for (auto& e : env_text) env.push_back(e.data());
+  env.push_back(nullptr);
+
+  const std::string key_uri =
+      std::string("pkcs11:token=bench;object=") + kCaLabel + ";type=private";
+  std::mutex mu;
+  std::atomic<long> next{0}, done{0}, failed{0};
+  const auto t0 = Clock::now();
+  rate(runners, seconds, [&](int t) {
+    const fs::path rd = dir / ("runner-" + std::to_string(t));
+    const std::string csr = csrs[static_cast<std::size_t>(next++) % csrs.size()];
+    int rc = run({"openssl", "ca", "-batch", "-config", (rd / "ca.cnf").string(), "-engine",
+                  "pkcs11", "-keyform", "engine", "-keyfile", key_uri, "-in", csr, "-out",
+                  (rd / "cert.pem").string(), "-notext"},
+                 rd / "openssl.out", env.data());
+    if (rc == 0) {
+      ++done;
+      return true;
+    }
+    ++failed;
+    std::lock_guard lock(mu);
+    if (out.first_failure.empty())
+      out.first_failure =
+          "exit status " + std::to_string(rc) + ": " + tail_lines(read_text(rd / "openssl.out"), 4);
+    return true;
+  });
+  out.certificates = done;
+  out.failed = failed;
+  out.per_second = static_cast<double>(done) / since(t0);
+  if (g_stop) {
+    out.why = "interrupted";
+  } else if (done == 0) {
+    out.why = "no certificate was written; " + out.first_failure;
+  } else {
+    for (int r = 0; r < runners && !out.verified; ++r)
+      out.verified =
+          signed_by_ca(read_text(dir / ("runner-" + std::to_string(r)) / "cert.pem"), ca_pub);
+    if (!out.verified) out.why = "the certificates openssl ca wrote do not verify against the CA";
+  }
+  return out;
+}
+
+// ---- the run -----------------------------------------------------------------------------------
+
+int fail(const std::string& what) {
+  std::fprintf(stderr, "issuance_bench: %s\n", what.c_str());
+  return 1;
+}
+
+int run_bench(const Options& opt) {
+  const fs::path kmsd = opt.build_dir / "daemon" / "kmsd";
+  const fs::path kmsctl = opt.build_dir / "cli" / "kmsctl";
+  for (const auto& bin : {kmsd, kmsctl})
+    if (::access(bin.c_str(), X_OK) != 0)
+      return fail(bin.string() +
+                  " is not there; build it (cmake --build BUILD --target kmsd kmsctl) or give "
+                  "--build-dir");
+
+  bench::Sandbox sandbox;
+  const fs::path& dir = sandbox.dir;
+  LogKeeper keep{dir / "kmsd.log", opt.keep_log};
+  Daemon daemon;  // declared last: stopped first, before the log is kept and the sandbox goes
+
+  double load[1] = {0};
+  ::getloadavg(load, 1);
+  std::printf(
+      "kmsd issuance_bench: %ld users, %d clients, kmsd worker_threads=%d, P-256 CA, SoftHSM2 "
+      "(aes-gcm); %u cores, load average %.2f at start\n",
+      opt.users, opt.clients, opt.workers, std::thread::hardware_concurrency(), load[0]);
+  std::fflush(stdout);
+
+  // 1. Configuration, kmsctl init, kmsd.
+  const std::uint16_t public_port = free_port();
+  std::uint16_t admin_port = free_port();
+  while (admin_port == public_port) admin_port = free_port();
+  write_private(dir / "startup.secret", std::string(kPin) + "\n");
+  write_private(dir / "p12.pass", std::string(kP12Pass) + "\n");
+  {
+    std::ofstream f(dir / "kmsd.toml");
+    f << "[server]\n"
+      << "public_listen = \"127.0.0.1:" << public_port << "\"\n"
+      << "admin_listen = \"127.0.0.1:" << admin_port << "\"\n"
+      << "tls_names = [\"localhost\", \"127.0.0.1\"]\n"
+      << "unseal_socket = \"" << (dir / "unseal.sock").string() << "\"\n"
+      << "worker_threads = " << opt.workers << "\n"
+      << "[token]\n"
+      << "module = \"" << kModule << "\"\n"
+      << "uri = \"" << bench::kTokenUri << "\"\n"
+      << "pool_size = " << std::max(4, opt.workers) << "\n"
+      << "wrap_mechanism = \"aes-gcm\"\n"  // SoftHSM2 2.6.1: see config/kmsd.toml
+      << "[ca]\n"
+      << "key_type = \"ec-p256\"\n"
+      << "subject = \"/O=kmsd bench/CN=kmsd bench CA\"\n"
+      << "[store]\n"
+      << "path = \"" << (dir / "kmsd.db").string() << "\"\n"
+      << "[startup]\n"
+      << "source = \"file\"\n"
+      << "file = \"" << (dir / "startup.secret").string() << "\"\n"
+      << "[log]\n"
+      << "level = \"info\"\n"
+      << "file = \"" << (dir / "kmsd.log").string() << "\"\n";
+  }
+  auto t_setup = Clock::now();
+  int rc = run({kmsctl.string(), "init", "--config", (dir / "kmsd.toml").string(), "--admin",
+                "bench-admin", "--admin-p12", (dir / "admin.p12").string(), "--passphrase-file",
+                (dir / "p12.pass").string(), "--pin-file", (dir / "startup.secret").string()},
+               dir / "init.out");
+  if (rc != 0)
+    return fail("kmsctl init failed (" + std::to_string(rc) + "):\n" + read_text(dir / "init.out"));
+  // This process's own session pool on the token, for the raw rate, logged in before kmsd
+  // starts: SoftHSM2 2.6.1 rewrites token.object at every C_Login, so no login may happen
+  // while the other process is busy on the token.
+  hsm::TokenOptions to;
+  to.module_path = kModule;
+  to.token_uri = bench::kTokenUri;
+  to.pool_size = static_cast<std::size_t>(std::max(2, opt.clients));
+  to.wrap = hsm::WrapMechanism::kAesGcm;
+  auto token = hsm::Token::open(to);
+  if (!token.ok()) return fail("opening the token: " + token.error().message);
+  if (auto st = (*token)->login(SecretBytes::from_string(kPin)); !st.ok())
+    return fail("logging in to the token: " + st.error().message);
+  if (!daemon.start(kmsd, dir / "kmsd.toml", dir / "kmsd.out")) return fail("cannot fork kmsd");
+  bool ready = false;
+  for (int i = 0; i < 600 && !ready && !g_stop; ++i) {
+    if (!daemon.alive())
+      return fail("kmsd exited during startup:\n" + read_text(dir / "kmsd.out") +
+                  tail_lines(read_text(dir / "kmsd.log"), 20));
+    ready = http_get(public_port, "/readyz").first == 200;
+    if (!ready) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  if (!ready)
+    return fail("kmsd did not become ready (/readyz 200) within 30 s:\n" +
+                tail_lines(read_text(dir / "kmsd.log"), 20));
+  auto ca_pem = http_get(public_port, "/ca.pem");
+  auto ca_cert = ossl::x509_from_pem(ca_pem.second);
+  if (ca_pem.first != 200 || !ca_cert.ok()) return fail("GET /ca.pem gave no CA certificate");
+  write_private(dir / "ca.pem", ca_pem.second);
+  EVP_PKEY* ca_pub = X509_get0_pubkey(ca_cert->get());
+  std::printf("  setup: kmsctl init + kmsd ready in %.1f s\n", since(t_setup));
+  std::fflush(stdout);
+
+  // 2. Users enabled in bulk; their CSRs made before any timing.
+  std::vector<User> users(static_cast<std::size_t>(opt.users));
+  {
+    client::ClientOptions co;
+    co.server = "https://localhost:" + std::to_string(admin_port);
+    co.p12 = dir / "admin.p12";
+    co.p12_passphrase = SecretBytes::from_string(kP12Pass);
+    co.ca_file = dir / "ca.pem";
+    co.timeout = std::chrono::seconds(300);
+    auto admin = client::AdminClient::connect(std::move(co));
+    if (!admin.ok()) return fail("admin client: " + admin.error().message);
+    std::map<std::string, std::size_t> index;
+    for (std::size_t i = 0; i < users.size(); ++i) {
+      char id[32];
+      std::snprintf(id, sizeof id, "bench-user-%06zu", i);
+      users[i].id = id;
+      index[id] = i;
+    }
+    const auto t0 = Clock::now();
+    for (std::size_t from = 0; from < users.size() && !g_stop; from += 1000) {
+      json batch = json::array();
+      for (std::size_t i = from; i < std::min(users.size(), from + 1000); ++i)
+        batch.push_back({{"id", users[i].id},
+                         {"email", users[i].id + "@example.com"},
+                         {"display_name", "Bench User " + std::to_string(i)}});
+      auto reply = (*admin)->post("/v1/users/bulk", json{{"users", batch}, {"job", "bench"}});
+      if (!reply.ok()) return fail("POST /v1/users/bulk: " + reply.error().message);
+      if (reply->status != 200)
+        return fail("POST /v1/users/bulk answered " + std::to_string(reply->status) + ": " +
+                    reply->error_text());
+      for (const auto& r : reply->json().value("results", json::array())) {
+        auto it = index.find(r.value("id", std::string()));
+        if (it != index.end() && r.contains("token"))
+          users[it->second].token = r["token"].get<std::string>();
+      }
+    }
+    if (g_stop) return fail("interrupted");
+    for (const auto& u : users)
+      if (u.token.empty()) return fail("no enrollment token was issued for " + u.id);
+    std::printf("  enabled %zu users over POST /v1/users/bulk in %.1f s\n", users.size(),
+                since(t0));
+    const auto t1 = Clock::now();
+    for (auto& u : users) {
+      auto key = ca::generate_key(hsm::KeyType::kEcP256);
+      if (!key.ok()) return fail("generating a user key: " + key.error().message);
+      u.key = std::move(*key);
+      u.csr = make_csr(u.key.get(), u.id);
+      if (u.csr.empty()) return fail("making a CSR: " + ossl::drain_errors());
+    }
+    std::printf("  made %zu P-256 key pairs and CSRs in %.1f s (not timed below)\n", users.size(),
+                since(t1));
+    std::fflush(stdout);
+  }
+
+  // 3. The raw token rate, from this process with its own session pool, kmsd idle.
+  std::vector<ossl::EvpPkeyPtr> held;
+  for (int i = 0; i < opt.clients; ++i) {
+    auto k = (*token)->ca_private_key();
+    if (!k.ok()) return fail("the CA key on the token: " + k.error().message);
+    held.push_back(std::move(*k));
+  }
+  auto raw_held = [&] {
+    return rate(opt.clients, opt.seconds,
+                [&](int t) { return sign_once(held[static_cast<std::size_t>(t)].get()); });
+  };
+  const double raw_before = raw_held();
+  const double raw_fresh = rate(opt.clients, opt.seconds, [&](int) {
+    auto k = (*token)->ca_private_key();
+    return k.ok() && sign_once(k->get());
+  });
+  // A user signing certificate as kmsd makes it: serial from the token RNG, a fresh CA key,
+  // the profile's extensions, X509_sign on the token.
+  ossl::X509NamePtr subject(X509_NAME_new());
+  X509_NAME_add_entry_by_txt(subject.get(), "CN", MBSTRING_UTF8,
+                             reinterpret_cast<const unsigned char*>("Bench User"), -1, -1, 0);
+  ca::IssueRequest ireq;
+  ireq.profile = ca::Profile::kUser;
+  ireq.subject = subject.get();
+  ireq.public_key = users.front().key.get();
+  ireq.validity = std::chrono::days(365);
+  ireq.key_usage = {"digitalSignature", "nonRepudiation"};
+  ireq.extended_key_usage = {"emailProtection"};
+  ireq.email = "bench@example.com";
+  ireq.crl_url = "http://127.0.0.1:" + std::to_string(public_port) + "/crl";
+  ireq.ocsp_url = "http://127.0.0.1:" + std::to_string(public_port) + "/ocsp";
+  const double issue_rate = rate(opt.clients, opt.seconds, [&](int) {
+    return ca::issue_on_token(ireq, ca_cert->get(), **token, EVP_sha256()).ok();
+  });
+  if (raw_before < 0 || raw_fresh < 0 || issue_rate < 0)
+    return fail(g_stop ? "interrupted" : "signing with the CA key on the token failed");
+  std::printf("  raw token rate measured (%.1f s per figure)\n", opt.seconds);
+  std::fflush(stdout);
+
+  // 4. API issuance.
+  std::vector<std::unique_ptr<client::AdminClient>> clients;
+  for (int c = 0; c < opt.clients; ++c) {
+    client::ClientOptions co;
+    co.server = "https://localhost:" + std::to_string(admin_port);
+    co.ca_file = dir / "ca.pem";
+    co.timeout = std::chrono::seconds(60);
+    auto cl = client::AdminClient::connect(std::move(co));
+    if (!cl.ok()) return fail("enrollment client: " + cl.error().message);
+    // Opens the kept-alive connection (TLS handshake) before the timing: 401, no certificate.
+    auto warm = (*cl)->get("/enroll/v1/keys");
+    if (!warm.ok()) return fail("connecting to the TLS listener: " + warm.error().message);
+    clients.push_back(std::move(*cl));
+  }
+  const std::size_t n = users.size();
+  std::vector<int> status(n, 0);
+  std::vector<double> latency_ms(n, 0);
+  std::vector<std::string> bodies(n);
+  std::atomic<std::size_t> next{0};
+  const auto t_api = Clock::now();
+  {
+    std::vector<std::thread> ts;
+    for (int c = 0; c < opt.clients; ++c)
+      ts.emplace_back([&, c] {
+        auto& cl = *clients[static_cast<std::size_t>(c)];
+        for (std::size_t i = next++; i < n && !g_stop; i = next++) {
+          const auto t0 = Clock::now();
+          auto reply = cl.post(
+              "/enroll/v1/enroll",
+              json{{"user", users[i].id}, {"token", users[i].token}, {"csr", users[i].csr}});
+          latency_ms[i] = since(t0) * 1000.0;
+          if (reply.ok()) {
+            status[i] = reply->status;
+            bodies[i] = std::move(reply->body);
+          } else {
+            status[i] = -1;
+            bodies[i] = reply.error().message;
+          }
+        }
+      });
+    for (auto& t : ts) t.join();
+  }
+  const double api_seconds = since(t_api);
+  const double raw_after = raw_held();
+  clients.clear();
+  if (g_stop) return fail("interrupted");
+
+  // Every answer checked: both certificates signed by the CA, the signing one for the user's
+  // own key, one escrowed key delivered.
+  long enrolled = 0, verified = 0;
+  std::string first_error;
+  std::vector<double> ok_latency;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (status[i] != 200) {
+      if (first_error.empty() && status[i] != 0)
+        first_error = users[i].id + ": " + std::to_string(status[i]) + " " + bodies[i];
+      continue;
+    }
+    ++enrolled;
+    ok_latency.push_back(latency_ms[i]);
+    auto j = json::parse(bodies[i], nullptr, false);
+    if (j.is_object() &&
+        signed_by_ca(j.value("signing_certificate", std::string()), ca_pub, users[i].key.get()) &&
+        signed_by_ca(j.value("encryption_certificate", std::string()), ca_pub) &&
+        j.value("keys", json::array()).size() == 1)
+      ++verified;
+  }
+  std::sort(ok_latency.begin(), ok_latency.end());
+  std::printf("  API phase: %ld of %zu users enrolled in %.2f s; %ld answers verified\n", enrolled,
+              n, api_seconds, verified);
+  std::fflush(stdout);
+
+  // 5. The scripted alternative, kmsd stopped: each openssl process logs in to the token, and
+  // SoftHSM2 2.6.1 rewrites token.object at every login.
+  daemon.stop();
+  std::vector<Scripted> scripted;
+  std::vector<int> widths{1};  // an administrator's loop, and as many loops as API clients
+  if (opt.clients > 1) widths.push_back(opt.clients);
+  for (int runners : widths) {
+    if (g_stop) break;
+    scripted.push_back(run_scripted(dir / ("scripted-" + std::to_string(runners)), dir / "ca.pem",
+                                    users, runners, opt.seconds, ca_pub));
+    if (scripted.back().skipped) break;
+  }
+
+  if (g_stop) return fail("interrupted");
+
+  // The table.
+  const double raw = (raw_before + raw_after) / 2;
+  const double enroll_rate = static_cast<double>(enrolled) / api_seconds;
+  const double cert_rate = 2 * enroll_rate;
+  std::printf("\n%-58s %12s\n", "figure", "value");
+  std::printf("%-58s %10.0f/s   (before API %.0f, after %.0f)\n",
+              "raw token: ECDSA P-256 C_Sign, CA key, key held per thread", raw, raw_before,
+              raw_after);
+  std::printf("%-58s %10.0f/s\n", "  breakdown: fresh ca_private_key() per signature", raw_fresh);
+  std::printf("%-58s %10.0f/s\n", "  breakdown: ca::issue_on_token, user certificate", issue_rate);
+  std::printf("%-58s %10.0f/s\n", "API: certificates (2 per enrollment)", cert_rate);
+  std::printf("%-58s %10.3f     target >= 0.40: %s\n", "API certificates / raw token signatures",
+              raw > 0 ? cert_rate / raw : 0.0,
+              raw > 0 && cert_rate / raw >= 0.40 ? "met" : "NOT met");
+  std::printf("%-58s %10.1f/s\n", "API: enrollments (key generated + escrowed)", enroll_rate);
+  std::printf("%-58s %8.1f ms / %.1f ms (max %.1f ms)\n", "API: latency per enrollment p50 / p99",
+              percentile(ok_latency, 0.50), percentile(ok_latency, 0.99),
+              ok_latency.empty() ? 0.0 : ok_latency.back());
+  bool scripted_ok = true;
+  for (const auto& sc : scripted) {
+    if (sc.skipped) {
+      std::printf("scripted alternative: skipped (%s)\n", sc.why.c_str());
+      continue;
+    }
+    char what[96];
+    std::snprintf(what, sizeof what, "scripted: openssl ca + pkcs11 engine, %d process%s at a time",
+                  sc.runners, sc.runners == 1 ? "" : "es");
+    if (!sc.why.empty()) {
+      std::printf("%-58s failed: %s\n", what, sc.why.c_str());
+      scripted_ok = false;
+      continue;
+    }
+    std::printf("%-58s %10.1f/s   (%ld certificates, %ld processes failed)\n", what, sc.per_second,
+                sc.certificates, sc.failed);
+    std::printf("%-58s %10.1f\n", "  API certificates / these", cert_rate / sc.per_second);
+  }
+  for (const auto& sc : scripted)
+    if (sc.failed > 0 && sc.why.empty())
+      std::printf("  first failed openssl ca (%d at a time): %s\n", sc.runners,
+                  sc.first_failure.c_str());
+  std::fflush(stdout);
+
+  if (enrolled != static_cast<long>(n) || verified != enrolled)
+    return fail("not every enrollment succeeded and verified" +
+                (first_error.empty() ? std::string() : "; first failure: " + first_error));
+  if (!scripted_ok) return 1;
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options opt;
+  bool users_set = false, clients_set = false, seconds_set = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> const char* {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "issuance_bench: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--users") {
+      opt.users = std::atol(value());
+      users_set = true;
+    } else if (a == "--clients") {
+      opt.clients = std::atoi(value());
+      clients_set = true;
+    } else if (a == "--seconds") {
+      opt.seconds = std::atof(value());
+      seconds_set = true;
+    } else if (a == "--workers") {
+      opt.workers = std::atoi(value());
+    } else if (a == "--quick") {
+      opt.quick = true;
+    } else if (a == "--build-dir") {
+      opt.build_dir = value();
+    } else if (a == "--keep-log") {
+      opt.keep_log = fs::absolute(value());
+    } else {
+      std::fprintf(stderr,
+                   "usage: issuance_bench [--users N] [--clients C] [--seconds S] [--workers W] "
+                   "[--quick] [--build-dir DIR] [--keep-log FILE]\n");
+      return 2;
+    }
+  }
+  if (opt.quick) {
+    if (!users_set) opt.users = 6;
+    if (!clients_set) opt.clients = 2;
+    if (!seconds_set) opt.seconds = 0.3;
+  }
+  if (opt.users < 1 || opt.clients < 1 || opt.clients > 64 || opt.seconds <= 0 || opt.workers < 1 ||
+      opt.workers > 64) {
+    std::fprintf(stderr,
+                 "issuance_bench: --users >= 1, --clients 1-64, --seconds > 0, "
+                 "--workers 1-64\n");
+    return 2;
+  }
+  // The build tree: --build-dir, else the one this executable was built in (BUILD/bench/).
+  if (opt.build_dir.empty()) {
+    std::error_code ec;
+    opt.build_dir = fs::read_symlink("/proc/self/exe", ec).parent_path().parent_path();
+  }
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  ::sigaction(SIGINT, &sa, nullptr);
+  ::sigaction(SIGTERM, &sa, nullptr);
+  ::sigaction(SIGHUP, &sa, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+  try {
+    return run_bench(opt);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "issuance_bench: %s\n", e.what());
+    return 1;
+  }
+}
