@@ -57,6 +57,8 @@ const char* to_string(AdminRole r) noexcept {
       return "auditor";
     case AdminRole::kApprover:
       return "approver";
+    case AdminRole::kRecovery:
+      return "recovery";
   }
   return "unknown";
 }
@@ -65,6 +67,7 @@ std::optional<AdminRole> parse_admin_role(std::string_view s) noexcept {
   if (s == "admin") return AdminRole::kAdmin;
   if (s == "auditor") return AdminRole::kAuditor;
   if (s == "approver") return AdminRole::kApprover;
+  if (s == "recovery") return AdminRole::kRecovery;
   return std::nullopt;
 }
 
@@ -155,7 +158,7 @@ CREATE TABLE IF NOT EXISTS schema_version (
 );
 )sql";
 
-constexpr std::array<Migration, 3> kMigrations = {{
+constexpr std::array<Migration, 4> kMigrations = {{
     {1, R"sql(
 CREATE TABLE settings (
   key   TEXT PRIMARY KEY,
@@ -304,6 +307,23 @@ ALTER TABLE users ADD COLUMN keys_from_version INTEGER CHECK (keys_from_version 
 CREATE INDEX certificates_revoked ON certificates (revoked_at) WHERE revoked_at IS NOT NULL;
 )sql",
      false},
+    // v4: the recovery role (an administrator who may export a user's key history once the
+    // export is approved). A CHECK cannot be altered: administrators is rebuilt.
+    {4, R"sql(
+CREATE TABLE administrators_new (
+  name        TEXT PRIMARY KEY,
+  role        TEXT NOT NULL CHECK (role IN ('admin', 'auditor', 'approver', 'recovery')),
+  cert_serial TEXT NOT NULL REFERENCES certificates (serial),
+  created_at  INTEGER NOT NULL,
+  removed_at  INTEGER
+);
+INSERT INTO administrators_new (name, role, cert_serial, created_at, removed_at)
+  SELECT name, role, cert_serial, created_at, removed_at FROM administrators;
+DROP TABLE administrators;
+ALTER TABLE administrators_new RENAME TO administrators;
+CREATE UNIQUE INDEX administrators_by_cert_serial ON administrators (cert_serial);
+)sql",
+     true},
 }};
 
 // Versions are 1, 2, 3, ... in order, and the last one is what this binary writes.

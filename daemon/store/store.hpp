@@ -38,8 +38,10 @@ struct CertificateRecord {
   std::optional<std::string> user_id;    // owner of signing/encryption certificates
 };
 
-enum class AdminRole { kAdmin, kAuditor, kApprover };
-const char* to_string(AdminRole r) noexcept;  // "admin", "auditor", "approver"
+// kRecovery (schema v4): may ask for a user's escrowed key history as a PKCS#12 and collect
+// it once the request is approved; nothing else changes.
+enum class AdminRole { kAdmin, kAuditor, kApprover, kRecovery };
+const char* to_string(AdminRole r) noexcept;  // "admin", "auditor", "approver", "recovery"
 std::optional<AdminRole> parse_admin_role(std::string_view s) noexcept;
 
 struct AdminRecord {
@@ -144,7 +146,7 @@ struct AuditRecord {
 class Store {
  public:
   // 2: users, tokens, key history, approvals, audit; 3: enrollment (keys_from_version)
-  static constexpr int kSchemaVersion = 3;
+  static constexpr int kSchemaVersion = 4;
 
   // Opens or creates the database at PATH (mode 0600), applies forward migrations up to
   // kSchemaVersion in one transaction each. A database whose schema is newer than this

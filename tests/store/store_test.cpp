@@ -284,7 +284,7 @@ TEST_F(StoreTest, NewerSchemaVersionIsRefusedAndFileLeftByteIdentical) {
     ASSERT_TRUE(s);
     ASSERT_TRUE(s->put_setting("k", "v").ok());
   }
-  static_assert(Store::kSchemaVersion == 3);
+  static_assert(Store::kSchemaVersion == 4);
   const int newer = Store::kSchemaVersion + 1;
   {
     RawDb raw(db_path());
@@ -455,6 +455,16 @@ TEST_F(StoreTest, AdminWithUnknownCertificateSerialIsRejectedByForeignKey) {
   EXPECT_FALSE(f->has_value());
 }
 
+TEST_F(StoreTest, RecoveryRoleIsStoredAndReadBack) {
+  auto s = open_store();
+  ASSERT_TRUE(s);
+  ASSERT_TRUE(s->insert_certificate(cert("0c", CertKind::kAdmin)).ok());
+  ASSERT_TRUE(s->insert_admin(admin("rita", "0c", AdminRole::kRecovery)).ok());
+  auto r = s->find_admin("rita");
+  ASSERT_TRUE(r.ok() && r->has_value());
+  EXPECT_EQ((*r)->role, AdminRole::kRecovery);
+}
+
 TEST_F(StoreTest, AdminsInsertFindByNameAndSerialAndList) {
   auto s = open_store();
   ASSERT_TRUE(s);
@@ -464,7 +474,6 @@ TEST_F(StoreTest, AdminsInsertFindByNameAndSerialAndList) {
   bob.removed_at = 3000;
   ASSERT_TRUE(s->insert_admin(bob).ok());
   ASSERT_TRUE(s->insert_admin(admin("alice", "0a", AdminRole::kApprover)).ok());
-
   auto a = s->find_admin("alice");
   ASSERT_TRUE(a.ok() && a->has_value());
   EXPECT_EQ((*a)->role, AdminRole::kApprover);
@@ -654,7 +663,7 @@ TEST_F(MigrationTest, V1DatabaseMigratesToV2KeepingEveryCertificateAndAdministra
   write_v1_database();
   auto s = open_store();
   ASSERT_TRUE(s);
-  EXPECT_EQ(s->schema_version(), Store::kSchemaVersion);  // v1 -> v2 -> v3 in one open
+  EXPECT_EQ(s->schema_version(), Store::kSchemaVersion);  // v1 -> v2 -> v3 -> v4 in one open
 
   auto ca = s->find_certificate("01");
   ASSERT_TRUE(ca.ok() && ca->has_value());
@@ -1434,7 +1443,8 @@ TEST(StoreEnums, NamesRoundTrip) {
   EXPECT_STREQ(to_string(RequestState::kExpired), "expired");
   EXPECT_FALSE(parse_user_state("Active").has_value());
   EXPECT_FALSE(parse_request_state("").has_value());
-  for (auto r : {AdminRole::kAdmin, AdminRole::kAuditor, AdminRole::kApprover})
+  for (auto r :
+       {AdminRole::kAdmin, AdminRole::kAuditor, AdminRole::kApprover, AdminRole::kRecovery})
     EXPECT_EQ(parse_admin_role(to_string(r)), r);
   EXPECT_STREQ(to_string(CertKind::kServer), "server");
   EXPECT_STREQ(to_string(AdminRole::kApprover), "approver");
