@@ -600,6 +600,13 @@ Result<Enrollment> EnrollmentService::renew(X509* current, const SigningRequest&
   return out;
 }
 
+Result<std::vector<DeliveredKey>> EnrollmentService::escrowed_keys(const std::string& user_id) {
+  const Settings s = settings_();
+  auto policy = policy_.current();
+  detail::Issuing issuing{store_, token_, *policy, s, nullptr, nullptr};
+  return issuing.open_keys(user_id, 1);
+}
+
 Result<std::vector<DeliveredKey>> EnrollmentService::keys_for(X509* cert) {
   KMSD_ASSIGN_OR_RETURN(auto holder, holder_of(cert));
   KMSD_ASSIGN_OR_RETURN(auto user, store_.find_user(holder.user_id));

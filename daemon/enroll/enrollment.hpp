@@ -132,6 +132,11 @@ class EnrollmentService {
   // (the whole history after a recovery) and every key added by renewals since.
   Result<std::vector<DeliveredKey>> keys_for(X509* cert);
 
+  // Every escrowed key of USER_ID's history, oldest first, opened on the token, each with its
+  // certificate. No authorization and no audit here: for daemon/enroll/key_export.hpp, whose
+  // caller has both (an approved export request).
+  Result<std::vector<DeliveredKey>> escrowed_keys(const std::string& user_id);
+
   // Revocation asked for by the holder of CERT (CMP rr): revokes CERT with REASON (RFC 5280
   // CRLReason). The user stays ACTIVE with the other certificates unless the revoked one was
   // its current signing certificate, in which case the user is REVOKED like an
