@@ -22,6 +22,7 @@
 #include "daemon/audit/audit_log.hpp"
 #include "daemon/cmp/cmp_server.hpp"
 #include "daemon/enroll/enrollment.hpp"
+#include "daemon/enroll/key_export.hpp"
 #include "daemon/policy/policy_check.hpp"
 #include "daemon/provision/initializer.hpp"
 #include "daemon/revocation/revocation.hpp"
@@ -79,6 +80,7 @@ struct Daemon::Impl {
   std::unique_ptr<cmp::CmpServer> cmp;
   std::unique_ptr<approvals::PolicyGate> gate;
   std::unique_ptr<admins::AdminService> admins;
+  std::unique_ptr<enroll::KeyExport> key_export;
 
   // TLS context for the admin listener, rebuilt whenever the key material changes.
   std::mutex tls_mu;
@@ -274,6 +276,10 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
         auto c = d->config();
         return admins::AdminSettings{std::chrono::days(c->admin.cert_validity_days), c->ca.digest};
       });
+  // An approved export may be collected within the approval requests' lifetime.
+  impl->key_export = std::make_unique<enroll::KeyExport>(
+      *impl->store, *impl->audit, *impl->approvals, *impl->enrollment,
+      std::chrono::hours(cfg.approvals.ttl_hours));
   impl->cmp = std::make_unique<cmp::CmpServer>(
       *impl->enrollment, *impl->token, *impl->store, [d] { return d->ca_certificate(); },
       cfg.ca.digest);
@@ -291,6 +297,7 @@ int Daemon::run() {
   api::PkiRoutes pki_routes(d.pki_handlers());
   api::AdminServices admin_services{*d.seal, *d.store, *d.users, *d.approvals, *d.audit};
   admin_services.admins = d.admins.get();
+  admin_services.key_export = d.key_export.get();
   api::AdminRoutes admin_routes(admin_services);
   api::EnrollRoutes enroll_routes(*d.enrollment);
   // One handler per listener: the public one serves the PKI paths and the health/CA paths;

@@ -1,0 +1,233 @@
+#include "daemon/dr/manifest.hpp"
+
+#include <ctime>
+
+namespace kmsd::dr {
+
+namespace {
+
+struct StmtFree {
+  void operator()(sqlite3_stmt* s) const noexcept { sqlite3_finalize(s); }
+};
+using Stmt = std::unique_ptr<sqlite3_stmt, StmtFree>;
+
+Error db_error(sqlite3* db, const std::string& what) {
+  return make_error(ErrorCode::kStore,
+                    "manifest: " + what + ": " + sqlite3_errmsg(db) +
+                        " (is another kmsctl dr run using this staging directory?)");
+}
+
+Result<Stmt> prepare(sqlite3* db, const char* sql) {
+  sqlite3_stmt* raw = nullptr;
+  if (sqlite3_prepare_v2(db, sql, -1, &raw, nullptr) != SQLITE_OK)
+    return db_error(db, std::string("preparing ") + sql);
+  return Stmt(raw);
+}
+
+void bind_text(sqlite3_stmt* s, int i, const std::string& v) {
+  sqlite3_bind_text(s, i, v.c_str(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+}
+
+std::string column(sqlite3_stmt* s, int i) {
+  const unsigned char* p = sqlite3_column_text(s, i);
+  return p == nullptr ? std::string() : std::string(reinterpret_cast<const char*>(p));
+}
+
+const char* kSchema = R"sql(
+CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS messages(
+  path TEXT PRIMARY KEY,
+  format TEXT NOT NULL,
+  digest TEXT NOT NULL,
+  status TEXT NOT NULL,
+  recipients TEXT NOT NULL,
+  users TEXT NOT NULL,
+  reason TEXT NOT NULL,
+  recorded_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS reencrypted(
+  path TEXT PRIMARY KEY REFERENCES messages(path),
+  users TEXT NOT NULL,
+  out_digest TEXT NOT NULL,
+  recorded_at INTEGER NOT NULL);
+)sql";
+
+}  // namespace
+
+Result<std::unique_ptr<Manifest>> Manifest::open(const std::filesystem::path& file) {
+  sqlite3* raw = nullptr;
+  int rc =
+      sqlite3_open_v2(file.c_str(), &raw,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nullptr);
+  std::unique_ptr<Manifest> m(new Manifest(raw));
+  if (rc != SQLITE_OK) return db_error(raw, "cannot open " + file.string());
+  sqlite3_busy_timeout(raw, 5000);
+  // WAL with synchronous=NORMAL: a commit survives a killed process; the files a row names
+  // are synced before the row is committed (see the header).
+  KMSD_TRY(m->exec("PRAGMA journal_mode=WAL", "setting the journal mode"));
+  KMSD_TRY(m->exec("PRAGMA synchronous=NORMAL", "setting synchronous"));
+  KMSD_TRY(m->exec(kSchema, "creating the schema"));
+  return m;
+}
+
+Manifest::~Manifest() {
+  sqlite3_close_v2(db_);
+}
+
+Status Manifest::exec(const char* sql, const char* what) {
+  char* err = nullptr;
+  if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
+    std::string msg = err != nullptr ? err : "unknown error";
+    sqlite3_free(err);
+    return make_error(ErrorCode::kStore, std::string("manifest: ") + what + ": " + msg);
+  }
+  return {};
+}
+
+Result<std::string> Manifest::setting(const std::string& key) {
+  KMSD_ASSIGN_OR_RETURN(Stmt s, prepare(db_, "SELECT value FROM settings WHERE key = ?"));
+  bind_text(s.get(), 1, key);
+  if (sqlite3_step(s.get()) == SQLITE_ROW) return column(s.get(), 0);
+  return make_error(ErrorCode::kNotFound, "manifest has no " + key);
+}
+
+Status Manifest::bind(const std::string& key, const std::string& value, const std::string& what) {
+  auto have = setting(key);
+  if (have.ok()) {
+    if (*have != value)
+      return make_error(ErrorCode::kFailedPrecondition,
+                        "this staging directory belongs to " + what + " " + *have + ", not " +
+                            value + "; use a new staging directory for a different one");
+    return {};
+  }
+  KMSD_ASSIGN_OR_RETURN(Stmt s, prepare(db_, "INSERT INTO settings(key, value) VALUES(?, ?)"));
+  bind_text(s.get(), 1, key);
+  bind_text(s.get(), 2, value);
+  if (sqlite3_step(s.get()) != SQLITE_DONE) return db_error(db_, "recording " + key);
+  return {};
+}
+
+Result<std::map<std::string, std::pair<std::string, std::string>>> Manifest::recorded() {
+  KMSD_ASSIGN_OR_RETURN(Stmt s, prepare(db_, "SELECT path, digest, status FROM messages"));
+  std::map<std::string, std::pair<std::string, std::string>> out;
+  int rc;
+  while ((rc = sqlite3_step(s.get())) == SQLITE_ROW)
+    out.emplace(column(s.get(), 0), std::make_pair(column(s.get(), 1), column(s.get(), 2)));
+  if (rc != SQLITE_DONE) return db_error(db_, "reading the recorded messages");
+  return out;
+}
+
+namespace {
+Result<std::vector<ManifestRow>> select_rows(sqlite3* db, const char* sql) {
+  KMSD_ASSIGN_OR_RETURN(Stmt s, prepare(db, sql));
+  std::vector<ManifestRow> out;
+  int rc;
+  while ((rc = sqlite3_step(s.get())) == SQLITE_ROW) {
+    ManifestRow r;
+    r.path = column(s.get(), 0);
+    r.format = column(s.get(), 1);
+    r.digest = column(s.get(), 2);
+    r.status = column(s.get(), 3);
+    r.recipients = column(s.get(), 4);
+    r.users = column(s.get(), 5);
+    r.reason = column(s.get(), 6);
+    out.push_back(std::move(r));
+  }
+  if (rc != SQLITE_DONE) return db_error(db, "reading the manifest");
+  return out;
+}
+}  // namespace
+
+Result<std::vector<ManifestRow>> Manifest::staged() {
+  return select_rows(db_,
+                     "SELECT path, format, digest, status, recipients, users, reason FROM messages "
+                     "WHERE status = 'staged' ORDER BY path");
+}
+
+Result<std::vector<ManifestRow>> Manifest::rows() {
+  return select_rows(db_,
+                     "SELECT path, format, digest, status, recipients, users, reason FROM messages "
+                     "ORDER BY path");
+}
+
+Status Manifest::record(const std::vector<ManifestRow>& rows) {
+  if (rows.empty()) return {};
+  KMSD_TRY(exec("BEGIN IMMEDIATE", "starting a transaction"));
+  auto st = prepare(db_,
+                    "INSERT OR REPLACE INTO messages(path, format, digest, status, recipients, "
+                    "users, reason, recorded_at) VALUES(?, ?, ?, ?, ?, ?, ?, ?)");
+  if (!st.ok()) {
+    (void)exec("ROLLBACK", "rolling back");
+    return st.error();
+  }
+  const auto now = static_cast<sqlite3_int64>(std::time(nullptr));
+  for (const auto& r : rows) {
+    sqlite3_stmt* s = st->get();
+    sqlite3_reset(s);
+    bind_text(s, 1, r.path);
+    bind_text(s, 2, r.format);
+    bind_text(s, 3, r.digest);
+    bind_text(s, 4, r.status);
+    bind_text(s, 5, r.recipients);
+    bind_text(s, 6, r.users);
+    bind_text(s, 7, r.reason);
+    sqlite3_bind_int64(s, 8, now);
+    if (sqlite3_step(s) != SQLITE_DONE) {
+      auto err = db_error(db_, "recording " + r.path);
+      (void)exec("ROLLBACK", "rolling back");
+      return err;
+    }
+  }
+  return exec("COMMIT", "committing");
+}
+
+Result<std::map<std::string, ReencryptRow>> Manifest::reencrypted() {
+  KMSD_ASSIGN_OR_RETURN(Stmt s, prepare(db_, "SELECT path, users, out_digest FROM reencrypted"));
+  std::map<std::string, ReencryptRow> out;
+  int rc;
+  while ((rc = sqlite3_step(s.get())) == SQLITE_ROW) {
+    ReencryptRow r{column(s.get(), 0), column(s.get(), 1), column(s.get(), 2)};
+    out.emplace(r.path, std::move(r));
+  }
+  if (rc != SQLITE_DONE) return db_error(db_, "reading the re-encrypted messages");
+  return out;
+}
+
+Status Manifest::record_reencrypted(const std::vector<ReencryptRow>& rows) {
+  if (rows.empty()) return {};
+  KMSD_TRY(exec("BEGIN IMMEDIATE", "starting a transaction"));
+  auto st = prepare(db_,
+                    "INSERT OR REPLACE INTO reencrypted(path, users, out_digest, recorded_at) "
+                    "VALUES(?, ?, ?, ?)");
+  if (!st.ok()) {
+    (void)exec("ROLLBACK", "rolling back");
+    return st.error();
+  }
+  const auto now = static_cast<sqlite3_int64>(std::time(nullptr));
+  for (const auto& r : rows) {
+    sqlite3_stmt* s = st->get();
+    sqlite3_reset(s);
+    bind_text(s, 1, r.path);
+    bind_text(s, 2, r.users);
+    bind_text(s, 3, r.out_digest);
+    sqlite3_bind_int64(s, 4, now);
+    if (sqlite3_step(s) != SQLITE_DONE) {
+      auto err = db_error(db_, "recording " + r.path);
+      (void)exec("ROLLBACK", "rolling back");
+      return err;
+    }
+  }
+  return exec("COMMIT", "committing");
+}
+
+Result<std::map<std::string, std::size_t>> Manifest::counts() {
+  KMSD_ASSIGN_OR_RETURN(Stmt s,
+                        prepare(db_, "SELECT status, COUNT(*) FROM messages GROUP BY status"));
+  std::map<std::string, std::size_t> out;
+  int rc;
+  while ((rc = sqlite3_step(s.get())) == SQLITE_ROW)
+    out[column(s.get(), 0)] = static_cast<std::size_t>(sqlite3_column_int64(s.get(), 1));
+  if (rc != SQLITE_DONE) return db_error(db_, "counting");
+  return out;
+}
+
+}  // namespace kmsd::dr

@@ -1,0 +1,80 @@
+// Disaster recovery manifest: one SQLite file in the staging directory that says, for every
+// message of the store, what pre-decryption and re-encryption did with it. A killed run resumes
+// from it: a message recorded here is never processed again.
+//
+// Crash order: a staged (or re-encrypted) file is written to a temporary name and renamed into
+// place, the file system is synced, and only then is its row committed. A row therefore always
+// names a durable file; a file without a row (a kill between rename and commit) is simply
+// written again, atomically, on the next run.
+//
+// Thread-safety: none; the pipeline's collector thread is the only user.
+#pragma once
+
+#include <sqlite3.h>
+
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/result.hpp"
+
+namespace kmsd::dr {
+
+// Status words of pre-decryption (the manifest's "status" column and the summary's keys).
+inline constexpr const char* kStaged = "staged";
+inline constexpr const char* kNotEncrypted = "not-encrypted";
+inline constexpr const char* kUnknownRecipient = "unknown-recipient";
+inline constexpr const char* kDamaged = "damaged";
+inline constexpr const char* kFailed = "failed";
+
+struct ManifestRow {
+  std::string path;        // relative to the store root
+  std::string format;      // "mime" | "der"
+  std::string digest;      // SHA-256 hex of the source file as read
+  std::string status;      // one of the words above
+  std::string recipients;  // recipient identifiers named by the message, "\n"-separated
+  std::string users;       // users whose old key opened it / who must get it back, ","-separated
+  std::string reason;      // for every status but staged: what was found, in words
+};
+
+struct ReencryptRow {
+  std::string path;
+  std::string users;
+  std::string out_digest;  // SHA-256 hex of the file written to --out
+};
+
+class Manifest {
+ public:
+  static Result<std::unique_ptr<Manifest>> open(const std::filesystem::path& file);
+  ~Manifest();
+
+  // Records KEY=VALUE the first time; later runs must give the same VALUE (the same store, the
+  // same custody certificate), else kFailedPrecondition with both values named.
+  Status bind(const std::string& key, const std::string& value, const std::string& what);
+  Result<std::string> setting(const std::string& key);
+
+  // path -> (digest, status) of every recorded message.
+  Result<std::map<std::string, std::pair<std::string, std::string>>> recorded();
+  // Every row with status "staged".
+  Result<std::vector<ManifestRow>> staged();
+  // All rows, in path order.
+  Result<std::vector<ManifestRow>> rows();
+  // Inserts or replaces ROWS in one transaction.
+  Status record(const std::vector<ManifestRow>& rows);
+
+  // Paths already re-encrypted, and their rows.
+  Result<std::map<std::string, ReencryptRow>> reencrypted();
+  Status record_reencrypted(const std::vector<ReencryptRow>& rows);
+
+  // status -> count.
+  Result<std::map<std::string, std::size_t>> counts();
+
+ private:
+  explicit Manifest(sqlite3* db) : db_(db) {}
+  Status exec(const char* sql, const char* what);
+  sqlite3* db_;
+};
+
+}  // namespace kmsd::dr

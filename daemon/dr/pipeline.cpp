@@ -1,0 +1,464 @@
+#include "daemon/dr/pipeline.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <mutex>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "common/fd.hpp"
+#include "daemon/dr/message.hpp"
+
+namespace kmsd::dr {
+
+namespace fs = std::filesystem;
+
+std::string fingerprint(X509* cert) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int n = 0;
+  X509_digest(cert, EVP_sha256(), md, &n);
+  std::string hex = ossl::hex({md, n}), out;
+  for (std::size_t i = 0; i < hex.size(); i += 2) {
+    if (!out.empty()) out += ':';
+    out += hex.substr(i, 2);
+  }
+  return out;
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+Error io_error(const fs::path& p, const std::string& what) {
+  return make_error(ErrorCode::kIo, what + " " + p.string() + ": " + std::strerror(errno));
+}
+
+Result<ossl::Bytes> read_file(const fs::path& p) {
+  UniqueFd fd(::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+  if (!fd.valid()) return io_error(p, "cannot open");
+  ossl::Bytes out;
+  struct stat st {};
+  if (::fstat(fd.get(), &st) == 0 && st.st_size > 0)
+    out.reserve(static_cast<std::size_t>(st.st_size));
+  std::uint8_t buf[65536];
+  for (;;) {
+    ssize_t n = ::read(fd.get(), buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return io_error(p, "cannot read");
+    if (n == 0) break;
+    out.insert(out.end(), buf, buf + n);
+  }
+  return out;
+}
+
+Status make_dirs(const fs::path& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (!fs::is_directory(dir))
+    return make_error(ErrorCode::kIo, "cannot create " + dir.string() + ": " + ec.message());
+  return {};
+}
+
+// Writes DATA to PATH through a temporary file in the same directory and a rename, mode 0600.
+// Not fsynced here: the collector syncs the file system before it commits the rows.
+Status write_replace(const fs::path& path, std::string_view data) {
+  KMSD_TRY(make_dirs(path.parent_path()));
+  std::ostringstream tmp_name;
+  tmp_name << "." << path.filename().string() << ".dr-tmp-" << std::this_thread::get_id();
+  const fs::path tmp = path.parent_path() / tmp_name.str();
+  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600));
+  if (!fd.valid()) return io_error(tmp, "cannot create");
+  for (std::size_t done = 0; done < data.size();) {
+    ssize_t n = ::write(fd.get(), data.data() + done, data.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      auto err = io_error(tmp, "cannot write");
+      ::unlink(tmp.c_str());
+      return err;
+    }
+    done += static_cast<std::size_t>(n);
+  }
+  fd.reset();
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    auto err = io_error(path, "cannot rename into place");
+    ::unlink(tmp.c_str());
+    return err;
+  }
+  return {};
+}
+
+// Temporary files a killed run left behind (never plaintext: only encrypted output).
+void remove_leftovers(const fs::path& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return;
+  std::vector<fs::path> gone;
+  for (auto it = fs::recursive_directory_iterator(dir, ec); !ec && it != fs::end(it);
+       it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.size() > 1 && name.front() == '.' && name.find(".dr-tmp-") != std::string::npos)
+      gone.push_back(it->path());
+  }
+  for (const auto& p : gone) fs::remove(p, ec);
+}
+
+Status sync_dir_fs(const fs::path& dir) {
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.valid() || ::syncfs(fd.get()) != 0) return io_error(dir, "cannot sync");
+  return {};
+}
+
+bool inside(const fs::path& child, const fs::path& parent) {
+  std::error_code ec;
+  auto c = fs::weakly_canonical(child, ec);
+  auto p = fs::weakly_canonical(parent, ec);
+  auto rel = c.lexically_relative(p);
+  return !rel.empty() && *rel.begin() != "..";
+}
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::string cur;
+  std::istringstream in(s);
+  while (std::getline(in, cur, sep))
+    if (!cur.empty()) out.push_back(cur);
+  return out;
+}
+
+template <typename T>
+std::string join(const T& items, const char* sep) {
+  std::string out;
+  for (const auto& i : items) {
+    if (!out.empty()) out += sep;
+    out += i;
+  }
+  return out;
+}
+
+// One worker's verdict on one item.
+struct Outcome {
+  bool skip = false;  // recorded by an earlier run
+  bool record = true;
+  ManifestRow row;
+  ReencryptRow re;
+};
+
+// Runs WORK over ITEMS on THREADS workers; the calling thread collects the outcomes into
+// batches and commits each (COMMIT) after syncing SYNC_DIR's file system. The queue between
+// them is bounded, so memory does not grow with the store.
+template <typename Item>
+Result<RunSummary> run_pool(const std::vector<Item>& items, unsigned threads,
+                            const std::function<Outcome(const Item&)>& work,
+                            const std::function<Status(std::vector<Outcome>&)>& commit,
+                            const fs::path& sync_dir, const ProgressFn& progress,
+                            std::size_t stop_after) {
+  RunSummary summary;
+  summary.total = items.size();
+  const auto start = Clock::now();
+  if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
+  threads =
+      static_cast<unsigned>(std::min<std::size_t>(threads, std::max<std::size_t>(1, items.size())));
+  const std::size_t capacity = 8 * threads;
+
+  std::mutex mu;
+  std::condition_variable not_full, not_empty;
+  std::deque<Outcome> queue;
+  std::atomic<std::size_t> next{0};
+  std::atomic<bool> stop{false};
+  std::size_t finished_workers = 0;
+
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t) {
+    pool.emplace_back([&] {
+      for (;;) {
+        if (stop.load()) break;
+        const std::size_t i = next.fetch_add(1);
+        if (i >= items.size()) break;
+        Outcome o;
+        try {
+          o = work(items[i]);
+        } catch (const std::exception& e) {
+          o.row.status = kFailed;
+          o.row.reason = std::string("internal error: ") + e.what();
+        }
+        std::unique_lock lock(mu);
+        not_full.wait(lock, [&] { return queue.size() < capacity || stop.load(); });
+        if (stop.load()) break;
+        queue.push_back(std::move(o));
+        not_empty.notify_one();
+      }
+      std::lock_guard lock(mu);
+      ++finished_workers;
+      not_empty.notify_one();
+    });
+  }
+
+  Status failure;
+  std::vector<Outcome> batch;
+  auto last_commit = Clock::now();
+  auto last_progress = Clock::now() - std::chrono::seconds(1);
+  std::size_t done = 0;
+  auto flush = [&]() -> Status {
+    if (batch.empty()) return {};
+    const bool any_record = std::any_of(batch.begin(), batch.end(),
+                                        [](const Outcome& o) { return !o.skip && o.record; });
+    if (any_record) KMSD_TRY(sync_dir_fs(sync_dir));
+    KMSD_TRY(commit(batch));
+    for (auto& o : batch) {
+      ++done;
+      if (o.skip) {
+        ++summary.already_done;
+        continue;
+      }
+      ++summary.processed;
+      const std::string& status =
+          o.record && !o.re.path.empty() ? std::string(kReencrypted) : o.row.status;
+      ++summary.this_run[status];
+      if (status != kStaged && status != kReencrypted && status != kNotEncrypted)
+        summary.problems.push_back(std::move(o.row));
+    }
+    batch.clear();
+    last_commit = Clock::now();
+    return {};
+  };
+  for (;;) {
+    std::unique_lock lock(mu);
+    not_empty.wait_for(lock, std::chrono::milliseconds(100),
+                       [&] { return !queue.empty() || finished_workers == threads; });
+    const bool all_done = queue.empty() && finished_workers == threads;
+    while (!queue.empty()) {
+      if (stop_after != 0 && done + batch.size() >= stop_after) break;
+      batch.push_back(std::move(queue.front()));
+      queue.pop_front();
+    }
+    not_full.notify_all();
+    lock.unlock();
+    const bool limit = stop_after != 0 && done + batch.size() >= stop_after;
+    if (all_done || limit || batch.size() >= 256 ||
+        Clock::now() - last_commit > std::chrono::milliseconds(200)) {
+      if (auto st = flush(); !st.ok()) {
+        failure = st;
+        break;
+      }
+    }
+    if (progress && (Clock::now() - last_progress > std::chrono::milliseconds(100) || all_done)) {
+      last_progress = Clock::now();
+      progress({done, items.size(), std::chrono::duration<double>(Clock::now() - start).count()});
+    }
+    if (limit) {
+      summary.stopped_early = true;
+      break;
+    }
+    if (all_done) break;
+  }
+  {
+    std::lock_guard lock(mu);
+    stop.store(true);
+  }
+  not_full.notify_all();
+  for (auto& t : pool) t.join();
+  summary.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  if (!failure.ok()) return failure.error();
+  return summary;
+}
+
+}  // namespace
+
+Result<RunSummary> predecrypt(const PredecryptOptions& o) {
+  if (o.keys == nullptr || o.custody_cert == nullptr)
+    return make_error(ErrorCode::kInvalidArgument,
+                      "predecrypt needs keys and a custody certificate");
+  if (inside(o.staging, o.store) || inside(o.store, o.staging))
+    return make_error(ErrorCode::kInvalidArgument,
+                      "the staging directory and the store must not contain each other");
+  KMSD_ASSIGN_OR_RETURN(auto messages, list_messages(o.store));
+  KMSD_TRY(make_dirs(o.staging));
+  ::chmod(o.staging.c_str(), 0700);
+  const fs::path staged_root = o.staging / "messages";
+  KMSD_TRY(make_dirs(staged_root));
+  remove_leftovers(staged_root);
+  KMSD_ASSIGN_OR_RETURN(auto manifest, Manifest::open(o.staging / "manifest.db"));
+  KMSD_TRY(manifest->bind("store", fs::weakly_canonical(o.store).string(), "the store"));
+  KMSD_TRY(manifest->bind("custody_certificate", fingerprint(o.custody_cert),
+                          "the custody certificate"));
+  KMSD_ASSIGN_OR_RETURN(const auto recorded, manifest->recorded());
+
+  std::function<Outcome(const StoredMessage&)> work = [&](const StoredMessage& m) {
+    Outcome out;
+    ManifestRow& row = out.row;
+    row.path = m.relative.string();
+    row.format = to_string(m.format);
+    auto bytes = read_file(o.store / m.relative);
+    if (!bytes.ok()) {
+      row.status = kFailed;
+      row.reason = bytes.error().message;
+      return out;
+    }
+    row.digest = ossl::hex(ossl::sha256(*bytes));
+    if (auto it = recorded.find(row.path); it != recorded.end() && it->second.first == row.digest &&
+                                           it->second.second != kFailed &&
+                                           it->second.second != kUnknownRecipient) {
+      out.skip = true;
+      return out;
+    }
+    ParsedMessage parsed = parse_message(*bytes, m.format);
+    if (parsed.kind != Kind::kEncrypted) {
+      row.status = parsed.kind == Kind::kDamaged ? kDamaged : kNotEncrypted;
+      row.reason = parsed.what;
+      return out;
+    }
+    row.recipients = join(parsed.recipients, "\n");
+    const KeyRing::Entry* chosen = nullptr;
+    std::set<std::string> users;
+    for (const auto& id : parsed.recipients) {
+      if (const auto* e = o.keys->find(id)) {
+        users.insert(e->user);
+        if (chosen == nullptr) chosen = e;
+      }
+    }
+    if (chosen == nullptr) {
+      row.status = kUnknownRecipient;
+      row.reason = parsed.recipients.empty()
+                       ? "encrypted to no certificate (password or KEK recipients only)"
+                       : "no key among the key sources for " + join(parsed.recipients, ", ");
+      return out;
+    }
+    row.users = join(users, ",");
+    auto content = decrypt(parsed.cms.get(), chosen->pair.key.get(), chosen->pair.cert.get());
+    if (!content.ok()) {
+      row.status = kFailed;
+      row.reason = "cannot decrypt with " + chosen->user + "'s key '" + chosen->pair.friendly_name +
+                   "': " + content.error().message;
+      return out;
+    }
+    auto custody = encrypt(content->get(), {o.custody_cert});
+    content->reset();  // the plaintext buffer is cleansed as it is freed
+    if (!custody.ok()) {
+      row.status = kFailed;
+      row.reason = "cannot encrypt to the custody certificate: " + custody.error().message;
+      return out;
+    }
+    auto text = encode(custody->get(), m.format, parsed.headers, parsed.crlf);
+    if (!text.ok()) {
+      row.status = kFailed;
+      row.reason = text.error().message;
+      return out;
+    }
+    if (auto st = write_replace(staged_root / m.relative, *text); !st.ok()) {
+      row.status = kFailed;
+      row.reason = st.error().message;
+      return out;
+    }
+    row.status = kStaged;
+    return out;
+  };
+  std::function<Status(std::vector<Outcome>&)> commit = [&](std::vector<Outcome>& batch) {
+    std::vector<ManifestRow> rows;
+    for (const auto& b : batch)
+      if (!b.skip) rows.push_back(b.row);
+    return manifest->record(rows);
+  };
+  KMSD_ASSIGN_OR_RETURN(auto summary, run_pool(messages, o.threads, work, commit, o.staging,
+                                               o.progress, o.stop_after));
+  KMSD_ASSIGN_OR_RETURN(summary.overall, manifest->counts());
+  return summary;
+}
+
+Result<RunSummary> reencrypt(const ReencryptOptions& o) {
+  if (o.custody_key == nullptr || o.custody_cert == nullptr)
+    return make_error(ErrorCode::kInvalidArgument,
+                      "reencrypt needs the custody key and certificate");
+  if (!fs::exists(o.staging / "manifest.db"))
+    return make_error(ErrorCode::kInvalidArgument,
+                      o.staging.string() + " has no manifest.db: run `kmsctl dr predecrypt` first");
+  if (inside(o.out, o.staging) || inside(o.staging, o.out))
+    return make_error(ErrorCode::kInvalidArgument,
+                      "--out and the staging directory must not contain each other");
+  KMSD_ASSIGN_OR_RETURN(auto manifest, Manifest::open(o.staging / "manifest.db"));
+  KMSD_ASSIGN_OR_RETURN(auto bound, manifest->setting("custody_certificate"));
+  if (bound != fingerprint(o.custody_cert))
+    return make_error(ErrorCode::kFailedPrecondition,
+                      "the staged messages are encrypted to the custody certificate " + bound +
+                          ", not to " + fingerprint(o.custody_cert));
+  KMSD_TRY(make_dirs(o.out));
+  ::chmod(o.out.c_str(), 0700);
+  remove_leftovers(o.out);
+  KMSD_ASSIGN_OR_RETURN(const auto staged, manifest->staged());
+  KMSD_ASSIGN_OR_RETURN(const auto done, manifest->reencrypted());
+  const fs::path staged_root = o.staging / "messages";
+
+  std::function<Outcome(const ManifestRow&)> work = [&](const ManifestRow& r) {
+    Outcome out;
+    out.row = r;
+    if (done.count(r.path) != 0) {
+      out.skip = true;
+      return out;
+    }
+    std::vector<X509*> to;
+    std::vector<std::string> missing;
+    for (const auto& user : split(r.users, ',')) {
+      auto it = o.new_certs.find(user);
+      if (it == o.new_certs.end())
+        missing.push_back(user);
+      else
+        to.push_back(it->second);
+    }
+    out.record = false;
+    if (to.empty() || !missing.empty()) {
+      out.row.status = kWaiting;
+      out.row.reason = "no new encryption certificate yet for " + join(missing, ", ");
+      return out;
+    }
+    auto fail = [&](const std::string& why) {
+      out.row.status = kFailed;
+      out.row.reason = why;
+      return out;
+    };
+    auto format = parse_format(r.format);
+    if (!format.ok()) return fail(format.error().message);
+    auto bytes = read_file(staged_root / r.path);
+    if (!bytes.ok()) return fail(bytes.error().message);
+    ParsedMessage parsed = parse_message(*bytes, *format);
+    if (parsed.kind != Kind::kEncrypted)
+      return fail("the staged copy is " + parsed.what + "; run predecrypt again for it");
+    auto content = decrypt(parsed.cms.get(), o.custody_key, o.custody_cert);
+    if (!content.ok())
+      return fail("cannot decrypt the staged copy with the custody key: " +
+                  content.error().message);
+    auto cms = encrypt(content->get(), to);
+    content->reset();
+    if (!cms.ok()) return fail("cannot encrypt to the new certificates: " + cms.error().message);
+    auto text = encode(cms->get(), *format, parsed.headers, parsed.crlf);
+    if (!text.ok()) return fail(text.error().message);
+    if (auto st = write_replace(o.out / r.path, *text); !st.ok()) return fail(st.error().message);
+    out.record = true;
+    out.re.path = r.path;
+    out.re.users = r.users;
+    out.re.out_digest = ossl::hex(
+        ossl::sha256({reinterpret_cast<const std::uint8_t*>(text->data()), text->size()}));
+    return out;
+  };
+  std::function<Status(std::vector<Outcome>&)> commit = [&](std::vector<Outcome>& batch) {
+    std::vector<ReencryptRow> rows;
+    for (const auto& b : batch)
+      if (!b.skip && b.record) rows.push_back(b.re);
+    return manifest->record_reencrypted(rows);
+  };
+  KMSD_ASSIGN_OR_RETURN(auto summary,
+                        run_pool(staged, o.threads, work, commit, o.out, o.progress, o.stop_after));
+  KMSD_ASSIGN_OR_RETURN(const auto now_done, manifest->reencrypted());
+  summary.overall = {{kStaged, staged.size()}, {kReencrypted, now_done.size()}};
+  return summary;
+}
+
+}  // namespace kmsd::dr

@@ -1,0 +1,253 @@
+// Disaster recovery library: predecrypt classifies every message and stages each one it can open
+// to the custody certificate only, a stopped run resumes, reencrypt writes the original formats
+// that `openssl cms -decrypt` opens with the users' new keys, the custody key may live on a
+// token, and no plaintext reaches a file.
+#include "tests/dr/dr_fixture.hpp"
+
+namespace kmsd::dr::fixture {
+namespace {
+
+TEST_F(DrTest, ReadsEveryKeyOfAKmsdPkcs12Bundle) {
+  KeyRing ring = load_keys();
+  EXPECT_EQ(ring.key_count(), 6u);
+  EXPECT_EQ(ring.users(), (std::vector<std::string>{"alice", "bob", "carol"}));
+  for (auto& u : users)
+    for (auto& c : u.old_certs)
+      for (const auto& id : recipient_ids_of_cert(c.get())) {
+        const auto* e = ring.find(id);
+        ASSERT_NE(e, nullptr) << id;
+        EXPECT_EQ(e->user, u.name);
+      }
+  // A wrong passphrase names the file and is an authentication error.
+  SecretBytes wrong = SecretBytes::from_string("wrong");
+  KeyDirOptions o;
+  o.dir = keys;
+  o.default_passphrase = &wrong;
+  auto bad = load_key_dir(o);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.error().code, ErrorCode::kUnauthenticated);
+  EXPECT_NE(bad.error().message.find("alice.p12"), std::string::npos);
+}
+
+TEST_F(DrTest, PredecryptClassifiesEveryMessageAndStagesOnlyToTheCustodyKey) {
+  add_encrypted(2);
+  add_others();
+  add_openssl_cli();
+  KeyRing ring = load_keys();
+  auto s = run_predecrypt(ring);
+  ASSERT_TRUE(s.ok()) << s.error().message;
+  EXPECT_EQ(s->total, expected.size());
+  EXPECT_EQ(s->processed, expected.size());
+  auto rows = manifest_rows();
+  ASSERT_EQ(rows.size(), expected.size());
+  std::map<std::string, std::size_t> want;
+  for (const auto& [path, e] : expected) {
+    ++want[e.status];
+    ASSERT_TRUE(rows.count(path)) << path;
+    const auto& r = rows[path];
+    EXPECT_EQ(r.status, e.status) << path << ": " << r.reason;
+    EXPECT_EQ(r.format, e.format) << path;
+    EXPECT_EQ(r.digest, ossl::hex(ossl::sha256([&] {
+                std::string d = read_all(store / path);
+                return std::vector<std::uint8_t>(d.begin(), d.end());
+              }())))
+        << path;
+    if (e.status == kStaged) {
+      EXPECT_EQ(r.users, e.user) << path;
+      // The staged copy opens with the custody key to exactly the original content, and it
+      // is in the original format.
+      const std::string staged = read_all(staging / "messages" / path);
+      ParsedMessage pm =
+          parse_message({reinterpret_cast<const std::uint8_t*>(staged.data()), staged.size()},
+                        e.format == "der" ? Format::kDer : Format::kMime);
+      ASSERT_EQ(pm.kind, Kind::kEncrypted) << path;
+      ASSERT_EQ(pm.recipients.size(), 1u);
+      EXPECT_EQ(pm.recipients[0], recipient_ids_of_cert(custody_cert.get())[0]);
+      auto pt = decrypt(pm.cms.get(), custody_key.get(), custody_cert.get());
+      ASSERT_TRUE(pt.ok()) << pt.error().message;
+      char* p = nullptr;
+      long n = BIO_get_mem_data(pt->get(), &p);
+      EXPECT_EQ(std::string(p, static_cast<std::size_t>(n)), e.plaintext) << path;
+      if (e.format == "mime" && path.find("cli-") == std::string::npos) {
+        EXPECT_EQ(staged.rfind("From: sender@example.org\nTo: " + e.user, 0), 0u) << staged;
+      }
+    } else {
+      EXPECT_FALSE(r.reason.empty()) << path;
+      EXPECT_FALSE(fs::exists(staging / "messages" / path)) << path;
+    }
+  }
+  EXPECT_EQ(s->this_run, want);
+  EXPECT_EQ(s->overall, want);
+  EXPECT_EQ(want[kStaged], 3u * 2u * 2u + 2u);
+  EXPECT_NE(rows["Maildir/new/foreign.2"].reason.find("CN=Old KMS CA"), std::string::npos);
+  EXPECT_FALSE(fs::exists(staging / "messages/Maildir/tmp"));
+  // The store is untouched.
+  for (const auto& [path, e] : expected) EXPECT_TRUE(fs::exists(store / path));
+  expect_no_plaintext_on_disk();
+
+  // A second run finds everything done.
+  auto again = run_predecrypt(ring);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->processed, want[kUnknownRecipient]);  // tried again: a key may have come
+  EXPECT_EQ(again->already_done, expected.size() - want[kUnknownRecipient]);
+}
+
+TEST_F(DrTest, StoppedRunResumesWithoutRedoingOrLosingAMessage) {
+  add_encrypted(10);  // 60 messages
+  add_others();
+  KeyRing ring = load_keys();
+  auto first = run_predecrypt(ring, 25);
+  ASSERT_TRUE(first.ok()) << first.error().message;
+  EXPECT_TRUE(first->stopped_early);
+  auto before = manifest_rows();
+  ASSERT_EQ(before.size(), 25u);
+  std::map<std::string, ino_t> inodes;
+  for (const auto& [path, r] : before) {
+    struct stat st {};
+    if (r.status == kStaged) {
+      ASSERT_EQ(::stat((staging / "messages" / path).c_str(), &st), 0);
+      inodes[path] = st.st_ino;
+    }
+  }
+  auto second = run_predecrypt(ring);
+  ASSERT_TRUE(second.ok()) << second.error().message;
+  EXPECT_FALSE(second->stopped_early);
+  EXPECT_EQ(second->already_done, 25u - (before.count("Maildir/new/foreign.2") ? 1u : 0u));
+  EXPECT_EQ(second->already_done + second->processed, expected.size());
+  auto after = manifest_rows();
+  ASSERT_EQ(after.size(), expected.size());
+  for (const auto& [path, e] : expected) EXPECT_EQ(after[path].status, e.status) << path;
+  for (const auto& [path, ino] : inodes) {
+    struct stat st {};
+    ASSERT_EQ(::stat((staging / "messages" / path).c_str(), &st), 0);
+    EXPECT_EQ(st.st_ino, ino) << path << " was staged again";
+  }
+  // No temporary file of the stopped run is left.
+  for (const auto& f : fs::recursive_directory_iterator(staging))
+    EXPECT_EQ(f.path().filename().string().find(".dr-tmp-"), std::string::npos) << f.path();
+}
+
+TEST_F(DrTest, ReencryptWritesTheOriginalFormatsForEnrolledUsersAndWaitsForTheOthers) {
+  add_encrypted(2);
+  add_others();
+  add_openssl_cli();
+  KeyRing ring = load_keys();
+  ASSERT_TRUE(run_predecrypt(ring).ok());
+
+  // alice and bob have enrolled again; carol has not.
+  auto s = run_reencrypt({"alice", "bob"}, custody_key.get());
+  ASSERT_TRUE(s.ok()) << s.error().message;
+  std::size_t carol = 0, others = 0;
+  for (const auto& [path, e] : expected) {
+    if (e.status != kStaged) continue;
+    (e.user == "carol" ? carol : others)++;
+  }
+  EXPECT_EQ(s->this_run[kReencrypted], others);
+  EXPECT_EQ(s->this_run[kWaiting], carol);
+  for (const auto& [path, e] : expected) {
+    if (e.status != kStaged) {
+      EXPECT_FALSE(fs::exists(out / path)) << path;
+      continue;
+    }
+    if (e.user == "carol") {
+      EXPECT_FALSE(fs::exists(out / path)) << path;
+      continue;
+    }
+    const std::string written = read_all(out / path);
+    if (e.format == "der") {
+      EXPECT_EQ(static_cast<unsigned char>(written[0]), 0x30) << path;  // DER SEQUENCE
+    } else {
+      EXPECT_NE(written.find("application/pkcs7-mime"), std::string::npos) << path;
+      if (path.find("cli-") == std::string::npos)
+        EXPECT_EQ(written.rfind(headers(e.user, 0).substr(0, 30), 0), 0u) << written;
+      else
+        EXPECT_NE(written.find("Subject: made by openssl cms"), std::string::npos);
+    }
+    EXPECT_EQ(openssl_decrypt(path, e.user, e.format == "der"), e.plaintext) << path;
+  }
+  expect_no_plaintext_on_disk();
+
+  // carol enrolls: the rerun does her messages only.
+  auto rerun = run_reencrypt({"alice", "bob", "carol"}, custody_key.get());
+  ASSERT_TRUE(rerun.ok()) << rerun.error().message;
+  EXPECT_EQ(rerun->already_done, others);
+  EXPECT_EQ(rerun->this_run[kReencrypted], carol);
+  EXPECT_EQ(rerun->this_run.count(kWaiting), 0u);
+  for (const auto& [path, e] : expected) {
+    if (e.status == kStaged && e.user == "carol") {
+      EXPECT_EQ(openssl_decrypt(path, "carol", e.format == "der"), e.plaintext) << path;
+    }
+  }
+  expect_no_plaintext_on_disk();
+}
+
+TEST_F(DrTest, AnotherCustodyCertificateIsRefusedForAStartedStaging) {
+  add_encrypted(1);
+  KeyRing ring = load_keys();
+  ASSERT_TRUE(run_predecrypt(ring).ok());
+  auto other_key = make_key(hsm::KeyType::kRsa2048);
+  custody_cert = new_ca.issue(other_key.get(), "another custody");
+  auto s = run_predecrypt(ring);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.error().code, ErrorCode::kFailedPrecondition);
+  auto r = run_reencrypt({"alice"}, other_key.get());
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kFailedPrecondition);
+}
+
+// The production shape: the custody key is an RSA-3072 key on a (SoftHSM) token, used through
+// libp11 by CMS_decrypt.
+class DrTokenTest : public DrTest {
+ protected:
+  std::unique_ptr<kmsd::testing::SoftHsmToken> token;
+  void SetUp() override {
+    DrTest::SetUp();
+    token = std::make_unique<kmsd::testing::SoftHsmToken>(tmp.path() / "hsm", "kmsd-new");
+    std::string log;
+    ASSERT_EQ(run_command(std::string("pkcs11-tool --module ") + kmsd::testing::kSoftHsmModule +
+                              " --token-label kmsd-new --login --pin " + kmsd::testing::kUserPin +
+                              " --keypairgen --key-type rsa:3072 --label kms-dr-custody --id 0d "
+                              "--usage-decrypt",
+                          &log),
+              0)
+        << log;
+  }
+};
+
+TEST_F(DrTokenTest, ReencryptsWithTheCustodyKeyOnAToken) {
+  // The custody certificate is for the token's key.
+  hsm::TokenOptions to;
+  to.module_path = kmsd::testing::kSoftHsmModule;
+  to.token_uri = "pkcs11:token=kmsd-new";
+  to.labels.ca = "kms-dr-custody";
+  {
+    auto t = hsm::Token::open(to);
+    ASSERT_TRUE(t.ok()) << t.error().message;
+    auto pub = (*t)->ca_public_key();
+    ASSERT_TRUE(pub.ok()) << pub.error().message;
+    custody_cert = new_ca.issue(pub->get(), "DR custody on token");
+  }
+  add_encrypted(2);
+  add_openssl_cli();
+  KeyRing ring = load_keys();
+  ASSERT_TRUE(run_predecrypt(ring).ok());
+
+  auto wrong = open_custody_key_on_token("pkcs11:token=kmsd-new", kmsd::testing::kSoftHsmModule,
+                                         SecretBytes::from_string(kmsd::testing::kUserPin),
+                                         custody_cert.get(), 2);
+  EXPECT_FALSE(wrong.ok());  // no object=
+  auto key = open_custody_key_on_token(
+      "pkcs11:token=kmsd-new;object=kms-dr-custody", kmsd::testing::kSoftHsmModule,
+      SecretBytes::from_string(kmsd::testing::kUserPin), custody_cert.get(), 2);
+  ASSERT_TRUE(key.ok()) << key.error().message;
+  auto s = run_reencrypt({"alice", "bob", "carol"}, key->key.get());
+  ASSERT_TRUE(s.ok()) << s.error().message;
+  EXPECT_EQ(s->this_run[kReencrypted], expected.size());
+  EXPECT_EQ(s->this_run.count(kFailed), 0u);
+  for (const auto& [path, e] : expected)
+    EXPECT_EQ(openssl_decrypt(path, e.user, e.format == "der"), e.plaintext) << path;
+  expect_no_plaintext_on_disk();
+}
+
+}  // namespace
+}  // namespace kmsd::dr::fixture
