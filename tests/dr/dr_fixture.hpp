@@ -186,6 +186,7 @@ class DrTest : public ::testing::Test {
       write_all(work / (u.name + "-new.pem"), *ossl::x509_to_pem(u.new_cert.get()));
       write_all(work / (u.name + "-new.key"), pem_key(u.new_key.get()));
       write_all(work / (u.name + "-old1.pem"), *ossl::x509_to_pem(u.old_certs[0].get()));
+      write_all(work / (u.name + "-old1.key"), pem_key(u.old_keys[0].get()));
       users.push_back(std::move(u));
     }
     write_all(tmp.path() / "keys.pass", kPass);
