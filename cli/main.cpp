@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   add_admins_commands(app, commands);
   add_user_commands(app, commands);
   add_enroll_commands(app, commands);
+  add_dr_commands(app, commands);
 
   try {
     app.parse(argc, argv);

@@ -115,5 +115,6 @@ void add_bulk_command(CLI::App* user, Commands& commands);
 void add_admin_commands(CLI::App& app, Commands& commands);
 void add_enroll_commands(CLI::App& app, Commands& commands);
 void add_admins_commands(CLI::App& app, Commands& commands);
+void add_dr_commands(CLI::App& app, Commands& commands);
 
 }  // namespace kmsd::cli
