@@ -108,13 +108,16 @@ struct EnrollmentConfig {
 };
 
 // k-of-n approvals: how many distinct administrators each sensitive operation needs.
-// Operations: revoke, recover, admin_add, admin_remove, policy_change, dr.
+// Operations: revoke, recover, admin_add, admin_remove, policy_change, dr, key_export.
 struct ApprovalsConfig {
   unsigned ttl_hours = 72;  // a pending request expires after this
   // Default 1 everywhere: a fresh KMS has a single administrator, and k > 1 before a second
   // one exists would lock every gated operation. Raise k once enough administrators exist.
-  std::map<std::string, int> required{{"revoke", 1},       {"recover", 1},       {"admin_add", 1},
-                                      {"admin_remove", 1}, {"policy_change", 1}, {"dr", 1}};
+  // key_export is 2: its requester has the recovery role, which an administrator granted, so
+  // two people exist, and a recovery officer alone never takes a user's keys.
+  std::map<std::string, int> required{
+      {"revoke", 1},        {"recover", 1}, {"admin_add", 1},   {"admin_remove", 1},
+      {"policy_change", 1}, {"dr", 1},      {"key_export", 2}};
 };
 
 struct LogConfig {

@@ -23,6 +23,7 @@
 #include "daemon/cmp/cmp_server.hpp"
 #include "daemon/enroll/enrollment.hpp"
 #include "daemon/enroll/key_export.hpp"
+#include "daemon/enroll/key_export.hpp"
 #include "daemon/policy/policy_check.hpp"
 #include "daemon/provision/initializer.hpp"
 #include "daemon/revocation/revocation.hpp"
@@ -80,6 +81,7 @@ struct Daemon::Impl {
   std::unique_ptr<cmp::CmpServer> cmp;
   std::unique_ptr<approvals::PolicyGate> gate;
   std::unique_ptr<admins::AdminService> admins;
+  std::unique_ptr<enroll::KeyExport> key_export;
   std::unique_ptr<enroll::KeyExport> key_export;
 
   // TLS context for the admin listener, rebuilt whenever the key material changes.
@@ -280,6 +282,10 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
   impl->key_export = std::make_unique<enroll::KeyExport>(
       *impl->store, *impl->audit, *impl->approvals, *impl->enrollment,
       std::chrono::hours(cfg.approvals.ttl_hours));
+  // An approved export may be collected within the approval requests' lifetime.
+  impl->key_export = std::make_unique<enroll::KeyExport>(
+      *impl->store, *impl->audit, *impl->approvals, *impl->enrollment,
+      std::chrono::hours(cfg.approvals.ttl_hours));
   impl->cmp = std::make_unique<cmp::CmpServer>(
       *impl->enrollment, *impl->token, *impl->store, [d] { return d->ca_certificate(); },
       cfg.ca.digest);
@@ -297,6 +303,7 @@ int Daemon::run() {
   api::PkiRoutes pki_routes(d.pki_handlers());
   api::AdminServices admin_services{*d.seal, *d.store, *d.users, *d.approvals, *d.audit};
   admin_services.admins = d.admins.get();
+  admin_services.key_export = d.key_export.get();
   admin_services.key_export = d.key_export.get();
   api::AdminRoutes admin_routes(admin_services);
   api::EnrollRoutes enroll_routes(*d.enrollment);

@@ -68,10 +68,10 @@ void add_holder_options(CLI::App* cmd, UserSideArgs& a) {
   cmd->add_option("--key", a.key, "its private key (PEM)");
 }
 
-Result<SecretBytes> new_passphrase(const UserSideArgs& a) {
-  if (!a.new_passphrase_file.empty()) return startup::read_secret_from_file(a.new_passphrase_file);
+Result<SecretBytes> new_passphrase(const std::string& out, const std::string& passphrase_file) {
+  if (!passphrase_file.empty()) return startup::read_secret_from_file(passphrase_file);
   KMSD_ASSIGN_OR_RETURN(auto first,
-                        startup::read_secret_from_terminal("Passphrase for " + a.out + ": "));
+                        startup::read_secret_from_terminal("Passphrase for " + out + ": "));
   KMSD_ASSIGN_OR_RETURN(auto again, startup::read_secret_from_terminal("Again: "));
   if (first.view() != again.view())
     return make_error(ErrorCode::kInvalidArgument, "the two passphrases differ; nothing written");
@@ -109,7 +109,16 @@ Result<ossl::EvpPkeyPtr> private_key_from_pem(const std::string& pem) {
 // The signing pair, the escrowed keys of J["keys"] and the CA, in one PKCS#12 at A.out.
 int write_bundle(const UserSideArgs& a, EVP_PKEY* signing_key, X509* signing_cert, const json& keys,
                  const std::string& user) {
-  auto ca_pem = files::read_text(a.ca);
+  return write_key_bundle(a.out, a.ca, a.new_passphrase_file, signing_key, signing_cert, keys,
+                          user);
+}
+
+}  // namespace
+
+int write_key_bundle(const std::string& out, const std::string& ca_file,
+                     const std::string& new_passphrase_file, EVP_PKEY* signing_key,
+                     X509* signing_cert, const nlohmann::json& keys, const std::string& user) {
+  auto ca_pem = files::read_text(ca_file);
   if (!ca_pem.ok()) return fail(ca_pem.error());
   auto ca = ossl::x509_from_pem(*ca_pem);
   if (!ca.ok()) return fail(ca.error());
@@ -132,17 +141,19 @@ int write_bundle(const UserSideArgs& a, EVP_PKEY* signing_key, X509* signing_cer
     owned_keys.push_back(std::move(*key));
     owned_certs.push_back(std::move(*cert));
   }
-  if (std::filesystem::exists(a.out)) {
-    std::cerr << "kmsctl: " << a.out << " exists; choose another --out (never overwritten)\n";
+  if (std::filesystem::exists(out)) {
+    std::cerr << "kmsctl: " << out << " exists; choose another --out (never overwritten)\n";
     return kExists;
   }
-  auto pass = new_passphrase(a);
+  auto pass = new_passphrase(out, new_passphrase_file);
   if (!pass.ok()) return fail(pass.error());
   auto p12 = ca::make_pkcs12_bundle(entries, ca->get(), *pass);
   if (!p12.ok()) return fail(p12.error());
-  return write_output(a.out,
+  return write_output(out,
                       std::string_view(reinterpret_cast<const char*>(p12->data()), p12->size()));
 }
+
+namespace {
 
 Result<std::unique_ptr<client::AdminClient>> connect(const UserSideArgs& a, ossl::X509Ptr cert,
                                                      ossl::EvpPkeyPtr key) {

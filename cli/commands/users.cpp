@@ -1,4 +1,6 @@
-// kmsctl user enable | show | reissue | revoke | recover: one user at a time.
+// kmsctl user enable | show | reissue | revoke | recover | export-keys | collect-keys: one user
+// at a time.
+#include <filesystem>
 #include <iostream>
 
 #include "cli/commands/common.hpp"
@@ -14,6 +16,9 @@ struct UserArgs : AdminArgs {
   std::string name;
   std::string dn;
   std::optional<int> reason;
+  // collect-keys
+  std::string out;
+  std::string new_passphrase_file;
 };
 
 std::string user_path(const std::string& id, const std::string& action = "") {
@@ -54,6 +59,31 @@ int run_recover(const UserArgs& a) {
   return run_outcome(a, user_path(a.id, "recover"), nlohmann::json::object());
 }
 
+// A recovery administrator asks for the user's whole escrowed key history.
+int run_export_keys(const UserArgs& a) {
+  return run_outcome(a, user_path(a.id, "export"), nlohmann::json::object());
+}
+
+// ... and, once approved, collects it (once) into a PKCS#12 of their own passphrase.
+int run_collect_keys(const UserArgs& a) {
+  if (std::filesystem::exists(a.out)) {
+    std::cerr << "kmsctl: " << a.out << " exists; choose another --out (never overwritten)\n";
+    return kExists;
+  }
+  auto reply = call_json(a, "/v1/requests/" + render::url_encode(a.id) + "/collect",
+                         nlohmann::json::object());
+  if (auto* rc = std::get_if<int>(&reply)) return *rc;
+  const auto& j = std::get<nlohmann::json>(reply);
+  const std::string user = j.value("user", std::string());
+  if (int rc = write_key_bundle(a.out, a.ca, a.new_passphrase_file, nullptr, nullptr,
+                                j.value("keys", nlohmann::json::array()), user);
+      rc != kOk)
+    return rc;
+  std::cout << "wrote " << j.value("keys", nlohmann::json::array()).size() << " escrowed key(s) of "
+            << user << " to " << a.out << "; the export is spent: ask again for another copy\n";
+  return kOk;
+}
+
 UserArgs& add_user_command(CLI::App* user, Commands& commands, const char* name, const char* help,
                            int (*run)(const UserArgs&)) {
   auto* cmd = user->add_subcommand(name, help);
@@ -87,6 +117,19 @@ void add_user_commands(CLI::App& app, Commands& commands) {
       ->check(CLI::Range(0, 10));
   add_user_command(user, commands, "recover",
                    "put the user into recovery (may need approvals); then reissue", run_recover);
+
+  add_user_command(user, commands, "export-keys",
+                   "recovery role: ask for the user's escrowed key history (needs approvals)",
+                   run_export_keys);
+  auto& collect = add_user_command(
+      user, commands, "collect-keys",
+      "recovery role: collect an approved export (ID is the request id) into a PKCS#12",
+      run_collect_keys);
+  cmd = user->get_subcommand("collect-keys");
+  cmd->add_option("--out", collect.out, "the PKCS#12 file to write (0600; never overwritten)")
+      ->required();
+  cmd->add_option("--new-passphrase-file", collect.new_passphrase_file,
+                  "0600 file with the passphrase for the PKCS#12 (default: asked twice)");
 
   add_bulk_command(user, commands);
 }

@@ -1,9 +1,13 @@
 #include "daemon/api/routes.hpp"
 
+#include <openssl/crypto.h>
+#include <openssl/pem.h>
+
 #include <nlohmann/json.hpp>
 
 #include "daemon/admins/admin_service.hpp"
 #include "daemon/ca/issuer.hpp"
+#include "daemon/enroll/key_export.hpp"
 #include "daemon/startup/unseal_socket.hpp"
 
 namespace kmsd::api {
@@ -132,10 +136,38 @@ std::string query_param(const Request& req, const std::string& name) {
   return "";
 }
 
-bool allowed(store::AdminRole role, http::verb verb, bool approval_call) {
+// EXPORT_CALL: asking for or collecting a key-history export, which only the recovery role may
+// do (an administrator's power over users does not include taking their keys); the recovery
+// role may otherwise only read the requests, to follow its own.
+bool allowed(store::AdminRole role, http::verb verb, bool approval_call, bool export_call) {
+  if (role == store::AdminRole::kRecovery)
+    return export_call || (approval_call && verb == http::verb::get);
+  if (export_call) return false;
   if (role == store::AdminRole::kAdmin) return true;
   if (role == store::AdminRole::kApprover) return approval_call;
   return verb == http::verb::get;  // auditor: read only
+}
+
+// The keys of an export as kmsctl writes them into a PKCS#12: certificate and PKCS#8 private
+// key in PEM. The PEM text is the reply's only copy; the response buffer is the caller's.
+Result<json> exported_keys_json(const enroll::ExportedKeys& e) {
+  json keys = json::array();
+  for (const auto& k : e.keys) {
+    KMSD_ASSIGN_OR_RETURN(auto cert, ossl::x509_to_pem(k.certificate.get()));
+    ossl::BioPtr bio(BIO_new(BIO_s_secmem()));
+    if (!bio || PEM_write_bio(bio.get(), "PRIVATE KEY", "", k.pkcs8_der.data(),
+                              static_cast<long>(k.pkcs8_der.size())) <= 0)
+      return ossl::crypto_error("encoding an exported key");
+    char* p = nullptr;
+    long n = BIO_get_mem_data(bio.get(), &p);
+    keys.push_back({{"version", k.version},
+                    {"key_id", k.key_id},
+                    {"algorithm", k.algorithm},
+                    {"certificate", std::move(cert)},
+                    {"private_key", std::string(p, static_cast<std::size_t>(n))}});
+    OPENSSL_cleanse(p, static_cast<std::size_t>(n));
+  }
+  return json{{"user", e.user_id}, {"request_id", e.request_id}, {"keys", std::move(keys)}};
 }
 
 Response outcome_response(const Request& req, const approvals::Outcome& o) {
@@ -241,7 +273,9 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
   const http::verb verb = req.method();
   const bool approval_call = seg.size() >= 2 && seg[1] == "requests";
   const bool anyone = seg.size() == 2 && (seg[1] == "whoami" || seg[1] == "status");
-  if (!anyone && !allowed(who.role, verb, approval_call))
+  const bool export_call = seg.size() == 4 && ((seg[1] == "users" && seg[3] == "export") ||
+                                               (seg[1] == "requests" && seg[3] == "collect"));
+  if (!anyone && !allowed(who.role, verb, approval_call, export_call))
     return error_response(req, http::status::forbidden,
                           "administrator '" + who.name + "' has role " +
                               store::to_string(who.role) + ", which may not " +
@@ -326,6 +360,11 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
         if (!out.ok()) return error_from(req, out.error());
         return outcome_response(req, *out);
       }
+      if (seg[3] == "export" && s_.key_export != nullptr) {
+        auto out = s_.key_export->request(id, who.name);
+        if (!out.ok()) return error_from(req, out.error());
+        return outcome_response(req, *out);
+      }
     }
   }
   if (s_.admins != nullptr && seg.size() >= 2 && seg[1] == "admins") {
@@ -402,6 +441,16 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
         arr.push_back(std::move(j));
       }
       return json_response(req, http::status::ok, json{{"requests", arr}}.dump());
+    }
+    if (seg.size() == 4 && verb == http::verb::post && seg[3] == "collect" &&
+        s_.key_export != nullptr) {
+      auto keys = s_.key_export->collect(seg[2], who.name);
+      if (!keys.ok()) return error_from(req, keys.error());
+      auto j = exported_keys_json(*keys);
+      if (!j.ok()) return error_from(req, j.error());
+      auto res = json_response(req, http::status::ok, j->dump());
+      res.set(http::field::cache_control, "no-store");
+      return res;
     }
     if (seg.size() == 4 && verb == http::verb::post && (seg[3] == "approve" || seg[3] == "deny")) {
       auto out = seg[3] == "approve" ? s_.approvals.approve(seg[2], who.name)

@@ -15,6 +15,9 @@
 namespace kmsd::admins {
 class AdminService;
 }
+namespace kmsd::enroll {
+class KeyExport;
+}
 
 namespace kmsd::api {
 
@@ -50,7 +53,8 @@ struct AdminServices {
   users::UserService& users;
   approvals::Approvals& approvals;
   audit::AuditLog& audit;
-  admins::AdminService* admins = nullptr;  // /v1/admins (404 while not wired)
+  admins::AdminService* admins = nullptr;   // /v1/admins (404 while not wired)
+  enroll::KeyExport* key_export = nullptr;  // /v1/users/ID/export, /v1/requests/ID/collect
 };
 
 // /v1/...: mutual TLS only; every endpoint checks the caller's role (docs/admin-api.md).
