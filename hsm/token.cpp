@@ -10,9 +10,12 @@
 #include <algorithm>
 #include <atomic>
 #include <charconv>
+#include <chrono>
 #include <condition_variable>
 #include <map>
 #include <mutex>
+#include <set>
+#include <thread>
 
 #include "hsm/envelope.hpp"
 #include "hsm/pkcs11.hpp"
@@ -175,8 +178,12 @@ void park_libp11_slots(PKCS11_SLOT* slots, unsigned int n) noexcept {
 
 class SessionPool {
  public:
-  SessionPool(std::shared_ptr<const Module> module, CK_SLOT_ID slot, std::size_t max)
-      : module_(std::move(module)), slot_(slot), max_(std::max<std::size_t>(1, max)) {}
+  SessionPool(std::shared_ptr<const Module> module, CK_SLOT_ID slot, std::size_t max,
+              std::chrono::milliseconds max_wait)
+      : module_(std::move(module)),
+        slot_(slot),
+        max_(std::max<std::size_t>(1, max)),
+        max_wait_(max_wait) {}
 
   class Lease {
    public:
@@ -196,10 +203,17 @@ class SessionPool {
     bool broken_ = false;
   };
 
-  // Blocks while all MAX sessions are leased. Throws TokenError if C_OpenSession fails.
+  // Waits (at most MAX_WAIT) while all MAX sessions are leased. Throws TokenError if
+  // C_OpenSession fails or no session came free in time (the token is not answering).
   std::unique_ptr<Lease> acquire() {
     std::unique_lock lock(mu_);
-    cv_.wait(lock, [&] { return !idle_.empty() || open_ < max_; });
+    if (!cv_.wait_for(lock, max_wait_, [&] { return !idle_.empty() || open_ < max_; })) {
+      throw TokenError(
+          Error{ErrorCode::kUnavailable,
+                "all " + std::to_string(max_) + " sessions of the key token stayed busy for " +
+                    std::to_string(max_wait_.count()) + " ms: the token is not answering"},
+          Fault::kCallerError);
+    }
     if (!idle_.empty()) {
       Session s = std::move(idle_.back());
       idle_.pop_back();
@@ -262,8 +276,15 @@ class SessionPool {
   std::size_t open_ = 0;
   CK_SLOT_ID slot_;
   std::size_t max_;
+  std::chrono::milliseconds max_wait_;
   std::uint64_t gen_ = 0;
 };
+
+using Clock = std::chrono::steady_clock;
+
+std::string millis(Clock::duration d) {
+  return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count()) + " ms";
+}
 
 // ---------------------------------------------------------------------------------------
 
@@ -287,8 +308,33 @@ struct Token::Impl {
   std::map<std::string, CK_OBJECT_HANDLE> handles;
   std::optional<std::vector<std::uint32_t>> versions;
 
-  std::mutex recover_mu;
+  // Serializes recoveries; timed so that nobody queues behind a recovery stuck on the token.
+  std::timed_mutex recover_mu;
+  // Bumped by every recovery, login and logout: whatever was resolved under an older epoch
+  // (the cached CA key) is stale.
   std::atomic<std::uint64_t> epoch{0};
+
+  // Token calls in progress, by start time (the stall watchdog).
+  std::mutex inflight_mu;
+  std::multiset<Clock::time_point> inflight;
+
+  // PIN flags of the last C_GetTokenInfo (status() never queues behind another one).
+  std::mutex info_query_mu;
+  bool pin_count_low = false;
+  bool pin_final_try = false;
+  bool pin_locked = false;
+
+  // The CA private key (libp11 EVP_PKEY), built once per epoch.
+  std::mutex key_mu;
+  ossl::EvpPkeyPtr ca_key;
+  std::uint64_t ca_key_epoch = 0;
+
+  // Background recovery while degraded.
+  std::atomic<std::uint64_t> health_gen{0};  // bumped by mark_healthy (login)
+  std::mutex probe_mu;
+  std::condition_variable probe_cv;
+  bool probe_stop = false;
+  std::thread prober;
 
   std::mutex p11_mu;  // libp11 slots of this token
   PKCS11_CTX* p11_ctx = nullptr;
@@ -299,10 +345,18 @@ struct Token::Impl {
       : opts(std::move(o)),
         uri(std::move(u)),
         module(std::move(m)),
-        pool(module, s.slot_id, opts.pool_size),
+        pool(module, s.slot_id, opts.pool_size, opts.call_timeout),
         info(std::move(s)) {}
 
-  ~Impl() { reset_libp11(); }
+  ~Impl() {
+    {
+      std::lock_guard lock(probe_mu);
+      probe_stop = true;
+    }
+    probe_cv.notify_all();
+    if (prober.joinable()) prober.join();
+    reset_libp11();
+  }
 
   CK_FUNCTION_LIST* f() const { return module->f(); }
 
@@ -319,11 +373,15 @@ struct Token::Impl {
     std::lock_guard lock(state_mu);
     degraded = false;
     last_error.clear();
+    health_gen.fetch_add(1);
   }
   void mark_degraded(const std::string& why) {
-    std::lock_guard lock(state_mu);
-    degraded = true;
-    last_error = why;
+    {
+      std::lock_guard lock(state_mu);
+      degraded = true;
+      last_error = why;
+    }
+    wake_prober();
   }
   bool is_degraded() const {
     std::lock_guard lock(state_mu);
@@ -341,6 +399,120 @@ struct Token::Impl {
     versions.reset();
   }
 
+  void drop_ca_key() noexcept {
+    ossl::EvpPkeyPtr old;
+    std::lock_guard lock(key_mu);
+    old = std::move(ca_key);
+  }
+
+  // ---- stall watchdog ----
+  // Registers one token call for the watchdog while it runs (TRACK false: key generation,
+  // which may legitimately take seconds).
+  class CallTimer {
+   public:
+    CallTimer(Impl& d, bool track) : d_(d), start_(Clock::now()), track_(track) {
+      if (!track_) return;
+      std::lock_guard lock(d_.inflight_mu);
+      it_ = d_.inflight.insert(start_);
+    }
+    ~CallTimer() {
+      if (!track_) return;
+      std::lock_guard lock(d_.inflight_mu);
+      d_.inflight.erase(it_);
+    }
+    CallTimer(const CallTimer&) = delete;
+    CallTimer& operator=(const CallTimer&) = delete;
+    Clock::duration elapsed() const { return Clock::now() - start_; }
+
+   private:
+    Impl& d_;
+    Clock::time_point start_;
+    bool track_;
+    std::multiset<Clock::time_point>::iterator it_;
+  };
+
+  // How long the oldest call in progress has been waiting, if longer than call_timeout.
+  std::optional<Clock::duration> stalled() {
+    std::lock_guard lock(inflight_mu);
+    if (inflight.empty()) return std::nullopt;
+    auto age = Clock::now() - *inflight.begin();
+    if (age <= opts.call_timeout) return std::nullopt;
+    return age;
+  }
+
+  // Error to fail fast with, without touching the token, when it is degraded or stalled.
+  std::optional<Error> fail_fast() {
+    if (auto age = stalled()) {
+      mark_degraded("a call to the key token has not returned for " + millis(*age) +
+                    " (call timeout " + millis(opts.call_timeout) + ")");
+    }
+    std::string why;
+    {
+      std::lock_guard lock(state_mu);
+      if (!degraded) return std::nullopt;
+      why = last_error;
+    }
+    wake_prober();
+    return Error{ErrorCode::kUnavailable, "the key token is unavailable: " + why +
+                                              "; kmsd keeps retrying in the background"};
+  }
+
+  // ---- background probe ----
+  void wake_prober() {
+    std::lock_guard lock(probe_mu);
+    if (probe_stop) return;
+    if (!prober.joinable()) prober = std::thread([this] { probe_loop(); });
+    probe_cv.notify_all();
+  }
+
+  void probe_loop() {
+    std::unique_lock lock(probe_mu);
+    while (!probe_stop) {
+      lock.unlock();
+      if (is_degraded()) probe_once();
+      lock.lock();
+      if (probe_stop) break;
+      if (is_degraded()) {
+        probe_cv.wait_for(lock, opts.probe_interval, [&] { return probe_stop; });
+      } else {
+        probe_cv.wait(lock, [&] { return probe_stop || is_degraded(); });
+      }
+    }
+  }
+
+  // One recovery attempt: the token is healthy again only when it answers, in time, and no
+  // earlier call is still hanging.
+  void probe_once() {
+    if (stalled()) return;  // calls still hanging: do not pile more on the token
+    const std::uint64_t seen_health = health_gen.load();
+    CallTimer timer(*this, true);
+    Status st = recover(epoch.load());
+    std::lock_guard lock(state_mu);
+    if (health_gen.load() != seen_health) return;  // an operator's login decided meanwhile
+    if (!st.ok()) {
+      degraded = true;
+      last_error = st.error().message;
+    } else if (timer.elapsed() > opts.call_timeout) {
+      degraded = true;
+      last_error = "the key token answers, but slowly (recovery took " + millis(timer.elapsed()) +
+                   ", call timeout " + millis(opts.call_timeout) + ")";
+    } else {
+      degraded = false;
+      last_error.clear();
+    }
+  }
+
+  // The session must be logged in while we hold a PIN: a private object that "does not
+  // exist" on a session that lost its login must not be reported as missing.
+  void require_login(const Session& s) {
+    if (!has_pin()) return;
+    CK_SESSION_INFO si{};
+    check_rv(f()->C_GetSessionInfo(s.handle(), &si), "C_GetSessionInfo");
+    if (si.state != CKS_RW_USER_FUNCTIONS && si.state != CKS_RO_USER_FUNCTIONS) {
+      check_rv(CKR_USER_NOT_LOGGED_IN, "C_GetSessionInfo (the session lost its login)");
+    }
+  }
+
   // ---- libp11 ----
   // Forgets libp11's slots so the next ca_private_key() enumerates afresh (libp11 0.4.12
   // never notices that its pooled sessions died). The old slot array is parked, not released:
@@ -348,6 +520,7 @@ struct Token::Impl {
   // free, checked here) and makes libp11 C_CloseAllSessions, killing our fresh sessions.
   // A parked key fails cleanly instead; a few hundred bytes per recovery.
   void reset_libp11() noexcept {
+    drop_ca_key();
     std::lock_guard lock(p11_mu);
     if (p11_slots != nullptr) {
       park_libp11_slots(p11_slots, p11_nslots);
@@ -370,7 +543,10 @@ struct Token::Impl {
       std::lock_guard lock(object_mu);
       found = s.find(tmpl.data(), tmpl.size());
     }
-    if (found.empty()) return std::nullopt;
+    if (found.empty()) {
+      require_login(s);
+      return std::nullopt;
+    }
     if (found.size() > 1) {
       fail(ErrorCode::kFailedPrecondition,
            std::to_string(found.size()) + " objects labelled '" + label + "' are on token " +
@@ -424,6 +600,7 @@ struct Token::Impl {
       if (ec != std::errc{} || p != e || v == 0) continue;
       out.push_back(v);
     }
+    if (out.empty()) require_login(s);
     std::sort(out.begin(), out.end());
     out.erase(std::unique(out.begin(), out.end()), out.end());
     std::lock_guard lock(cache_mu);
@@ -435,7 +612,12 @@ struct Token::Impl {
   // Re-finds the token (slot ids may change after a re-insert), re-opens the pool, re-logs in
   // with the retained PIN. Runs once per fault even when many threads hit it together.
   Status recover(std::uint64_t seen_epoch) {
-    std::lock_guard rlock(recover_mu);
+    std::unique_lock rlock(recover_mu, std::defer_lock);
+    if (!rlock.try_lock_for(opts.call_timeout)) {
+      return make_error(ErrorCode::kUnavailable,
+                        "a recovery of the key token has been running for more than " +
+                            millis(opts.call_timeout));
+    }
     if (epoch.load() != seen_epoch) return {};  // another thread already recovered
     reset_libp11();
     drop_caches();
@@ -471,11 +653,13 @@ struct Token::Impl {
                                 : "the token no longer accepts the retained PIN";
           Error e{fault == Fault::kPinLocked ? ErrorCode::kPinLocked : ErrorCode::kUnauthenticated,
                   "re-login after a lost session failed: " + why + " (" + p11::rv_name(rv) +
-                      "); log in again"};
+                      "); the PIN is forgotten and not tried again: log in (unseal) with the "
+                      "current PIN"};
           mark_degraded(e.message);
           return e;
         }
         if (rv != CKR_USER_ALREADY_LOGGED_IN) check_rv(rv, "C_Login");
+        require_login(lease->session());  // accepted, and kept: the token really serves again
         std::lock_guard lock(state_mu);
         logged_in = true;
       }
@@ -489,38 +673,34 @@ struct Token::Impl {
   Error unavailable(const std::string& why) {
     mark_degraded(why);
     return make_error(ErrorCode::kUnavailable, "the key token is unavailable: " + why +
-                                                   "; kmsd will retry on the next request");
+                                                   "; kmsd keeps retrying in the background");
   }
+
+  // A re-login refused during recovery: the PIN is forgotten (the daemon seals). For the
+  // operation that ran into it this is an outage, not a wrong credential of its caller.
+  static Error sealed_by(const Error& e) { return make_error(ErrorCode::kUnavailable, e.message); }
 
   // Every operation goes through here: lease a session, run OP, and on a lost session or a
   // gone token drop the pool, re-open, re-login, re-resolve handles and retry once.
+  // While degraded (or while a call hangs past call_timeout) it fails fast without touching
+  // the token. LONG_CALL: key generation, exempt from the call timeout.
   template <typename Op>
-  auto run(std::string_view what, bool needs_login, Op&& op)
+  auto run(std::string_view what, bool needs_login, Op&& op, bool long_call = false)
       -> Result<std::invoke_result_t<Op&, Session&>> {
-    using R = std::invoke_result_t<Op&, Session&>;
     auto with_context = [&](const Error& e) { return what.empty() ? e : e.context(what); };
     if (needs_login && !has_pin()) {
       return with_context(make_error(
           ErrorCode::kFailedPrecondition,
           "the key token " + token_name() + " is not logged in; log in with the user PIN first"));
     }
-    if (is_degraded()) {
-      Status st = recover(epoch.load());
-      if (!st.ok()) {
-        if (st.error().code == ErrorCode::kUnauthenticated ||
-            st.error().code == ErrorCode::kPinLocked)
-          return st.error();
-        return unavailable(st.error().message);
-      }
-    }
+    if (auto e = fail_fast()) return with_context(*e);
+    CallTimer timer(*this, !long_call);
     for (int attempt = 0;; ++attempt) {
       std::uint64_t seen = epoch.load();
       try {
         auto lease = pool.acquire();
         try {
-          R r = op(lease->session());
-          if (is_degraded()) mark_healthy();
-          return r;
+          return op(lease->session());
         } catch (const TokenError& e) {
           if (e.fault == Fault::kSessionLost || e.fault == Fault::kTokenGone) lease->mark_broken();
           throw;
@@ -529,18 +709,23 @@ struct Token::Impl {
         if (e.fault != Fault::kSessionLost && e.fault != Fault::kTokenGone) {
           return with_context(e.error);
         }
-        if (attempt > 0) return unavailable(e.error.message);
+        if (attempt > 0) return with_context(unavailable(e.error.message));
         Status st = recover(seen);
         if (!st.ok()) {
           if (st.error().code == ErrorCode::kUnauthenticated ||
               st.error().code == ErrorCode::kPinLocked)
-            return st.error();
-          return unavailable(st.error().message);
+            return with_context(sealed_by(st.error()));
+          return with_context(unavailable(st.error().message));
         }
       } catch (const std::bad_alloc&) {
         return make_error(ErrorCode::kInternal, "out of memory during a token operation");
       }
     }
+  }
+
+  template <typename Op>
+  auto run_long(std::string_view what, bool needs_login, Op&& op) {
+    return run(what, needs_login, std::forward<Op>(op), /*long_call=*/true);
   }
 
   // ---- data-key protection ----
@@ -864,6 +1049,7 @@ Status Token::login(const SecretBytes& pin) {
         d.logged_in = true;
       }
       d.drop_caches();  // private objects are visible now
+      d.epoch.fetch_add(1);
       d.mark_healthy();
       return {};
     } catch (const TokenError& e) {
@@ -884,6 +1070,8 @@ void Token::logout() noexcept {
   }
   d.pool.reset(d.pool.slot(), /*forget=*/false);
   d.forget_pin();
+  d.epoch.fetch_add(1);
+  d.drop_ca_key();  // one fetched while we logged out
 }
 
 bool Token::logged_in() const noexcept {
@@ -894,19 +1082,36 @@ bool Token::logged_in() const noexcept {
 TokenStatus Token::status() const {
   Impl& d = *impl_;
   TokenStatus st;
-  CK_TOKEN_INFO ti{};
-  CK_RV rv = d.f()->C_GetTokenInfo(d.pool.slot(), &ti);
+  // Never waits on the token: no query while it is degraded or stalled, and none while another
+  // thread's query is in progress (its flags are used instead).
+  const bool healthy = !d.fail_fast().has_value();
+  CK_RV rv = CKR_OK;
+  if (healthy) {
+    std::unique_lock q(d.info_query_mu, std::try_to_lock);
+    if (q.owns_lock()) {
+      CK_TOKEN_INFO ti{};
+      {
+        Impl::CallTimer timer(d, true);
+        rv = d.f()->C_GetTokenInfo(d.pool.slot(), &ti);
+      }
+      if (rv == CKR_OK) {
+        std::lock_guard lock(d.state_mu);
+        d.pin_count_low = (ti.flags & CKF_USER_PIN_COUNT_LOW) != 0;
+        d.pin_final_try = (ti.flags & CKF_USER_PIN_FINAL_TRY) != 0;
+        d.pin_locked = (ti.flags & CKF_USER_PIN_LOCKED) != 0;
+      }
+    }
+  }
   std::lock_guard lock(d.state_mu);
   st.logged_in = d.logged_in;
   st.degraded = d.degraded;
   st.last_error = d.last_error;
   st.token_label = d.info.token_label;
   st.token_serial = d.info.token_serial;
-  if (rv == CKR_OK) {
-    st.pin_count_low = (ti.flags & CKF_USER_PIN_COUNT_LOW) != 0;
-    st.pin_final_try = (ti.flags & CKF_USER_PIN_FINAL_TRY) != 0;
-    st.pin_locked = (ti.flags & CKF_USER_PIN_LOCKED) != 0;
-  } else if (st.last_error.empty()) {
+  st.pin_count_low = d.pin_count_low;
+  st.pin_final_try = d.pin_final_try;
+  st.pin_locked = d.pin_locked;
+  if (rv != CKR_OK && st.last_error.empty()) {
     st.last_error = "C_GetTokenInfo failed: " + p11::rv_name(rv);
   }
   return st;
@@ -922,7 +1127,7 @@ Status Token::generate_master_key(std::uint32_t version) {
   const std::string label = d.master_label(version);
   const std::string mac_label = d.master_mac_label(version);
   const WrapMechanism mech = d.opts.wrap;
-  auto r = d.run("generating master key " + label, true, [&](Session& s) {
+  auto r = d.run_long("generating master key " + label, true, [&](Session& s) {
     std::lock_guard lock(d.object_mu);
     d.refuse_existing(s, CKO_SECRET_KEY, label);
     if (mech == WrapMechanism::kAesCbcPadHmac) d.refuse_existing(s, CKO_SECRET_KEY, mac_label);
@@ -968,48 +1173,48 @@ Status Token::generate_master_key(std::uint32_t version) {
 Status Token::generate_ca_key(KeyType type) {
   Impl& d = *impl_;
   const std::string& label = d.opts.labels.ca;
-  auto r =
-      d.run(std::string("generating CA key '") + label + "' (" + to_string(type) + ")", true,
-            [&](Session& s) {
-              std::lock_guard lock(d.object_mu);
-              d.refuse_existing(s, CKO_PRIVATE_KEY, label);
-              d.refuse_existing(s, CKO_PUBLIC_KEY, label);
-              Bytes id = fresh_bytes(16);
-              const bool ec = type == KeyType::kEcP256 || type == KeyType::kEcP384;
-              static const CK_OBJECT_CLASS pub_cls = CKO_PUBLIC_KEY;
-              static const CK_OBJECT_CLASS priv_cls = CKO_PRIVATE_KEY;
-              const CK_KEY_TYPE kt = ec ? CKK_EC : CKK_RSA;
-              const CK_ULONG bits = type == KeyType::kRsa3072 ? 3072 : 2048;
-              static const std::uint8_t e65537[] = {0x01, 0x00, 0x01};
-              std::vector<CK_ATTRIBUTE> pub = {
-                  attr(CKA_CLASS, &pub_cls),  attr(CKA_KEY_TYPE, &kt),   attr(CKA_TOKEN, &kTrue),
-                  attr(CKA_PRIVATE, &kFalse), attr(CKA_VERIFY, &kTrue),  attr(CKA_ENCRYPT, &kFalse),
-                  attr(CKA_WRAP, &kFalse),    attr(CKA_DERIVE, &kFalse), attr_str(CKA_LABEL, label),
-                  attr_bytes(CKA_ID, id)};
-              if (type == KeyType::kEcP256) {
-                pub.push_back(attr(CKA_EC_PARAMS, kOidP256, sizeof kOidP256));
-              } else if (type == KeyType::kEcP384) {
-                pub.push_back(attr(CKA_EC_PARAMS, kOidP384, sizeof kOidP384));
-              } else {
-                pub.push_back(attr(CKA_MODULUS_BITS, &bits));
-                pub.push_back(attr(CKA_PUBLIC_EXPONENT, e65537, sizeof e65537));
-              }
-              std::vector<CK_ATTRIBUTE> priv = {
-                  attr(CKA_CLASS, &priv_cls),      attr(CKA_KEY_TYPE, &kt),
-                  attr(CKA_TOKEN, &kTrue),         attr(CKA_PRIVATE, &kTrue),
-                  attr(CKA_SENSITIVE, &kTrue),     attr(CKA_EXTRACTABLE, &kFalse),
-                  attr(CKA_SIGN, &kTrue),          attr(CKA_DECRYPT, &kFalse),
-                  attr(CKA_UNWRAP, &kFalse),       attr(CKA_DERIVE, &kFalse),
-                  attr(CKA_SIGN_RECOVER, &kFalse), attr_str(CKA_LABEL, label),
-                  attr_bytes(CKA_ID, id)};
-              CK_MECHANISM m{ec ? CKM_EC_KEY_PAIR_GEN : CKM_RSA_PKCS_KEY_PAIR_GEN, nullptr, 0};
-              CK_OBJECT_HANDLE hpub = CK_INVALID_HANDLE;
-              CK_OBJECT_HANDLE hpriv = CK_INVALID_HANDLE;
-              check_rv(d.f()->C_GenerateKeyPair(s.handle(), &m, pub.data(), pub.size(), priv.data(),
-                                                priv.size(), &hpub, &hpriv),
-                       "C_GenerateKeyPair");
-              return true;
-            });
+  auto r = d.run_long(
+      std::string("generating CA key '") + label + "' (" + to_string(type) + ")", true,
+      [&](Session& s) {
+        std::lock_guard lock(d.object_mu);
+        d.refuse_existing(s, CKO_PRIVATE_KEY, label);
+        d.refuse_existing(s, CKO_PUBLIC_KEY, label);
+        Bytes id = fresh_bytes(16);
+        const bool ec = type == KeyType::kEcP256 || type == KeyType::kEcP384;
+        static const CK_OBJECT_CLASS pub_cls = CKO_PUBLIC_KEY;
+        static const CK_OBJECT_CLASS priv_cls = CKO_PRIVATE_KEY;
+        const CK_KEY_TYPE kt = ec ? CKK_EC : CKK_RSA;
+        const CK_ULONG bits = type == KeyType::kRsa3072 ? 3072 : 2048;
+        static const std::uint8_t e65537[] = {0x01, 0x00, 0x01};
+        std::vector<CK_ATTRIBUTE> pub = {attr(CKA_CLASS, &pub_cls),  attr(CKA_KEY_TYPE, &kt),
+                                         attr(CKA_TOKEN, &kTrue),    attr(CKA_PRIVATE, &kFalse),
+                                         attr(CKA_VERIFY, &kTrue),   attr(CKA_ENCRYPT, &kFalse),
+                                         attr(CKA_WRAP, &kFalse),    attr(CKA_DERIVE, &kFalse),
+                                         attr_str(CKA_LABEL, label), attr_bytes(CKA_ID, id)};
+        if (type == KeyType::kEcP256) {
+          pub.push_back(attr(CKA_EC_PARAMS, kOidP256, sizeof kOidP256));
+        } else if (type == KeyType::kEcP384) {
+          pub.push_back(attr(CKA_EC_PARAMS, kOidP384, sizeof kOidP384));
+        } else {
+          pub.push_back(attr(CKA_MODULUS_BITS, &bits));
+          pub.push_back(attr(CKA_PUBLIC_EXPONENT, e65537, sizeof e65537));
+        }
+        std::vector<CK_ATTRIBUTE> priv = {
+            attr(CKA_CLASS, &priv_cls),      attr(CKA_KEY_TYPE, &kt),
+            attr(CKA_TOKEN, &kTrue),         attr(CKA_PRIVATE, &kTrue),
+            attr(CKA_SENSITIVE, &kTrue),     attr(CKA_EXTRACTABLE, &kFalse),
+            attr(CKA_SIGN, &kTrue),          attr(CKA_DECRYPT, &kFalse),
+            attr(CKA_UNWRAP, &kFalse),       attr(CKA_DERIVE, &kFalse),
+            attr(CKA_SIGN_RECOVER, &kFalse), attr_str(CKA_LABEL, label),
+            attr_bytes(CKA_ID, id)};
+        CK_MECHANISM m{ec ? CKM_EC_KEY_PAIR_GEN : CKM_RSA_PKCS_KEY_PAIR_GEN, nullptr, 0};
+        CK_OBJECT_HANDLE hpub = CK_INVALID_HANDLE;
+        CK_OBJECT_HANDLE hpriv = CK_INVALID_HANDLE;
+        check_rv(d.f()->C_GenerateKeyPair(s.handle(), &m, pub.data(), pub.size(), priv.data(),
+                                          priv.size(), &hpub, &hpriv),
+                 "C_GenerateKeyPair");
+        return true;
+      });
   if (!r.ok()) return r.error();
   return {};
 }
@@ -1017,7 +1222,7 @@ Status Token::generate_ca_key(KeyType type) {
 Status Token::generate_audit_key() {
   Impl& d = *impl_;
   const std::string& label = d.opts.labels.audit;
-  auto r = d.run("generating audit key '" + label + "'", true, [&](Session& s) {
+  auto r = d.run_long("generating audit key '" + label + "'", true, [&](Session& s) {
     std::lock_guard lock(d.object_mu);
     d.refuse_existing(s, CKO_SECRET_KEY, label);
     static const CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
@@ -1129,6 +1334,14 @@ Result<ossl::EvpPkeyPtr> Token::ca_private_key() {
                  if (si.state != CKS_RW_USER_FUNCTIONS && si.state != CKS_RO_USER_FUNCTIONS) {
                    check_rv(CKR_USER_NOT_LOGGED_IN, "C_GetSessionInfo");
                  }
+                 const std::uint64_t e = d.epoch.load();
+                 {
+                   std::lock_guard lock(d.key_mu);
+                   if (d.ca_key && d.ca_key_epoch == e) {
+                     EVP_PKEY_up_ref(d.ca_key.get());
+                     return ossl::EvpPkeyPtr(d.ca_key.get());
+                   }
+                 }
                  auto h = d.find_key(s, CKO_PRIVATE_KEY, d.opts.labels.ca);
                  if (!h) {
                    fail(ErrorCode::kNotFound, "no CA private key '" + d.opts.labels.ca +
@@ -1136,7 +1349,17 @@ Result<ossl::EvpPkeyPtr> Token::ca_private_key() {
                                                   "(kmsctl init)");
                  }
                  Bytes id = s.attribute(*h, CKA_ID);
-                 return d.libp11_private_key(id, d.pool.slot());
+                 ossl::EvpPkeyPtr key = d.libp11_private_key(id, d.pool.slot());
+                 {
+                   // Kept only if no recovery, login or logout happened meanwhile.
+                   std::lock_guard lock(d.key_mu);
+                   if (d.epoch.load() == e && (!d.ca_key || d.ca_key_epoch != e)) {
+                     EVP_PKEY_up_ref(key.get());
+                     d.ca_key.reset(key.get());
+                     d.ca_key_epoch = e;
+                   }
+                 }
+                 return key;
                });
 }
 

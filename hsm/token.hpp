@@ -5,6 +5,7 @@
 
 #include <openssl/evp.h>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -49,6 +50,13 @@ struct TokenOptions {
   std::size_t pool_size = 4;  // sessions kept open; callers beyond this wait for a free one
   WrapMechanism wrap = WrapMechanism::kAesKeyWrapPad;
   Labels labels;
+  // A token call that has not returned after this long makes the token degraded: later
+  // operations fail fast (kUnavailable) instead of queueing behind it, and a caller waits at
+  // most this long for a free session. Key generation is exempt (RSA-3072 takes seconds).
+  std::chrono::milliseconds call_timeout{5000};
+  // While degraded, a background thread of the Token re-opens, re-logs in and re-resolves
+  // this often until the token answers again; no request waits for it.
+  std::chrono::milliseconds probe_interval{200};
 };
 
 // What a failed token call means for the caller. Classified once, in one place.
@@ -64,7 +72,9 @@ enum class Fault {
 // Token state as an operator would want it on /readyz.
 struct TokenStatus {
   bool logged_in = false;
-  bool degraded = false;  // last recovery attempt failed; operations fail fast
+  // The token failed (lost, erroring, or a call stalled past call_timeout) and has not been
+  // recovered yet: operations fail fast with kUnavailable; a background probe recovers it.
+  bool degraded = false;
   std::string token_label;
   std::string token_serial;
   bool pin_count_low = false;  // CKF_USER_PIN_COUNT_LOW
@@ -83,7 +93,13 @@ struct SlotInfo {
 };
 
 // Thread-safety: every method is safe to call from several threads at once. Calls that
-// need a session lease one from the pool and block while the pool is exhausted.
+// need a session lease one from the pool and wait (at most call_timeout) while it is exhausted.
+//
+// Faults: a lost session or login, a removed or erroring device is recovered at once (re-open,
+// re-login with the retained PIN, re-resolve handles) and the operation retried once; if that
+// fails the token is degraded: operations fail fast with kUnavailable, status() says why,
+// and a background probe recovers the token when it answers again. A PIN the token no longer
+// accepts is forgotten (logged_in() turns false: the daemon seals) and never retried.
 class Token {
  public:
   // Loads the module (C_Initialize; CKR_CRYPTOKI_ALREADY_INITIALIZED is fine), finds the
@@ -98,7 +114,7 @@ class Token {
   // lost session or a re-inserted token can be re-logged in without an operator.
   // Errors: kUnauthenticated (wrong PIN), kPinLocked, kUnavailable.
   Status login(const SecretBytes& pin);
-  // Forgets the PIN, drops cached handles and the libp11 key, logs out, closes sessions.
+  // Forgets the PIN, drops cached handles and the cached CA key, logs out, closes sessions.
   void logout() noexcept;
   bool logged_in() const noexcept;
   TokenStatus status() const;
@@ -131,9 +147,11 @@ class Token {
   // ---- signing ----
   // An EVP_PKEY whose private operations run on the token (libp11), for X509_sign,
   // X509_CRL_sign, OCSP_basic_sign, CMS_sign. Valid while the token stays logged in.
-  // libp11 0.4.12 cannot re-open its own sessions: after a lost session (and the recovery
-  // of the next Token call) a key fetched earlier fails to sign, cleanly. Fetch a key per
-  // signing batch, or fetch again and retry once when a signature fails.
+  // The key is built once and cached (a reference to the same EVP_PKEY is returned, safe to
+  // use from several threads); each call still checks the login on a pooled session, so a
+  // lost session is recovered first. Recovery, logout and destruction drop the cache:
+  // libp11 0.4.12 cannot re-open its own sessions, so a key fetched before a recovery fails
+  // to sign, cleanly. Fetch again and retry once when a signature fails.
   Result<ossl::EvpPkeyPtr> ca_private_key();
   // The CA public key (no login needed for the public object).
   Result<ossl::EvpPkeyPtr> ca_public_key();
