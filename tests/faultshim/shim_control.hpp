@@ -1,0 +1,69 @@
+// Drives the fault-injecting PKCS#11 shim (tests/faultshim/faultshim.cpp) from a test: the
+// control file it re-reads on every call, and the statistics file it writes.
+#pragma once
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <sstream>
+#include <string>
+#include <thread>
+
+namespace kmsd::testing {
+
+inline constexpr const char* kFaultShimModule = KMSD_FAULTSHIM_PATH;
+
+class ShimControl {
+ public:
+  // Exports the shim's environment for this process (and the processes it starts).
+  explicit ShimControl(const std::filesystem::path& dir)
+      : control_(dir / "faultshim.control"), stats_(dir / "faultshim.stats") {
+    set("fault = none\n");
+    ::setenv("KMSD_FAULTSHIM_CONTROL", control_.c_str(), 1);
+    ::setenv("KMSD_FAULTSHIM_STATS", stats_.c_str(), 1);
+    ::setenv("KMSD_FAULTSHIM_MODULE", "/usr/lib/softhsm/libsofthsm2.so", 1);
+  }
+
+  // Replaces the control file atomically (a new inode: the shim notices at its next call).
+  void set(const std::string& text) const {
+    auto tmp = control_;
+    tmp += ".tmp";
+    std::ofstream(tmp) << text;
+    std::filesystem::rename(tmp, control_);
+  }
+  void fault(const std::string& kind, const std::string& extra = "") const {
+    set("fault = " + kind + "\n" + extra);
+  }
+  void clear() const { set("fault = none\n"); }
+
+  // Calls answered with an injected fault so far.
+  unsigned long injected() const { return stat("injected"); }
+  unsigned long delayed() const { return stat("delayed"); }
+
+ private:
+  unsigned long stat(const std::string& key) const {
+    std::ifstream in(stats_);
+    std::string k;
+    unsigned long v = 0;
+    while (in >> k >> v) {
+      if (k == key) return v;
+    }
+    return 0;
+  }
+  std::filesystem::path control_;
+  std::filesystem::path stats_;
+};
+
+// Polls PRED every 20 ms until it holds or LIMIT passes; returns whether it held.
+inline bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds limit) {
+  auto end = std::chrono::steady_clock::now() + limit;
+  for (;;) {
+    if (pred()) return true;
+    if (std::chrono::steady_clock::now() > end) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+}  // namespace kmsd::testing

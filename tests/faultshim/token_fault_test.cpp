@@ -1,0 +1,319 @@
+// hsm::Token on the fault-injecting shim over a throw-away SoftHSM2 token: every fault kind
+// degrades the token (operations fail fast with kUnavailable, never a wrong result), and when
+// the fault clears the token recovers by itself (re-open, re-login, re-resolve) within 2 s;
+// a PIN the token now rejects is forgotten and tried once; a stalled token fails fast; the
+// cached CA key is rebuilt after a recovery.
+#include <openssl/x509.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+#include <vector>
+
+#include "hsm/token.hpp"
+#include "tests/faultshim/shim_control.hpp"
+#include "tests/support/sandbox.hpp"
+
+namespace kmsd::hsm {
+namespace {
+
+using namespace std::chrono_literals;
+using kmsd::testing::eventually;
+using kmsd::testing::kFaultShimModule;
+using kmsd::testing::kUserPin;
+using kmsd::testing::ShimControl;
+using Clock = std::chrono::steady_clock;
+
+std::vector<std::uint8_t> bytes(std::string_view s) {
+  return {s.begin(), s.end()};
+}
+
+// Signs a small certificate with PRIV; true when it verifies with PUB.
+bool signs_and_verifies(EVP_PKEY* priv, EVP_PKEY* pub) {
+  ossl::X509Ptr cert(X509_new());
+  X509_set_version(cert.get(), X509_VERSION_3);
+  ASN1_INTEGER_set(X509_get_serialNumber(cert.get()), 7);
+  X509_NAME* name = X509_get_subject_name(cert.get());
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
+                             reinterpret_cast<const unsigned char*>("fault test"), -1, -1, 0);
+  X509_set_issuer_name(cert.get(), name);
+  X509_gmtime_adj(X509_getm_notBefore(cert.get()), 0);
+  X509_gmtime_adj(X509_getm_notAfter(cert.get()), 3600);
+  X509_set_pubkey(cert.get(), pub);
+  bool ok = X509_sign(cert.get(), priv, EVP_sha256()) > 0 && X509_verify(cert.get(), pub) == 1;
+  ossl::drain_errors();
+  return ok;
+}
+
+class TokenFaultTest : public kmsd::testing::TokenSandbox {
+ protected:
+  void SetUp() override {
+    TokenSandbox::SetUp();
+    shim_ = std::make_unique<ShimControl>(dir());
+  }
+
+  TokenOptions options() {
+    TokenOptions o;
+    o.module_path = kFaultShimModule;
+    o.token_uri = token().uri();
+    o.pool_size = 2;
+    o.call_timeout = 500ms;
+    o.probe_interval = 50ms;
+    return o;
+  }
+
+  // Logged in, with a master key, a CA key and an audit key.
+  std::unique_ptr<Token> provisioned(const TokenOptions& o) {
+    auto t = Token::open(o);
+    if (!t.ok()) {
+      ADD_FAILURE() << t.error().message;
+      return nullptr;
+    }
+    auto& tok = **t;
+    for (Status st : {tok.login(SecretBytes::from_string(kUserPin)), tok.generate_master_key(1),
+                      tok.generate_ca_key(KeyType::kEcP256), tok.generate_audit_key()}) {
+      if (!st.ok()) {
+        ADD_FAILURE() << st.error().message;
+        return nullptr;
+      }
+    }
+    return std::move(t).value();
+  }
+
+  // Every kind of work the daemon asks of the token gives the right answer.
+  void expect_serves(Token& t, const Bytes& expected_hmac) {
+    auto blob = t.seal(bytes("escrowed key"), bytes("user-1"));
+    ASSERT_TRUE(blob.ok()) << blob.error().message;
+    auto opened = t.open(*blob, bytes("user-1"));
+    ASSERT_TRUE(opened.ok()) << opened.error().message;
+    EXPECT_EQ(opened->view(), "escrowed key");
+    auto mac = t.hmac_sha256(bytes("audit record"));
+    ASSERT_TRUE(mac.ok()) << mac.error().message;
+    EXPECT_EQ(*mac, expected_hmac);
+    auto pub = t.ca_public_key();
+    auto priv = t.ca_private_key();
+    ASSERT_TRUE(pub.ok() && priv.ok()) << (priv.ok() ? pub.error() : priv.error()).message;
+    EXPECT_TRUE(signs_and_verifies(priv->get(), pub->get()));
+    EXPECT_TRUE(t.logged_in());
+    EXPECT_FALSE(t.status().degraded);
+  }
+
+  std::unique_ptr<ShimControl> shim_;
+};
+
+class EveryOutage : public TokenFaultTest, public ::testing::WithParamInterface<const char*> {};
+
+INSTANTIATE_TEST_SUITE_P(Faults, EveryOutage,
+                         ::testing::Values("device-removed", "session-invalid", "device-error",
+                                           "not-logged-in"),
+                         [](const auto& info) {
+                           std::string s = info.param;
+                           std::erase(s, '-');
+                           return s;
+                         });
+
+TEST_P(EveryOutage, FailsFastWhileItLastsAndServesAgainWithin2sOfClearing) {
+  auto t = provisioned(options());
+  ASSERT_NE(t, nullptr);
+  auto mac = t->hmac_sha256(bytes("audit record"));
+  ASSERT_TRUE(mac.ok());
+  auto pub = t->ca_public_key();
+  auto key_before = t->ca_private_key();
+  ASSERT_TRUE(pub.ok() && key_before.ok());
+
+  shim_->fault(GetParam());
+  auto first = t->seal(bytes("x"), bytes("y"));
+  ASSERT_FALSE(first.ok());
+  EXPECT_EQ(first.error().code, ErrorCode::kUnavailable) << first.error().message;
+  EXPECT_TRUE(t->status().degraded);
+  EXPECT_FALSE(t->status().last_error.empty());
+  EXPECT_GT(shim_->injected(), 0u);
+
+  // While it lasts: every operation fails fast, none gives an answer.
+  for (int i = 0; i < 5; ++i) {
+    auto start = Clock::now();
+    auto r = t->open(bytes("not a blob"), bytes("y"));
+    auto k = t->ca_private_key();
+    auto h = t->hmac_sha256(bytes("audit record"));
+    EXPECT_LT(Clock::now() - start, 300ms);
+    ASSERT_FALSE(r.ok() || k.ok() || h.ok());
+    EXPECT_EQ(r.error().code, ErrorCode::kUnavailable) << r.error().message;
+    EXPECT_EQ(k.error().code, ErrorCode::kUnavailable) << k.error().message;
+    EXPECT_EQ(h.error().code, ErrorCode::kUnavailable) << h.error().message;
+    std::this_thread::sleep_for(60ms);  // the background probe keeps trying meanwhile
+  }
+  EXPECT_TRUE(t->status().degraded);
+
+  shim_->clear();
+  auto cleared = Clock::now();
+  ASSERT_TRUE(eventually([&] { return !t->status().degraded; }, 2s)) << t->status().last_error;
+  EXPECT_LT(Clock::now() - cleared, 2s);
+  expect_serves(*t, *mac);
+  // The key cached before the outage was dropped with the old sessions.
+  auto key_after = t->ca_private_key();
+  ASSERT_TRUE(key_after.ok());
+  EXPECT_NE(key_after->get(), key_before->get());
+}
+
+TEST_F(TokenFaultTest, TransientLostSessionIsRetriedOnceWithoutDegrading) {
+  auto t = provisioned(options());
+  ASSERT_NE(t, nullptr);
+  shim_->fault("session-invalid", "functions = C_WrapKey\ncount = 1\n");
+  auto blob = t->seal(bytes("x"), bytes("y"));
+  ASSERT_TRUE(blob.ok()) << blob.error().message;
+  EXPECT_EQ(shim_->injected(), 1u);
+  EXPECT_FALSE(t->status().degraded);
+  auto opened = t->open(*blob, bytes("y"));
+  ASSERT_TRUE(opened.ok());
+  EXPECT_EQ(opened->view(), "x");
+}
+
+TEST_F(TokenFaultTest, LoggedOutTokenIsNotMistakenForAMissingKey) {
+  auto t = provisioned(options());
+  ASSERT_NE(t, nullptr);
+  auto blob = t->seal(bytes("x"), bytes("y"));
+  ASSERT_TRUE(blob.ok());
+  // The token logs out once (the handles kmsd resolved earlier are gone with the recovery
+  // the next step forces), then answers normally: the key is found again after re-login.
+  shim_->fault("not-logged-in", "functions = C_GetSessionInfo\ncount = 1\n");
+  auto key = t->ca_private_key();
+  ASSERT_TRUE(key.ok()) << key.error().message;
+  auto opened = t->open(*blob, bytes("y"));
+  ASSERT_TRUE(opened.ok()) << opened.error().message;
+  EXPECT_EQ(opened->view(), "x");
+  EXPECT_TRUE(t->logged_in());
+}
+
+TEST_F(TokenFaultTest, PinRejectedOnReloginIsForgottenAndTriedOnlyOnce) {
+  auto t = provisioned(options());
+  ASSERT_NE(t, nullptr);
+  auto mac = t->hmac_sha256(bytes("audit record"));
+  ASSERT_TRUE(mac.ok());
+  shim_->fault("pin-incorrect");  // the token is logged out and refuses the retained PIN
+  auto r = t->seal(bytes("x"), bytes("y"));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kUnavailable) << r.error().message;
+  EXPECT_NE(r.error().message.find("PIN"), std::string::npos) << r.error().message;
+  EXPECT_FALSE(t->logged_in());
+  EXPECT_EQ(shim_->injected(), 1u);  // one C_Login, never a second guess
+  for (int i = 0; i < 3; ++i) {
+    auto again = t->seal(bytes("x"), bytes("y"));
+    ASSERT_FALSE(again.ok());
+    EXPECT_EQ(again.error().code, ErrorCode::kFailedPrecondition) << again.error().message;
+  }
+  std::this_thread::sleep_for(300ms);  // the background probe must not log in either
+  EXPECT_EQ(shim_->injected(), 1u);
+  EXPECT_TRUE(eventually([&] { return !t->status().degraded; }, 2s));
+  EXPECT_FALSE(t->logged_in());
+
+  shim_->clear();
+  ASSERT_TRUE(t->login(SecretBytes::from_string(kUserPin)).ok());
+  expect_serves(*t, *mac);
+}
+
+TEST_F(TokenFaultTest, LockedPinIsForgottenAndReportedAsLocked) {
+  auto t = provisioned(options());
+  ASSERT_NE(t, nullptr);
+  shim_->fault("pin-locked");
+  auto r = t->hmac_sha256(bytes("x"));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kUnavailable) << r.error().message;
+  EXPECT_NE(r.error().message.find("locked"), std::string::npos) << r.error().message;
+  EXPECT_FALSE(t->logged_in());
+  EXPECT_TRUE(eventually([&] { return t->status().pin_locked; }, 2s));
+  auto login = t->login(SecretBytes::from_string(kUserPin));
+  ASSERT_FALSE(login.ok());
+  EXPECT_EQ(login.error().code, ErrorCode::kPinLocked) << login.error().message;
+}
+
+TEST_F(TokenFaultTest, StalledTokenFailsFastAndRecoversWhenItAnswersAgain) {
+  auto o = options();
+  o.call_timeout = 300ms;
+  auto t = provisioned(o);
+  ASSERT_NE(t, nullptr);
+  auto mac = t->hmac_sha256(bytes("audit record"));
+  ASSERT_TRUE(mac.ok());
+  shim_->set("delay_ms = 1500\n");
+  std::atomic<bool> slow_ok{false};
+  std::thread slow([&] {
+    auto blob = t->seal(bytes("slow"), bytes("y"));  // hangs in the token, then succeeds
+    slow_ok = blob.ok();
+  });
+  std::this_thread::sleep_for(450ms);
+  auto start = Clock::now();
+  auto status = t->status();
+  auto r = t->hmac_sha256(bytes("audit record"));
+  auto took = Clock::now() - start;
+  EXPECT_TRUE(status.degraded);
+  EXPECT_NE(status.last_error.find("not returned"), std::string::npos) << status.last_error;
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, ErrorCode::kUnavailable) << r.error().message;
+  EXPECT_LT(took, 100ms);
+  EXPECT_GT(shim_->delayed(), 0u);
+
+  shim_->set("delay_ms = 0\n");
+  slow.join();
+  EXPECT_TRUE(slow_ok.load());  // the slow call itself gave the right answer, late
+  ASSERT_TRUE(eventually([&] { return !t->status().degraded; }, 4s)) << t->status().last_error;
+  expect_serves(*t, *mac);
+}
+
+TEST_F(TokenFaultTest, ConcurrentWorkDuringAnOutageNeverGetsAWrongAnswer) {
+  auto o = options();
+  o.pool_size = 4;
+  auto t = provisioned(o);
+  ASSERT_NE(t, nullptr);
+  auto pub = t->ca_public_key();
+  ASSERT_TRUE(pub.ok());
+  std::atomic<bool> stop{false};
+  std::atomic<int> wrong{0}, served{0}, refused{0};
+  std::vector<std::thread> workers;
+  for (int w = 0; w < 4; ++w) {
+    workers.emplace_back([&, w] {
+      const std::string text = "record of worker " + std::to_string(w);
+      while (!stop) {
+        auto blob = t->seal(bytes(text), bytes("aad"));
+        if (!blob.ok()) {
+          if (blob.error().code != ErrorCode::kUnavailable) ++wrong;
+          ++refused;
+          continue;
+        }
+        auto opened = t->open(*blob, bytes("aad"));
+        auto key = t->ca_private_key();
+        if (!opened.ok() || !key.ok()) {
+          auto code = (!opened.ok() ? opened.error() : key.error()).code;
+          if (code != ErrorCode::kUnavailable) ++wrong;
+          ++refused;
+          continue;
+        }
+        if (opened->view() != text) ++wrong;
+        // A key fetched just before a device loss may fail to sign: that is a refusal, but a
+        // signature that does not verify would be a wrong answer.
+        ossl::X509Ptr cert(X509_new());
+        X509_set_pubkey(cert.get(), pub->get());
+        if (X509_sign(cert.get(), key->get(), EVP_sha256()) > 0) {
+          if (X509_verify(cert.get(), pub->get()) != 1) ++wrong;
+        }
+        ossl::drain_errors();
+        ++served;
+      }
+    });
+  }
+  for (const char* fault : {"device-removed", "session-invalid", "device-error"}) {
+    std::this_thread::sleep_for(200ms);
+    shim_->fault(fault);
+    std::this_thread::sleep_for(300ms);
+    shim_->clear();
+    EXPECT_TRUE(eventually([&] { return !t->status().degraded; }, 2s)) << fault;
+  }
+  int before = served.load();
+  std::this_thread::sleep_for(300ms);
+  stop = true;
+  for (auto& th : workers) th.join();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_GT(refused.load(), 0);
+  EXPECT_GT(served.load(), before);  // serving again after the last outage
+}
+
+}  // namespace
+}  // namespace kmsd::hsm
