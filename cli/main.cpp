@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   add_user_commands(app, commands);
   add_enroll_commands(app, commands);
   add_dr_commands(app, commands);
+  add_card_commands(app, commands);
 
   try {
     app.parse(argc, argv);

@@ -25,6 +25,8 @@
 #include <openssl/objects.h>
 #include <toml++/toml.h>
 
+#include "hsm/uri.hpp"
+
 namespace kmsd::config {
 
 namespace fs = std::filesystem;
@@ -60,6 +62,10 @@ const char* to_string(StartupSource s) noexcept {
       return "prompt";
     case StartupSource::kFile:
       return "file";
+    case StartupSource::kCard:
+      return "card";
+    case StartupSource::kQuorum:
+      return "quorum";
   }
   return "unknown";
 }
@@ -92,9 +98,11 @@ constexpr std::array<std::pair<std::string_view, hsm::KeyType>, 4> kKeyTypes{{
     {"rsa-3072", hsm::KeyType::kRsa3072},
 }};
 
-constexpr std::array<std::pair<std::string_view, StartupSource>, 2> kStartupSources{{
+constexpr std::array<std::pair<std::string_view, StartupSource>, 4> kStartupSources{{
     {"prompt", StartupSource::kPrompt},
     {"file", StartupSource::kFile},
+    {"card", StartupSource::kCard},
+    {"quorum", StartupSource::kQuorum},
 }};
 
 // Keys kmsd generates and escrows for encryption certificates: EC P-384 is left out because
@@ -153,7 +161,8 @@ const std::vector<SectionSchema>& schema() {
         "crl_next_update_hours", "ocsp_validity_minutes"}},
       {"admin", {"cert_validity_days", "key_type"}},
       {"store", {"path"}},
-      {"startup", {"source", "file"}},
+      {"startup",
+       {"source", "file", "card_module", "card_uri", "card_label", "quorum_timeout_minutes"}},
       {"policy",
        {"x509_versions", "key_types", "max_validity_days", "max_subject_length",
         "max_user_id_length", "max_email_length", "max_display_name_length", "signing",
@@ -165,7 +174,7 @@ const std::vector<SectionSchema>& schema() {
         "renew_encryption_key"}},
       {"approvals", {"ttl_hours", "required"}},
       {"approvals.required",
-       {"revoke", "recover", "admin_add", "admin_remove", "policy_change", "dr"}},
+       {"revoke", "recover", "admin_add", "admin_remove", "policy_change", "dr", "key_export"}},
       {"log", {"level", "file"}},
   };
   return kSchema;
@@ -1101,6 +1110,39 @@ class Loader {
               "required when startup.source = \"file\": the path of the 0600 file holding the "
               "startup secret");
     }
+    const bool cards = source == StartupSource::kCard || source == StartupSource::kQuorum;
+    const std::string why =
+        cards ? std::string(" when startup.source = \"") + to_string(*source) + "\""
+              : std::string();
+    std::uint32_t line = 0;
+    if (auto p = path(s, "card_module", false, &line)) {
+      if (auto e = check_module(*p)) {
+        problem(line, key_of(s, "card_module"), *e);
+      } else {
+        c.card_module = *p;
+      }
+    } else if (cards && (s.table == nullptr || s.table->get("card_module") == nullptr)) {
+      problem(src != nullptr ? line_of(*src) : s.line, key_of(s, "card_module"),
+              "required" + why +
+                  ": the PKCS#11 module of the operator cards (e.g. "
+                  "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so)");
+    }
+    if (auto v = str(s, "card_uri", false, &line)) {
+      auto uri = hsm::TokenUri::parse(*v);
+      if (!uri.ok()) {
+        problem(line, key_of(s, "card_uri"), uri.error().message);
+      } else {
+        c.card_uri = *v;
+      }
+    } else if (source == StartupSource::kCard &&
+               (s.table == nullptr || s.table->get("card_uri") == nullptr)) {
+      problem(src != nullptr ? line_of(*src) : s.line, key_of(s, "card_uri"),
+              "required" + why +
+                  ": the RFC 7512 URI of the operator card, e.g. "
+                  "\"pkcs11:token=operator1\"");
+    }
+    label(s, "card_label", c.card_label);
+    set_int(s, "quorum_timeout_minutes", 1, 24 * 60, c.quorum_timeout_minutes);
   }
 
   void load_policy(const Section& s, PolicyConfig& c) {

@@ -19,7 +19,7 @@ struct Endpoint {
   std::string to_string() const;  // "host:port" ("[::1]:port" for IPv6)
 };
 
-enum class StartupSource { kPrompt, kFile };
+enum class StartupSource { kPrompt, kFile, kCard, kQuorum };
 const char* to_string(StartupSource s) noexcept;
 
 struct ServerConfig {
@@ -70,6 +70,13 @@ struct StoreConfig {
 struct StartupConfig {
   StartupSource source = StartupSource::kPrompt;
   std::filesystem::path file;  // for kFile: must be mode 0600 (or stricter)
+  // kCard / kQuorum: operator cards, any PKCS#11 token on this module (OpenSC for smart cards).
+  std::filesystem::path card_module;
+  // RFC 7512 URI of the card to read when the operator names none (`kmsctl unseal --card`
+  // overrides it). Required for kCard; optional for kQuorum, whose cards differ.
+  std::string card_uri;
+  std::string card_label = "kms-startup-secret";  // the private CKO_DATA object on each card
+  unsigned quorum_timeout_minutes = 10;           // pending quorum shares are dropped after
 };
 
 // What a user certificate of one profile may carry ([policy.signing], [policy.encryption]).
@@ -115,9 +122,9 @@ struct ApprovalsConfig {
   // one exists would lock every gated operation. Raise k once enough administrators exist.
   // key_export is 2: its requester has the recovery role, which an administrator granted, so
   // two people exist, and a recovery officer alone never takes a user's keys.
-  std::map<std::string, int> required{
-      {"revoke", 1},        {"recover", 1}, {"admin_add", 1},   {"admin_remove", 1},
-      {"policy_change", 1}, {"dr", 1},      {"key_export", 2}};
+  std::map<std::string, int> required{{"revoke", 1},       {"recover", 1},       {"admin_add", 1},
+                                      {"admin_remove", 1}, {"policy_change", 1}, {"dr", 1},
+                                      {"key_export", 2}};
 };
 
 struct LogConfig {

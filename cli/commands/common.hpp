@@ -125,5 +125,6 @@ void add_admin_commands(CLI::App& app, Commands& commands);
 void add_enroll_commands(CLI::App& app, Commands& commands);
 void add_admins_commands(CLI::App& app, Commands& commands);
 void add_dr_commands(CLI::App& app, Commands& commands);
+void add_card_commands(CLI::App& app, Commands& commands);
 
 }  // namespace kmsd::cli

@@ -102,8 +102,23 @@ struct SocketArgs {
   std::string config;
   std::string socket;
   std::string secret_file;
+  std::string card;      // unseal: the operator card's URI (card and quorum sources)
+  std::string pin_file;  // unseal: the operator card's PIN (default: prompt)
+  bool cancel = false;   // unseal: drop pending quorum shares instead
   std::string output = "table";
 };
+
+// The error kinds the daemon names in "code" (to_string(ErrorCode)), back to exit codes.
+int exit_for_code(const std::string& code) {
+  for (ErrorCode c :
+       {ErrorCode::kInvalidArgument, ErrorCode::kNotFound, ErrorCode::kAlreadyExists,
+        ErrorCode::kPermissionDenied, ErrorCode::kUnauthenticated, ErrorCode::kFailedPrecondition,
+        ErrorCode::kUnavailable, ErrorCode::kPinLocked, ErrorCode::kConfig, ErrorCode::kIo,
+        ErrorCode::kCrypto, ErrorCode::kStore, ErrorCode::kInternal}) {
+    if (code == to_string(c)) return exit_for(Error{c, ""});
+  }
+  return -1;
+}
 
 Result<std::filesystem::path> socket_path(const SocketArgs& a) {
   if (!a.socket.empty()) return std::filesystem::path(a.socket);
@@ -134,9 +149,23 @@ int print_reply(const std::string& line, const std::string& output) {
                 << (t.value("pin_final_try", false) ? ", final PIN try" : "")
                 << (t.value("pin_count_low", false) ? ", PIN count low" : "") << "\n";
     }
+    if (j.contains("source"))
+      std::cout << "startup source:         " << j.value("source", "") << "\n";
+    if (j.contains("quorum") && j["quorum"].is_object()) {
+      const auto& q = j["quorum"];
+      std::cout << "quorum shares:          " << q.value("progress", "") << ", pending shares "
+                << "expire in " << q.value("expires_in_seconds", 0) << " s\n";
+    }
+    if (j.contains("card") && j["card"].is_object()) {
+      const auto& c = j["card"];
+      std::cout << "last operator card:     " << c.value("label", "") << " (serial "
+                << c.value("serial", "") << "): " << c.value("pin_state", "") << "\n";
+    }
+    if (j.contains("message")) std::cout << j.value("message", "") << "\n";
   }
   if (!ok) {
     std::cerr << "kmsctl: " << j.value("error", "request failed") << "\n";
+    if (int rc = exit_for_code(j.value("code", "")); rc > 0) return rc;
     std::string err = j.value("error", "");
     if (err.find("rejected") != std::string::npos || err.find("locked") != std::string::npos)
       return kAuth;
@@ -145,16 +174,49 @@ int print_reply(const std::string& line, const std::string& output) {
   return kOk;
 }
 
-int run_socket_op(const SocketArgs& a, const std::string& op) {
+int run_socket_op(const SocketArgs& a, std::string op) {
   auto path = socket_path(a);
   if (!path.ok()) return fail(path.error());
+  if (op == "unseal" && a.cancel) op = "cancel";
   std::optional<SecretBytes> secret;
+  nlohmann::json extra = nlohmann::json::object();
   if (op == "unseal") {
-    auto s = secret_from(a.secret_file, "kmsd startup secret: ");
-    if (!s.ok()) return fail(s.error());
-    secret = std::move(*s);
+    // Ask first what the daemon unseals with: its startup secret, or an operator card's PIN.
+    auto status = startup::unseal_request(*path, "status");
+    if (!status.ok()) return fail(status.error());
+    auto sj = nlohmann::json::parse(*status, nullptr, false);
+    const std::string source = sj.is_object() ? sj.value("source", "") : "";
+    const bool cards = source == "card" || source == "quorum";
+    if (cards) {
+      if (!a.secret_file.empty())
+        return fail(make_error(ErrorCode::kInvalidArgument,
+                               "kmsd unseals with operator cards (startup.source = \"" + source +
+                                   "\"): give the card's PIN (--pin-file or the prompt), not "
+                                   "the startup secret"));
+      if (sj.value("state", "") != "sealed")
+        return print_reply(*status, a.output);  // nothing to do: no card PIN asked for
+      std::string prompt = "PIN of the operator card " +
+                           (a.card.empty() ? std::string("(the configured card)") : a.card);
+      if (sj.contains("quorum") && sj["quorum"].is_object())
+        prompt += " [" + sj["quorum"].value("progress", "") + "]";
+      auto pin = secret_from(a.pin_file, prompt + ": ");
+      if (!pin.ok()) return fail(pin.error());
+      secret = std::move(*pin);
+      if (!a.card.empty()) extra["card"] = a.card;
+    } else {
+      if (!a.card.empty() || !a.pin_file.empty())
+        return fail(make_error(ErrorCode::kInvalidArgument,
+                               "kmsd does not unseal with operator cards (startup.source = \"" +
+                                   (source.empty() ? std::string("prompt") : source) +
+                                   "\"); give the startup secret (--secret-file or the "
+                                   "prompt)"));
+      auto s = secret_from(a.secret_file, "kmsd startup secret: ");
+      if (!s.ok()) return fail(s.error());
+      secret = std::move(*s);
+    }
   }
-  auto reply = startup::unseal_request(*path, op, secret ? &*secret : nullptr);
+  auto reply = startup::unseal_request(*path, op, secret ? &*secret : nullptr,
+                                       extra.empty() ? std::string() : extra.dump());
   if (!reply.ok()) return fail(reply.error());
   return print_reply(*reply, a.output);
 }
@@ -194,10 +256,19 @@ void add_local_commands(CLI::App& app, Commands& commands) {
         ->capture_default_str();
     return &sock;
   };
-  auto* unseal = add_socket_command("unseal", "present the startup secret to a running kmsd");
-  app.get_subcommand("unseal")->add_option(
-      "--secret-file", unseal->secret_file,
-      "0600 file holding the startup secret (default: prompt without echo)");
+  auto* unseal = add_socket_command(
+      "unseal", "present the startup secret, or an operator card, to a running kmsd");
+  auto* unseal_cmd = app.get_subcommand("unseal");
+  unseal_cmd->add_option("--secret-file", unseal->secret_file,
+                         "0600 file holding the startup secret (default: prompt without echo)");
+  unseal_cmd->add_option("--card", unseal->card,
+                         "card and quorum sources: the operator card to read, as a pkcs11: URI "
+                         "on the configured card module (default: startup.card_uri)");
+  unseal_cmd->add_option("--pin-file", unseal->pin_file,
+                         "card and quorum sources: 0600 file holding the card's PIN (default: "
+                         "prompt without echo)");
+  unseal_cmd->add_flag("--cancel", unseal->cancel,
+                       "quorum source: drop the shares presented so far instead");
   add_socket_command("seal", "make a running kmsd forget its token login now");
   add_socket_command("status", "seal state and token state of a running kmsd");
 }

@@ -130,6 +130,18 @@ void Seal::set_audit_hook(AuditHook hook) {
   audit_hook_ = std::move(hook);
 }
 
+void Seal::set_status_hook(StatusHook hook) {
+  std::lock_guard lk(mu_);
+  status_hook_ = std::move(hook);
+}
+
+void Seal::record_failure(const std::string& why) {
+  std::lock_guard lk(mu_);
+  ++failures_;
+  last_failure_ = why;
+  spdlog::error("unseal failed (attempt {} since start): {}; kmsd stays sealed", failures_, why);
+}
+
 void Seal::seal() {
   std::lock_guard serial(unseal_mu_);
   if (audit_hook_ && material()) {
@@ -159,13 +171,18 @@ SealStatus Seal::status() const {
   SealStatus s;
   const bool unsealed = material() != nullptr;
   s.token = token_.status();
-  std::lock_guard lk(mu_);
-  s.failed_unseal_attempts = failures_;
-  s.last_failure = last_failure_;
-  if (!unsealed)
-    s.state = State::kSealed;
-  else
-    s.state = s.token.degraded ? State::kDegraded : State::kUnsealed;
+  StatusHook hook;
+  {
+    std::lock_guard lk(mu_);
+    s.failed_unseal_attempts = failures_;
+    s.last_failure = last_failure_;
+    if (!unsealed)
+      s.state = State::kSealed;
+    else
+      s.state = s.token.degraded ? State::kDegraded : State::kUnsealed;
+    hook = status_hook_;
+  }
+  if (hook) hook(s);
   return s;
 }
 

@@ -9,12 +9,15 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "common/ossl.hpp"
 #include "common/result.hpp"
 #include "common/secret.hpp"
+#include "daemon/startup/operator_card.hpp"
+#include "daemon/startup/quorum.hpp"
 #include "daemon/store/store.hpp"
 #include "hsm/token.hpp"
 
@@ -38,6 +41,11 @@ struct SealStatus {
   std::uint64_t failed_unseal_attempts = 0;  // since the daemon started
   std::string last_failure;                  // why the last unseal failed, "" if none
   hsm::TokenStatus token;
+  // Filled by the startup source (see Seal::set_status_hook): its name, the quorum shares
+  // pending (never the shares), and the PIN state of the operator card presented last.
+  std::string source;
+  std::optional<QuorumProgress> quorum;
+  std::optional<CardReport> last_card;
 };
 
 struct SealOptions {
@@ -56,6 +64,14 @@ class Seal {
   // before the login is dropped.
   using AuditHook = std::function<Status(const std::string& action, const std::string& detail)>;
   void set_audit_hook(AuditHook hook);
+
+  // Adds the startup source's part to status(). Called without the seal's locks held.
+  using StatusHook = std::function<void(SealStatus&)>;
+  void set_status_hook(StatusHook hook);
+
+  // Counts and logs an unseal attempt that failed before the key token was tried (a wrong
+  // operator-card PIN, a refused quorum share). WHY is operator text, never a secret.
+  void record_failure(const std::string& why);
 
   // Presents the startup secret. Wrong secrets are counted and logged with the token's own
   // PIN state; the daemon stays sealed. Unsealing an unsealed daemon is a no-op.
@@ -81,6 +97,7 @@ class Seal {
   mutable std::shared_ptr<const KeyMaterial> material_;
   std::string ca_pem_;
   AuditHook audit_hook_;
+  StatusHook status_hook_;
   std::uint64_t failures_ = 0;
   mutable std::string last_failure_;
 };

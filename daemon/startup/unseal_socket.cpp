@@ -92,10 +92,29 @@ std::string status_json(const SealStatus& s) {
                 {"pin_count_low", s.token.pin_count_low}, {"pin_final_try", s.token.pin_final_try},
                 {"pin_locked", s.token.pin_locked}};
   if (!s.token.last_error.empty()) j["token"]["last_error"] = s.token.last_error;
+  if (!s.source.empty()) j["source"] = s.source;
+  if (s.quorum) {
+    j["quorum"] = {{"id", s.quorum->quorum_id},
+                   {"k", s.quorum->k},
+                   {"n", s.quorum->n},
+                   {"held", s.quorum->held()},
+                   {"shares", s.quorum->indexes},
+                   {"expires_in_seconds", s.quorum->expires_in.count()},
+                   {"progress", s.quorum->text()}};
+  }
+  if (s.last_card) {
+    j["card"] = {{"label", s.last_card->label},
+                 {"serial", s.last_card->serial},
+                 {"pin_count_low", s.last_card->pin_count_low},
+                 {"pin_final_try", s.last_card->pin_final_try},
+                 {"pin_locked", s.last_card->pin_locked},
+                 {"pin_state", s.last_card->pin_state()}};
+  }
   return j.dump();
 }
 
-Result<std::unique_ptr<UnsealSocket>> UnsealSocket::listen(const fs::path& path, Seal& seal) {
+Result<std::unique_ptr<UnsealSocket>> UnsealSocket::listen(const fs::path& path, Seal& seal,
+                                                           CardUnseal* cards) {
   std::error_code ec;
   if (!path.parent_path().empty() && !fs::exists(path.parent_path())) {
     fs::create_directories(path.parent_path(), ec);
@@ -121,11 +140,11 @@ Result<std::unique_ptr<UnsealSocket>> UnsealSocket::listen(const fs::path& path,
   if (r != 0) return sys_error("binding the unseal socket " + path.string());
   ::chmod(path.c_str(), 0600);
   if (::listen(fd.get(), 8) != 0) return sys_error("listening on " + path.string());
-  return std::unique_ptr<UnsealSocket>(new UnsealSocket(path, std::move(fd), seal));
+  return std::unique_ptr<UnsealSocket>(new UnsealSocket(path, std::move(fd), seal, cards));
 }
 
-UnsealSocket::UnsealSocket(fs::path path, UniqueFd fd, Seal& seal)
-    : path_(std::move(path)), fd_(std::move(fd)), seal_(seal) {
+UnsealSocket::UnsealSocket(fs::path path, UniqueFd fd, Seal& seal, CardUnseal* cards)
+    : path_(std::move(path)), fd_(std::move(fd)), seal_(seal), cards_(cards) {
   thread_ = std::thread([this] { serve(); });
 }
 
@@ -142,6 +161,7 @@ void UnsealSocket::serve() {
     pollfd p{fd_.get(), POLLIN, 0};
     int r = ::poll(&p, 1, 200);
     if (stopping_) break;
+    if (cards_ != nullptr) cards_->tick();  // pending quorum shares expire on time
     if (r <= 0) continue;
     UniqueFd client(::accept4(fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
     if (!client.valid()) continue;
@@ -159,10 +179,13 @@ void UnsealSocket::handle(int client) {
                       "\n");
     return;
   }
-  auto reply = [&](bool ok, const std::string& error) {
+  auto reply = [&](bool ok, const std::string& error, const std::string& message = "",
+                   std::optional<ErrorCode> code = std::nullopt) {
     json j = json::parse(status_json(seal_.status()));
     j["ok"] = ok;
     if (!error.empty()) j["error"] = error;
+    if (!message.empty()) j["message"] = message;
+    if (code) j["code"] = to_string(*code);
     write_all(client, j.dump() + "\n");
   };
   auto line = read_line(client);
@@ -172,7 +195,14 @@ void UnsealSocket::handle(int client) {
     return reply(false, "request header is not a JSON object with an \"op\"");
   std::string op = req["op"];
   if (op == "status") return reply(true, "");
+  if (op == "cancel") {
+    if (cards_ == nullptr || !cards_->settings().quorum)
+      return reply(false, "kmsd's startup source is not \"quorum\": there are no pending shares");
+    bool had = cards_->cancel();
+    return reply(true, "", had ? "pending shares dropped" : "no shares were pending");
+  }
   if (op == "seal") {
+    if (cards_ != nullptr) cards_->cancel();
     seal_.seal();
     spdlog::info("sealed on request over the unseal socket (uid {})", cred.uid);
     return reply(true, "");
@@ -185,14 +215,30 @@ void UnsealSocket::handle(int client) {
     SecretBytes secret(n);
     if (!read_exact(client, secret.data(), n)) return reply(false, "secret not received in time");
     spdlog::info("unseal requested over the unseal socket (uid {})", cred.uid);
+    if (cards_ != nullptr) {
+      std::string card;
+      if (req.contains("card")) {
+        if (!req["card"].is_string()) return reply(false, "\"card\" must be a pkcs11: URI");
+        card = req["card"];
+      }
+      auto r = cards_->present(secret, card);
+      if (!r.ok()) return reply(false, r.error().message, "", r.error().code);
+      return reply(true, "", r->message);
+    }
+    if (req.contains("card"))
+      return reply(false,
+                   "kmsd's startup source is not \"card\" or \"quorum\": give the startup "
+                   "secret, not a card",
+                   "", ErrorCode::kInvalidArgument);
     auto st = seal_.unseal(secret);
-    return reply(st.ok(), st.ok() ? "" : st.error().message);
+    return reply(st.ok(), st.ok() ? "" : st.error().message, "",
+                 st.ok() ? std::nullopt : std::optional<ErrorCode>(st.error().code));
   }
-  reply(false, "unknown op '" + op + "'; expected status, seal or unseal");
+  reply(false, "unknown op '" + op + "'; expected status, seal, unseal or cancel");
 }
 
 Result<std::string> unseal_request(const fs::path& socket, const std::string& op,
-                                   const SecretBytes* secret) {
+                                   const SecretBytes* secret, const std::string& extra_json) {
   KMSD_ASSIGN_OR_RETURN(auto addr, address_of(socket));
   UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!fd.valid()) return sys_error("creating a socket");
@@ -201,6 +247,12 @@ Result<std::string> unseal_request(const fs::path& socket, const std::string& op
                       "cannot reach kmsd at " + socket.string() + ": " + std::strerror(errno) +
                           "; is kmsd running, and is this the unseal_socket from its config?");
   json header = {{"v", 1}, {"op", op}};
+  if (!extra_json.empty()) {
+    json extra = json::parse(extra_json, nullptr, false);
+    if (!extra.is_object())
+      return make_error(ErrorCode::kInternal, "unseal_request: extra fields are not an object");
+    for (auto& [k, v] : extra.items()) header[k] = v;
+  }
   if (secret != nullptr) header["secret_length"] = secret->size();
   if (!write_all(fd.get(), header.dump() + "\n") ||
       (secret != nullptr && !write_all(fd.get(), secret->view())))
