@@ -13,6 +13,7 @@ PACKAGES=(
   libsqlite3-dev sqlite3
   libtomlplusplus-dev libcli11-dev nlohmann-json3-dev libspdlog-dev libfmt-dev
   libgtest-dev libgmock-dev
+  libgfshare-dev
   curl
 )
 
