@@ -23,10 +23,10 @@
 #include "daemon/cmp/cmp_server.hpp"
 #include "daemon/enroll/enrollment.hpp"
 #include "daemon/enroll/key_export.hpp"
-#include "daemon/enroll/key_export.hpp"
 #include "daemon/policy/policy_check.hpp"
 #include "daemon/provision/initializer.hpp"
 #include "daemon/revocation/revocation.hpp"
+#include "daemon/startup/card_unseal.hpp"
 #include "daemon/startup/seal.hpp"
 #include "daemon/startup/secret_source.hpp"
 #include "daemon/startup/unseal_socket.hpp"
@@ -72,6 +72,7 @@ struct Daemon::Impl {
   std::unique_ptr<store::Store> store;
   std::unique_ptr<hsm::Token> token;
   std::unique_ptr<startup::Seal> seal;
+  std::unique_ptr<startup::CardUnseal> cards;  // startup.source "card" or "quorum"
   std::unique_ptr<policy::PolicyInForce> policy;
   std::unique_ptr<audit::AuditLog> audit;
   std::unique_ptr<approvals::Approvals> approvals;
@@ -81,7 +82,6 @@ struct Daemon::Impl {
   std::unique_ptr<cmp::CmpServer> cmp;
   std::unique_ptr<approvals::PolicyGate> gate;
   std::unique_ptr<admins::AdminService> admins;
-  std::unique_ptr<enroll::KeyExport> key_export;
   std::unique_ptr<enroll::KeyExport> key_export;
 
   // TLS context for the admin listener, rebuilt whenever the key material changes.
@@ -193,6 +193,12 @@ struct Daemon::Impl {
       restart.push_back("token");
     if (n.store.path != current->store.path) restart.push_back("store.path");
     if (n.server.unseal_socket != current->server.unseal_socket) restart.push_back("unseal_socket");
+    if (n.startup.source != current->startup.source ||
+        n.startup.card_module != current->startup.card_module ||
+        n.startup.card_uri != current->startup.card_uri ||
+        n.startup.card_label != current->startup.card_label ||
+        n.startup.quorum_timeout_minutes != current->startup.quorum_timeout_minutes)
+      restart.push_back("[startup]");
     auto next_policy = policy::PolicyCheck::create(n.policy);
     if (!next_policy.ok()) {
       spdlog::error("SIGHUP: {}; keeping the configuration in force", next_policy.error().message);
@@ -230,6 +236,19 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
   sopts.tls_names = cfg.server.tls_names;
   sopts.digest = cfg.ca.digest;
   impl->seal = std::make_unique<startup::Seal>(*impl->token, *impl->store, sopts);
+  if (cfg.startup.source == config::StartupSource::kCard ||
+      cfg.startup.source == config::StartupSource::kQuorum) {
+    startup::CardUnsealSettings cs;
+    cs.quorum = cfg.startup.source == config::StartupSource::kQuorum;
+    cs.module = cfg.startup.card_module.string();
+    cs.default_uri = cfg.startup.card_uri;
+    cs.label = cfg.startup.card_label;
+    cs.pending_ttl = std::chrono::minutes(cfg.startup.quorum_timeout_minutes);
+    impl->cards = std::make_unique<startup::CardUnseal>(*impl->seal, std::move(cs));
+  } else {
+    impl->seal->set_status_hook([src = std::string(config::to_string(cfg.startup.source))](
+                                    startup::SealStatus& s) { s.source = src; });
+  }
   KMSD_ASSIGN_OR_RETURN(auto policy, policy::PolicyCheck::create(cfg.policy));
   impl->policy = std::make_unique<policy::PolicyInForce>(
       std::make_shared<const policy::PolicyCheck>(std::move(policy)));
@@ -282,10 +301,6 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
   impl->key_export = std::make_unique<enroll::KeyExport>(
       *impl->store, *impl->audit, *impl->approvals, *impl->enrollment,
       std::chrono::hours(cfg.approvals.ttl_hours));
-  // An approved export may be collected within the approval requests' lifetime.
-  impl->key_export = std::make_unique<enroll::KeyExport>(
-      *impl->store, *impl->audit, *impl->approvals, *impl->enrollment,
-      std::chrono::hours(cfg.approvals.ttl_hours));
   impl->cmp = std::make_unique<cmp::CmpServer>(
       *impl->enrollment, *impl->token, *impl->store, [d] { return d->ca_certificate(); },
       cfg.ca.digest);
@@ -303,7 +318,6 @@ int Daemon::run() {
   api::PkiRoutes pki_routes(d.pki_handlers());
   api::AdminServices admin_services{*d.seal, *d.store, *d.users, *d.approvals, *d.audit};
   admin_services.admins = d.admins.get();
-  admin_services.key_export = d.key_export.get();
   admin_services.key_export = d.key_export.get();
   api::AdminRoutes admin_routes(admin_services);
   api::EnrollRoutes enroll_routes(*d.enrollment);
@@ -356,7 +370,7 @@ int Daemon::run() {
     spdlog::critical("{}", adm.error().message);
     return 1;
   }
-  auto sock = startup::UnsealSocket::listen(cfg->server.unseal_socket, *d.seal);
+  auto sock = startup::UnsealSocket::listen(cfg->server.unseal_socket, *d.seal, d.cards.get());
   if (!sock.ok()) {
     spdlog::critical("{}", sock.error().message);
     return 1;
@@ -421,6 +435,28 @@ int Daemon::run() {
       }
       (void)d.seal->unseal(*secret);
     });
+  } else if (d.cards && startup::have_terminal() && !cfg->startup.card_uri.empty()) {
+    // Operator cards at the terminal: the card PIN is asked for (no echo) and the configured
+    // card read; a quorum asks again, card after card, until k shares are in.
+    prompt_thread = std::thread([&d, uri = cfg->startup.card_uri] {
+      while (!d.stopping && !d.seal->material()) {
+        auto held = d.seal->status().quorum;
+        std::string prompt = "PIN of the operator card " + uri;
+        if (held) prompt += " (" + held->text() + ")";
+        auto pin = startup::read_secret_from_terminal(prompt + ": ", &d.stopping);
+        if (!pin.ok()) {
+          if (!d.stopping) spdlog::warn("terminal prompt: {}", pin.error().message);
+          return;
+        }
+        auto r = d.cards->present(*pin, "");
+        if (r.ok()) spdlog::info("{}", r->message);
+        if (!r.ok() && r.error().code == ErrorCode::kPinLocked) return;
+      }
+    });
+  } else if (d.cards) {
+    spdlog::info("unseal with an operator card: `kmsctl unseal --socket {}{}`",
+                 cfg->server.unseal_socket.string(),
+                 cfg->startup.card_uri.empty() ? " --card pkcs11:token=CARD" : "");
   } else if (startup::have_terminal()) {
     prompt_thread = std::thread([&d] {
       while (!d.stopping && !d.seal->material()) {
@@ -446,6 +482,7 @@ int Daemon::run() {
   if (prompt_thread.joinable()) prompt_thread.join();
   workers.join();
   sock->reset();
+  if (d.cards) d.cards->cancel();
   d.seal->seal();
   spdlog::info("kmsd stopped");
   return 0;
