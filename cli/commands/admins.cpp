@@ -334,9 +334,11 @@ void add_admins_commands(CLI::App& app, Commands& commands) {
   auto* add_cmd = admin->get_subcommand("add");
   add_cmd->add_option("NAME", add.name, "the new administrator's name (certificate CN)")
       ->required();
-  add_cmd->add_option("--role", add.role, "admin, auditor or approver")
+  add_cmd
+      ->add_option("--role", add.role,
+                   "admin, auditor, approver or recovery (may export key histories)")
       ->required()
-      ->check(CLI::IsMember({"admin", "auditor", "approver"}));
+      ->check(CLI::IsMember({"admin", "auditor", "approver", "recovery"}));
   add_cmd->add_option("--out", add.out, "the new administrator's PKCS#12 (0600, never overwritten)")
       ->required();
   add_cmd->add_option("--new-passphrase-file", add.new_passphrase_file,

@@ -72,8 +72,9 @@ Result<store::AdminRole> parse_role(const std::string& role) {
   auto r = store::parse_admin_role(role);
   if (!r)
     return invalid("role " + quoted(role) +
-                   " is not one of admin, auditor, approver (admin: everything; auditor: read "
-                   "only; approver: decides requests)");
+                   " is not one of admin, auditor, approver, recovery (admin: everything but "
+                   "key export; auditor: read only; approver: decides requests; recovery: "
+                   "exports key histories once approved)");
   return *r;
 }
 

@@ -282,6 +282,85 @@ TEST_F(EnrollTest, RenewalRollsTheKeyAndRecoveryHandsBackTheWholeHistory) {
   EXPECT_EQ(decrypt_with_any("new.p7m", "erin3", 4), "from the second year\n");
 }
 
+// The certificate-services model: an administrator with the recovery role exports a user's
+// whole key history to a PKCS#12, only after a second administrator approves, only once, and
+// nobody else (not even an admin) can ask for or collect it.
+TEST_F(EnrollTest, ARecoveryAdministratorExportsTheHistoryOnlyWhenApprovedAndOnlyOnce) {
+  boot();
+  ASSERT_EQ(enroll("gina", enable_token("gina"), "gina1.p12").status, 0);
+  encrypt_to("enc-gina1.p12.pem", "first key\n", "old.p7m");
+  auto renew = kmsctl("renew --p12 " + shell_quote(dir() / "gina1.p12") + " --passphrase-file " +
+                      shell_quote(dir() / "user.pass") + " --out " +
+                      shell_quote(dir() / "gina2.p12") + user_options());
+  ASSERT_EQ(renew.status, 0) << renew.output;
+  save_certs(renew.output, "gina2.p12");
+  encrypt_to("enc-gina2.p12.pem", "second key\n", "new.p7m");
+
+  auto add =
+      kmsctl("admin add rita --role recovery --out " + shell_quote(dir() / "rita.p12") +
+             " --new-passphrase-file " + shell_quote(dir() / "user.pass") + kmsctl_admin_options());
+  ASSERT_EQ(add.status, 0) << add.output;
+  const std::string rita = " --server https://localhost:" + std::to_string(admin_port_) +
+                           " --p12 " + shell_quote(dir() / "rita.p12") + " --ca " +
+                           shell_quote(dir() / "ca.pem") + " --passphrase-file " +
+                           shell_quote(dir() / "user.pass");
+
+  // An administrator may do much to users, but not take their keys.
+  auto by_admin = api("POST", "/v1/users/gina/export", json::object());
+  EXPECT_EQ(by_admin.status, 403) << by_admin.body;
+  // The recovery role can do nothing else.
+  EXPECT_EQ(kmsctl("user enable zed --email zed@example.com --name Zed" + rita).status, 4);
+  // Nothing to export for a user who never enrolled; no request is made.
+  ASSERT_EQ(enable("hal", "Hal").status, 201);
+  auto nothing = kmsctl("user export-keys hal" + rita);
+  EXPECT_NE(nothing.status, 0);
+  EXPECT_THAT(nothing.output, HasSubstr("no escrowed key"));
+
+  auto asked = kmsctl("user export-keys gina -o json" + rita);
+  ASSERT_EQ(asked.status, 0) << asked.output;
+  auto j = json::parse(asked.output.substr(asked.output.find('{')), nullptr, false);
+  ASSERT_TRUE(j.is_object()) << asked.output;
+  EXPECT_EQ(j["state"], "pending");
+  EXPECT_EQ(j["required"], 2);  // the default for key_export
+  const std::string id = j["request_id"];
+  const std::string collect = "user collect-keys " + id + " --out " +
+                              shell_quote(dir() / "gina-export.p12") + " --new-passphrase-file " +
+                              shell_quote(dir() / "user.pass") + rita;
+
+  auto early = kmsctl(collect);
+  EXPECT_EQ(early.status, 3) << early.output;
+  EXPECT_THAT(early.output, HasSubstr("still waits for approvals"));
+  EXPECT_FALSE(fs::exists(dir() / "gina-export.p12"));
+
+  auto approve = api("POST", "/v1/requests/" + id + "/approve", json::object());
+  ASSERT_EQ(approve.status, 200) << approve.body;
+  EXPECT_EQ(approve.j()["state"], "executed");
+  EXPECT_EQ(api("POST", "/v1/requests/" + id + "/collect", json::object()).status, 403);
+
+  auto got = kmsctl(collect);
+  ASSERT_EQ(got.status, 0) << got.output << log_text();
+  EXPECT_THAT(got.output, HasSubstr("2 escrowed key(s) of gina"));
+  EXPECT_EQ(fs::status(dir() / "gina-export.p12").permissions() & fs::perms::all,
+            fs::perms::owner_read | fs::perms::owner_write);
+  ASSERT_EQ(split_keys("gina-export.p12", "exp"), 2);
+  EXPECT_EQ(decrypt_with_any("old.p7m", "exp", 2), "first key\n");
+  EXPECT_EQ(decrypt_with_any("new.p7m", "exp", 2), "second key\n");
+
+  // Once only; the collection is audited, and the request's record holds no key.
+  fs::remove(dir() / "gina-export.p12");
+  auto again = kmsctl(collect);
+  EXPECT_EQ(again.status, 3) << again.output;
+  EXPECT_THAT(again.output, HasSubstr("already collected"));
+  EXPECT_FALSE(fs::exists(dir() / "gina-export.p12"));
+  auto sql = [&](const std::string& q) {
+    return sh("sqlite3 " + shell_quote(db_path()) + " " + shell_quote(q)).output;
+  };
+  EXPECT_EQ(sql("SELECT count(*) FROM audit_log WHERE action = 'user.keys.export'"), "1\n");
+  EXPECT_THAT(sql("SELECT result FROM approval_requests WHERE id = '" + id + "'"),
+              HasSubstr("collected_at"));
+  EXPECT_EQ(sh("grep -c 'PRIVATE KEY' " + shell_quote(db_path())).output, "0\n");
+}
+
 TEST_F(EnrollTest, WithoutTheApprovalsNoKeyLeavesTheDaemon) {
   boot("[approvals.required]\nrecover = 2\n");
   ASSERT_EQ(enroll("finn", enable_token("finn"), "finn.p12").status, 0);
