@@ -8,7 +8,6 @@
 
 #include <CLI/CLI.hpp>
 #include <openssl/types.h>
-#include <openssl/types.h>
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
@@ -100,14 +99,6 @@ int run_outcome(const AdminArgs& a, const std::string& target, const nlohmann::j
 
 // Writes DATA to stdout, or to FILE (mode 0600, never over an existing file).
 int write_output(const std::string& file, std::string_view data);
-
-// Writes the escrowed keys of KEYS (the server's JSON array: version, certificate and
-// private_key in PEM), the signing pair when given and the CA certificate of CA_FILE into one
-// PKCS#12 at OUT (0600, never overwritten), protected by the passphrase in
-// NEW_PASSPHRASE_FILE, or asked twice. The exit code.
-int write_key_bundle(const std::string& out, const std::string& ca_file,
-                     const std::string& new_passphrase_file, EVP_PKEY* signing_key,
-                     X509* signing_cert, const nlohmann::json& keys, const std::string& user);
 
 // Writes the escrowed keys of KEYS (the server's JSON array: version, certificate and
 // private_key in PEM), the signing pair when given and the CA certificate of CA_FILE into one
