@@ -3,10 +3,13 @@
 #include <spdlog/spdlog.h>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/ssl.hpp>
 #include <nlohmann/json.hpp>
+
+#include <atomic>
 
 namespace kmsd::api {
 
@@ -54,6 +57,32 @@ Response run_handler(HttpServer::Impl& server, const Request& req, const Peer& p
   }
 }
 
+// One request between its read and its answer: whoever moves it out of its current phase
+// first (the worker starting or finishing it, or the deadline) decides what is sent.
+class RequestClock {
+ public:
+  enum Phase : int { kQueued, kRunning, kAnswered };
+  bool start() { return advance(kQueued, kRunning); }
+  bool finish() { return advance(kRunning, kAnswered); }
+  // At the deadline: the phase the request was in, and it is answered from now on.
+  Phase expire() {
+    int p = phase_.load();
+    while (p != kAnswered && !phase_.compare_exchange_weak(p, kAnswered)) {
+    }
+    return static_cast<Phase>(p);
+  }
+
+ private:
+  bool advance(int from, int to) { return phase_.compare_exchange_strong(from, to); }
+  std::atomic<int> phase_{kQueued};
+};
+
+std::string seconds_text(std::chrono::milliseconds d) {
+  auto ms = d.count();
+  if (ms % 1000 == 0) return std::to_string(ms / 1000) + " s";
+  return std::to_string(ms) + " ms";
+}
+
 // Shared read / dispatch / write loop of plain and TLS sessions.
 template <class Derived>
 class Session {
@@ -90,12 +119,61 @@ class Session {
     }
     if (ec) return;  // timeout, reset, garbage: drop the connection
     auto self = derived().shared_from_this();
-    net::post(server_->workers, [self, req = parser_->release()]() mutable {
-      Response res = run_handler(*self->server_, req, self->peer_);
-      res.keep_alive(req.keep_alive() && res.keep_alive());
-      net::post(self->stream().get_executor(),
-                [self, res = std::move(res)]() mutable { self->send(std::move(res)); });
+    auto clock = std::make_shared<RequestClock>();
+    auto req = std::make_shared<Request>(parser_->release());
+    const auto deadline = server_->opts.deadline.count() > 0
+                              ? server_->opts.deadline
+                              : std::chrono::milliseconds(server_->opts.timeout);
+    auto timer = std::make_shared<net::steady_timer>(derived().stream().get_executor());
+    timer->expires_after(deadline);
+    timer->async_wait([self, clock, req, deadline](beast::error_code tec) {
+      if (tec) return;  // cancelled: answered in time
+      self->on_deadline(*clock, *req, deadline);
     });
+    net::post(server_->workers, [self, clock, req, timer]() {
+      if (!clock->start()) return;  // the deadline answered it while it waited: never run
+      Response res = run_handler(*self->server_, *req, self->peer_);
+      res.keep_alive(req->keep_alive() && res.keep_alive());
+      if (!clock->finish()) {
+        spdlog::warn(
+            "{} listener: {} {} from {} finished after its deadline; its answer was "
+            "504 and this result was discarded",
+            self->server_->opts.name, std::string(req->method_string()), std::string(req->target()),
+            self->peer_.address);
+        return;
+      }
+      net::post(self->stream().get_executor(), [self, timer, res = std::move(res)]() mutable {
+        timer->cancel();
+        self->send(std::move(res));
+      });
+    });
+  }
+
+  // Runs on the session's strand when a request's deadline passes before its answer.
+  void on_deadline(RequestClock& clock, const Request& req, std::chrono::milliseconds deadline) {
+    const RequestClock::Phase was = clock.expire();
+    if (was == RequestClock::kAnswered) return;
+    const std::string what = std::string(req.method_string()) + " " + std::string(req.target());
+    Response res;
+    if (was == RequestClock::kQueued) {
+      spdlog::warn("{} listener: {} from {} waited {} for a worker; answered 503, not run",
+                   server_->opts.name, what, peer_.address, seconds_text(deadline));
+      res = error_response(req, http::status::service_unavailable,
+                           "kmsd is busy (the key token may be slow or unavailable): the request "
+                           "waited " +
+                               seconds_text(deadline) +
+                               " without being started and was not run; retry later");
+    } else {
+      spdlog::warn("{} listener: {} from {} still running after {}; answered 504",
+                   server_->opts.name, what, peer_.address, seconds_text(deadline));
+      res = error_response(req, http::status::gateway_timeout,
+                           "the request did not finish within " + seconds_text(deadline) +
+                               " (the key token may be slow or unavailable); it may still "
+                               "complete: check its outcome before retrying");
+    }
+    res.set(http::field::retry_after, "5");
+    res.keep_alive(false);  // the late handler must not race a next request on this stream
+    send(std::move(res));
   }
 
   void send(Response res) {

@@ -1,6 +1,7 @@
 // HTTP(S) listeners on Boost.Beast. Listeners and sessions only do I/O: every request is
 // handed to the worker pool, where the handler (a plain function) runs, so no I/O thread
-// ever waits on the token. Each read and write has a deadline; each parser a body limit.
+// ever waits on the token. Each read and write has a deadline; each parser a body limit;
+// each request a deadline for its answer (a slow or hanging token never hangs a client).
 #pragma once
 
 #include <boost/asio/io_context.hpp>
@@ -44,8 +45,13 @@ using TlsProvider = std::function<std::shared_ptr<boost::asio::ssl::context>()>;
 struct ServerOptions {
   std::size_t max_body_bytes = 1 << 20;
   std::size_t max_header_bytes = 16 * 1024;
-  std::chrono::seconds timeout{30};
-  std::string name = "public";  // for logs
+  std::chrono::seconds timeout{30};  // each read and write
+  std::string name = "public";       // for logs
+  // Answer deadline of each request, from the moment it was read; 0 means TIMEOUT. A request
+  // still waiting for a worker then gets 503 and is never run; one whose handler is still
+  // running gets 504 (its outcome is unknown) and the connection is closed. Both carry
+  // Retry-After.
+  std::chrono::milliseconds deadline{0};
 };
 
 class HttpServer {
