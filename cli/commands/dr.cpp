@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <iostream>
+#include <map>
 #include <set>
 #include <thread>
 
@@ -118,13 +119,23 @@ int show_summary(const DrArgs& a, const std::string& command, const dr::RunSumma
   std::cout << "\n  in the manifest:";
   for (const auto& [status, n] : s.overall) std::cout << "  " << status << " " << n;
   std::cout << "\n";
-  const std::size_t shown = std::min<std::size_t>(s.problems.size(), 20);
+  // Waiting messages are expected until every user has enrolled: counted by reason, not listed.
+  std::map<std::string, std::size_t> waiting;
+  std::vector<const dr::ManifestRow*> listed;
+  for (const auto& p : s.problems) {
+    if (p.status == dr::kWaiting)
+      ++waiting[p.reason];
+    else
+      listed.push_back(&p);
+  }
+  for (const auto& [reason, n] : waiting)
+    std::cout << "  waiting  " << n << " message(s): " << reason << "\n";
+  const std::size_t shown = std::min<std::size_t>(listed.size(), 20);
   for (std::size_t i = 0; i < shown; ++i)
-    std::cout << "  " << s.problems[i].status << "  " << s.problems[i].path << ": "
-              << s.problems[i].reason << "\n";
-  if (s.problems.size() > shown)
-    std::cout << "  ... and " << s.problems.size() - shown
-              << " more (kmsctl dr status --staging DIR -o json lists them all)\n";
+    std::cout << "  " << listed[i]->status << "  " << listed[i]->path << ": " << listed[i]->reason
+              << "\n";
+  if (listed.size() > shown)
+    std::cout << "  ... and " << listed.size() - shown << " more (-o json lists them all)\n";
   return failed ? kFailed : kOk;
 }
 

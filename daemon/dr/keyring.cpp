@@ -165,7 +165,9 @@ Result<KeyRing> load_key_dir(const KeyDirOptions& options) {
                       "no PKCS#12 file (*.p12, *.pfx) in " + options.dir.string());
   KeyRing ring;
   for (const auto& file : files) {
-    const std::string user = file.stem().string();
+    // alice.p12, alice.2019.p12: both alice's (users may bring one file per old key)
+    const std::string name = file.filename().string();
+    const std::string user = name.substr(0, name.find('.'));
     fs::path pass_file = file;
     pass_file.replace_extension(".pass");
     SecretBytes pass;

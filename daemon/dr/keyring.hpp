@@ -60,9 +60,9 @@ struct KeyDirOptions {
   std::function<Result<SecretBytes>(const std::filesystem::path& p12)> ask;
 };
 
-// Reads every *.p12 / *.pfx in DIR (not recursively); the user is the file name without its
-// extension. A file that cannot be opened is an error naming it: better stop than pre-decrypt
-// with half the keys and report their messages as unknown.
+// Reads every *.p12 / *.pfx in DIR (not recursively); the user is the file name up to its first
+// dot (alice.p12 and alice.2019.p12 are both alice's). A file that cannot be opened is an error
+// naming it: better stop than pre-decrypt with half the keys and report their messages as unknown.
 Result<KeyRing> load_key_dir(const KeyDirOptions& options);
 
 }  // namespace kmsd::dr

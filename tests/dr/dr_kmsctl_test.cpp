@@ -1,0 +1,180 @@
+// kmsctl dr: the commands over the library, as an operator runs them; a predecrypt killed with
+// SIGKILL in the middle resumes with nothing redone or lost.
+#include <fcntl.h>
+#include <signal.h>
+#include <sqlite3.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include <nlohmann/json.hpp>
+
+#include "tests/dr/dr_fixture.hpp"
+
+namespace kmsd::dr::fixture {
+namespace {
+
+// kmsctl itself: a predecrypt killed with SIGKILL in the middle, then resumed.
+TEST_F(DrTest, KmsctlPredecryptKilledWithSigkillResumes) {
+  const char* build = std::getenv("KMSD_BUILD_DIR");
+  ASSERT_NE(build, nullptr);
+  const fs::path kmsctl = fs::path(build) / "cli" / "kmsctl";
+  add_encrypted(100);  // 600 messages
+  add_others();
+  const std::string pass_file = (tmp.path() / "keys.pass").string();
+  std::vector<std::string> args = {kmsctl.string(),
+                                   "dr",
+                                   "predecrypt",
+                                   "--store",
+                                   store.string(),
+                                   "--staging",
+                                   staging.string(),
+                                   "--keys",
+                                   keys.string(),
+                                   "--passphrase-file",
+                                   pass_file,
+                                   "--custody-cert",
+                                   (work / "custody.pem").string(),
+                                   "--threads",
+                                   "2",
+                                   "-o",
+                                   "json"};
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    int devnull = ::open("/dev/null", O_WRONLY);
+    ::dup2(devnull, 1);
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  // Kill it once some rows are committed and before it ends.
+  std::size_t seen = 0;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (std::chrono::steady_clock::now() < deadline) {
+    sqlite3* db = nullptr;
+    if (sqlite3_open_v2((staging / "manifest.db").c_str(), &db, SQLITE_OPEN_READONLY, nullptr) ==
+        SQLITE_OK) {
+      sqlite3_stmt* st = nullptr;
+      if (sqlite3_prepare_v2(db, "SELECT COUNT(*) FROM messages", -1, &st, nullptr) == SQLITE_OK &&
+          sqlite3_step(st) == SQLITE_ROW)
+        seen = static_cast<std::size_t>(sqlite3_column_int64(st, 0));
+      sqlite3_finalize(st);
+    }
+    sqlite3_close(db);
+    if (seen >= 50) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  ::kill(pid, SIGKILL);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFSIGNALED(status))
+      << "kmsctl finished before it could be killed (" << seen << " rows seen)";
+  auto killed = manifest_rows();
+  ASSERT_GT(killed.size(), 0u);
+  ASSERT_LT(killed.size(), expected.size());
+  std::map<std::string, ino_t> inodes;
+  for (const auto& [path, r] : killed) {
+    struct stat st {};
+    if (r.status != kStaged) continue;
+    ASSERT_EQ(::stat((staging / "messages" / path).c_str(), &st), 0) << path;
+    inodes[path] = st.st_ino;
+  }
+
+  std::string log;
+  std::string cmd;
+  for (auto& a : args) cmd += "'" + a + "' ";
+  ASSERT_EQ(run_command(cmd + " 2>/dev/null", &log), 0) << log;
+  auto j = nlohmann::json::parse(log);
+  const std::size_t retried = killed.count("Maildir/new/foreign.2") ? 1 : 0;
+  EXPECT_EQ(j["already_done"].get<std::size_t>(), killed.size() - retried);
+  EXPECT_EQ(j["already_done"].get<std::size_t>() + j["processed"].get<std::size_t>(),
+            expected.size());
+  auto rows = manifest_rows();
+  ASSERT_EQ(rows.size(), expected.size());
+  for (const auto& [path, e] : expected) EXPECT_EQ(rows[path].status, e.status) << path;
+  for (const auto& [path, ino] : inodes) {  // recorded before the kill: not staged again
+    struct stat st {};
+    ASSERT_EQ(::stat((staging / "messages" / path).c_str(), &st), 0);
+    EXPECT_EQ(st.st_ino, ino) << path;
+  }
+  std::printf("killed after %zu of %zu messages were recorded; the rerun did the other %zu\n",
+              killed.size(), expected.size(), j["processed"].get<std::size_t>());
+  for (const auto& f : fs::recursive_directory_iterator(staging))
+    EXPECT_EQ(f.path().filename().string().find(".dr-tmp-"), std::string::npos) << f.path();
+  expect_no_plaintext_on_disk();
+}
+
+// The whole operator path with kmsctl: predecrypt, reencrypt for two users of three (exit 0, the
+// third waits), then for all; json and table summaries; openssl reads every result.
+TEST_F(DrTest, KmsctlReencryptsAsUsersEnroll) {
+  const fs::path kmsctl = fs::path(std::getenv("KMSD_BUILD_DIR")) / "cli" / "kmsctl";
+  add_encrypted(2);
+  add_others();
+  add_openssl_cli();
+  const std::string k = "'" + kmsctl.string() + "' dr ";
+  std::string log;
+  ASSERT_EQ(run_command(k + "predecrypt --store '" + store.string() + "' --staging '" +
+                            staging.string() + "' --keys '" + keys.string() +
+                            "' --passphrase-file '" + (tmp.path() / "keys.pass").string() +
+                            "' --custody-cert '" + (work / "custody.pem").string() + "'",
+                        &log),
+            0)
+      << log;
+  EXPECT_NE(log.find("staged 14"), std::string::npos) << log;
+  EXPECT_NE(log.find("unknown-recipient  Maildir/new/foreign.2"), std::string::npos) << log;
+  fs::create_directories(recipients);
+  fs::copy_file(work / "alice-new.pem", recipients / "alice.pem");
+  fs::copy_file(work / "bob-new.pem", recipients / "bob.pem");
+  const std::string re = k + "reencrypt --staging '" + staging.string() + "' --out '" +
+                         out.string() + "' --custody-cert '" + (work / "custody.pem").string() +
+                         "' --custody-key '" + (work / "custody.p12").string() +
+                         "' --custody-passphrase-file '" + (work / "custody.pass").string() +
+                         "' --recipients '" + recipients.string() + "'";
+  log.clear();
+  ASSERT_EQ(run_command(re, &log), 0) << log;
+  std::size_t carol = 0, staged = 0;
+  for (const auto& [path, e] : expected) {
+    staged += e.status == kStaged ? 1 : 0;
+    carol += e.status == kStaged && e.user == "carol" ? 1 : 0;
+  }
+  EXPECT_NE(log.find("waiting  " + std::to_string(carol) +
+                     " message(s): no new encryption certificate yet for carol"),
+            std::string::npos)
+      << log;
+  fs::copy_file(work / "carol-new.pem", recipients / "carol.pem");
+  log.clear();
+  ASSERT_EQ(run_command(re + " -o json 2>/dev/null", &log), 0) << log;
+  auto j = nlohmann::json::parse(log);
+  EXPECT_EQ(j["this_run"]["reencrypted"].get<std::size_t>(), carol);
+  EXPECT_EQ(j["already_done"].get<std::size_t>(), staged - carol);
+  for (const auto& [path, e] : expected) {
+    if (e.status == kStaged) {
+      EXPECT_EQ(openssl_decrypt(path, e.user, e.format == "der"), e.plaintext) << path;
+    }
+  }
+  log.clear();
+  ASSERT_EQ(
+      run_command(k + "status --staging '" + staging.string() + "' -o json 2>/dev/null", &log), 0);
+  auto st = nlohmann::json::parse(log);
+  EXPECT_EQ(st["reencrypted"].get<std::size_t>(), staged);
+  EXPECT_EQ(st["messages"].size(), expected.size());
+  // A wrong custody passphrase is an authentication error (exit 4), nothing written.
+  write_all(work / "wrong.pass", "wrong");
+  log.clear();
+  EXPECT_EQ(run_command(k + "reencrypt --staging '" + staging.string() + "' --out '" +
+                            (tmp.path() / "out2").string() + "' --custody-cert '" +
+                            (work / "custody.pem").string() + "' --custody-key '" +
+                            (work / "custody.p12").string() + "' --custody-passphrase-file '" +
+                            (work / "wrong.pass").string() + "' --recipients '" +
+                            recipients.string() + "'",
+                        &log),
+            4)
+      << log;
+  EXPECT_FALSE(fs::exists(tmp.path() / "out2"));
+  expect_no_plaintext_on_disk();
+}
+
+}  // namespace
+}  // namespace kmsd::dr::fixture
