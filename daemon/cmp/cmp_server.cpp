@@ -471,11 +471,16 @@ CmpServer::Impl::Authentication CmpServer::Impl::authenticate(const OSSL_CMP_MSG
                           "the sender reference (-ref) is not a user id"};
       return a;
     }
+    // An unknown user, a spent token and a wrong token get one answer, so that user ids
+    // cannot be probed.
+    const Refusal not_valid{OSSL_CMP_PKIFAILUREINFO_badMessageCheck, enroll::kTokenNotValid};
     auto pending = service.pending_token(user);
     if (!pending.ok()) {
       spdlog::info("cmp: {} for user '{}' refused: {}", body_name(type), user,
                    pending.error().message);
-      a.refusal = refusal_for(pending.error(), "enrollment");
+      a.refusal = pending.error().message == enroll::kTokenNotValid
+                      ? not_valid
+                      : refusal_for(pending.error(), "enrollment");
       return a;
     }
     for (auto& candidate : token_variants(*pending)) {
@@ -498,10 +503,7 @@ CmpServer::Impl::Authentication CmpServer::Impl::authenticate(const OSSL_CMP_MSG
                    st.error().message);
     spdlog::info("cmp: {} for user '{}' refused: the enrollment token did not match",
                  body_name(type), user);
-    a.refusal = Refusal{OSSL_CMP_PKIFAILUREINFO_badMessageCheck,
-                        "the enrollment token given for user '" + user +
-                            "' (-secret) does not match the one the administrator issued; check "
-                            "it and try again, or ask the administrator for a new token"};
+    a.refusal = not_valid;
     return a;
   }
 

@@ -666,4 +666,6 @@ Status EnrollmentService::revoke_by_holder(X509* cert, int reason) {
   return {};
 }
 
+const char* const kTokenNotValid = kNotValid;
+
 }  // namespace kmsd::enroll

@@ -158,6 +158,10 @@ class EnrollmentService {
   lifecycle::EnrollmentTokens tokens_;
 };
 
+// The one refusal for an unknown user, a spent token and a wrong token, on every channel, so
+// that user ids cannot be probed.
+extern const char* const kTokenNotValid;
+
 // The AAD that binds an escrowed key to its place in the key history (DESIGN.md, "The
 // token"): a blob moved to another user's row, version or key id fails to open.
 std::string escrow_aad(const std::string& user_id, const std::string& key_id, int version,
