@@ -791,6 +791,48 @@ TEST_F(ConfigTest, UnknownStartupSourceIsReported) {
   expect_one(r, 13, "startup.source", "(did you mean \"prompt\"?)");
 }
 
+TEST_F(ConfigTest, CardSourceNeedsTheCardModuleAndUri) {
+  Minimal m;
+  m.source = "\"card\"";
+  const LoadResult r = load_text(m.text());
+  ASSERT_EQ(r.problems.size(), 2u) << dump(r, file());
+  expect_problem(r.problems[0], 13, "startup.card_module",
+                 "required when startup.source = \"card\"");
+  expect_problem(r.problems[1], 13, "startup.card_uri", "required when startup.source = \"card\"");
+}
+
+TEST_F(ConfigTest, CardSourceLoadsWithItsDefaults) {
+  Minimal m;
+  m.source = std::string("\"card\"\ncard_module = \"") + kSoftHsmModule +
+             "\"\ncard_uri = \"pkcs11:token=operator1\"";
+  const LoadResult r = load_text(m.text());
+  expect_ok(r);
+  EXPECT_EQ(r.config.startup.source, StartupSource::kCard);
+  EXPECT_EQ(r.config.startup.card_module, fs::path(kSoftHsmModule));
+  EXPECT_EQ(r.config.startup.card_uri, "pkcs11:token=operator1");
+  EXPECT_EQ(r.config.startup.card_label, "kms-startup-secret");
+  EXPECT_EQ(r.config.startup.quorum_timeout_minutes, 10u);
+}
+
+TEST_F(ConfigTest, QuorumSourceNeedsNoDefaultCardButAValidOne) {
+  Minimal m;
+  m.source = std::string("\"quorum\"\ncard_module = \"") + kSoftHsmModule +
+             "\"\ncard_label = \"share\"\nquorum_timeout_minutes = 3";
+  LoadResult r = load_text(m.text());
+  expect_ok(r);
+  EXPECT_EQ(r.config.startup.source, StartupSource::kQuorum);
+  EXPECT_EQ(r.config.startup.card_label, "share");
+  EXPECT_EQ(r.config.startup.quorum_timeout_minutes, 3u);
+
+  m.source = std::string("\"quorum\"\ncard_module = \"/nonexistent/card.so\"\n") +
+             "card_uri = \"pkcs11:object=x\"\nquorum_timeout_minutes = 0";
+  r = load_text(m.text());
+  ASSERT_EQ(r.problems.size(), 3u) << dump(r, file());
+  expect_problem(r.problems[0], 14, "startup.card_module", "does not exist");
+  expect_problem(r.problems[1], 15, "startup.card_uri", "names an object, not a token");
+  expect_problem(r.problems[2], 16, "startup.quorum_timeout_minutes", "between 1 and 1440");
+}
+
 TEST_F(ConfigTest, EmptyPathIsReported) {
   Minimal m;
   m.extra = join_lines({"[log]", "file = \"\""});
@@ -1056,6 +1098,8 @@ TEST(ConfigTypes, EndpointAndStartupSourceSpellings) {
   EXPECT_EQ((Endpoint{"localhost", 1}).to_string(), "localhost:1");
   EXPECT_STREQ(to_string(StartupSource::kPrompt), "prompt");
   EXPECT_STREQ(to_string(StartupSource::kFile), "file");
+  EXPECT_STREQ(to_string(StartupSource::kCard), "card");
+  EXPECT_STREQ(to_string(StartupSource::kQuorum), "quorum");
 }
 
 TEST(ConfigTypes, ProblemToStringOmitsAZeroLine) {
