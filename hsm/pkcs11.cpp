@@ -28,6 +28,13 @@ Fault classify(CK_RV rv) noexcept {
     case CKR_SESSION_HANDLE_INVALID:
     case CKR_SESSION_CLOSED:
     case CKR_USER_NOT_LOGGED_IN:
+    // Our object handles come only from our own lookups: one the token no longer knows means
+    // the token changed under us (SoftHSM answers these, not CKR_USER_NOT_LOGGED_IN, for a
+    // private key after a logout behind our back). Re-login and re-resolve, never "bad data".
+    case CKR_OBJECT_HANDLE_INVALID:
+    case CKR_KEY_HANDLE_INVALID:
+    case CKR_WRAPPING_KEY_HANDLE_INVALID:
+    case CKR_UNWRAPPING_KEY_HANDLE_INVALID:
       return Fault::kSessionLost;
     case CKR_DEVICE_REMOVED:
     case CKR_DEVICE_ERROR:

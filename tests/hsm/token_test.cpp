@@ -657,6 +657,35 @@ TEST_F(TokenTest, PinChangedBehindOurBackLogsOutInsteadOfRetrying) {
   EXPECT_FALSE(t->status().degraded);
 }
 
+// Another application logs the token out: the handles kmsd resolved now name private keys
+// the session may not use (SoftHSM says *_KEY_HANDLE_INVALID, not USER_NOT_LOGGED_IN). That
+// is a lost login, recovered with the retained PIN, never a "tampered record".
+TEST_F(TokenTest, LogoutBehindOurBackIsRecoveredNotMistakenForATamperedRecord) {
+  auto t = open_with_master();
+  ASSERT_NE(t, nullptr);
+  ASSERT_TRUE(t->generate_audit_key().ok());
+  auto blob = t->seal(bytes("escrowed"), bytes("aad"));
+  auto mac = t->hmac_sha256(bytes("record"));
+  ASSERT_TRUE(blob.ok() && mac.ok());
+  for (int round = 0; round < 2; ++round) {
+    {
+      auto module = p11::Module::load(kSoftHsmModule);
+      ASSERT_TRUE(module.ok());
+      auto s = p11::Session::open(*module, p11::slots_with_tokens(**module).at(0).slot_id);
+      ASSERT_EQ(s.f()->C_Logout(s.handle()), CKR_OK);
+    }
+    auto opened = t->open(*blob, bytes("aad"));
+    ASSERT_TRUE(opened.ok()) << opened.error().message;
+    EXPECT_EQ(opened->view(), "escrowed");
+    auto again = t->hmac_sha256(bytes("record"));
+    ASSERT_TRUE(again.ok()) << again.error().message;
+    EXPECT_EQ(*again, *mac);
+    EXPECT_TRUE(t->seal(bytes("x"), bytes("y")).ok());
+    EXPECT_TRUE(t->logged_in());
+    EXPECT_FALSE(t->status().degraded);
+  }
+}
+
 TEST_F(TokenTest, LogoutForgetsThePinAndRefusesKeyOperations) {
   auto t = open_with_master();
   ASSERT_NE(t, nullptr);
