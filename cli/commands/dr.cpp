@@ -4,9 +4,13 @@
 //   reencrypt   staged messages opened with the custody key and encrypted to each user's new
 //               encryption certificate, written back in the store's own format (rerunnable)
 //   status      what the manifest of a staging directory says
+//   prepare     the new token: what `kmsctl init` makes (master, CA and audit keys, the CA
+//               certificate, the first administrator), plus the RSA-3072 custody key pair and
+//               its certificate from the new CA
 // The runbook is docs/dr.md.
 #include <unistd.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <iostream>
@@ -16,9 +20,13 @@
 
 #include "cli/commands/common.hpp"
 #include "common/files.hpp"
+#include "daemon/ca/issuer.hpp"
 #include "daemon/dr/custody.hpp"
 #include "daemon/dr/keyring.hpp"
 #include "daemon/dr/pipeline.hpp"
+#include "daemon/provision/initializer.hpp"
+#include "daemon/store/store.hpp"
+#include "hsm/token.hpp"
 
 namespace kmsd::cli {
 
@@ -42,6 +50,13 @@ struct DrArgs {
   unsigned threads = 0;
   bool progress = true;
   std::string output = "table";
+  // prepare
+  std::string config;
+  std::string admin = "admin";
+  std::string admin_p12;
+  std::string custody_label = "kms-dr-custody";
+  std::string custody_cert_out;
+  int custody_days = 3 * 365;
 };
 
 Result<ossl::X509Ptr> read_cert(const std::string& file) {
@@ -256,6 +271,108 @@ int run_status(const DrArgs& a) {
   return kOk;
 }
 
+int run_prepare(const DrArgs& a) {
+  auto cfg = load_config(a.config);
+  if (!cfg) return kUsage;
+  if (fs::exists(a.custody_cert_out))
+    return fail(make_error(ErrorCode::kAlreadyExists,
+                           a.custody_cert_out + " exists; choose another --custody-cert-out"));
+  hsm::TokenOptions topts;
+  topts.module_path = cfg->token.module.string();
+  topts.token_uri = cfg->token.uri;
+  topts.pool_size = 2;
+  topts.wrap = cfg->token.wrap;
+  topts.labels = cfg->token.labels;
+  auto token = hsm::Token::open(topts);
+  if (!token.ok()) return fail(token.error());
+  std::string pin_file = a.pin_file;
+  if (pin_file.empty() && cfg->startup.source == config::StartupSource::kFile)
+    pin_file = cfg->startup.file.string();
+  auto pin = secret_from(pin_file, "New key token user PIN (the new startup secret): ");
+  if (!pin.ok()) return fail(pin.error());
+  if (auto st = (*token)->login(*pin); !st.ok()) return fail(st.error());
+  auto store = store::Store::open(cfg->store.path);
+  if (!store.ok()) return fail(store.error());
+
+  // 1. What `kmsctl init` makes, unless an earlier prepare (or init) already made it.
+  auto ca_cert = provision::load_ca_certificate(**store);
+  if (!ca_cert.ok()) {
+    auto existing = provision::existing_state(**token, **store);
+    if (!existing.empty()) {
+      std::string list;
+      for (const auto& e : existing) list += "\n  - " + e;
+      return fail(make_error(ErrorCode::kAlreadyExists,
+                             "the new token or store holds state from something else; nothing "
+                             "was changed:" +
+                                 list));
+    }
+    if (a.admin_p12.empty())
+      return fail(make_error(ErrorCode::kInvalidArgument,
+                             "--admin-p12 FILE is required: the new KMS's first administrator"));
+    SecretBytes pass;
+    if (!a.passphrase_file.empty()) {
+      auto p = files::read_secret_file(a.passphrase_file);
+      if (!p.ok()) return fail(p.error());
+      pass = std::move(*p);
+    } else {
+      auto p = secret_from("", "New administrator PKCS#12 passphrase: ");
+      if (!p.ok()) return fail(p.error());
+      pass = std::move(*p);
+    }
+    auto rep =
+        provision::initialize(*cfg, **token, **store, {a.admin, a.admin_p12, std::move(pass)});
+    if (!rep.ok()) return fail(rep.error());
+    std::cout << "new KMS: master, CA and audit keys on " << cfg->token.uri << "; CA "
+              << rep->ca_subject << " (SHA-256 " << rep->ca_sha256_fingerprint
+              << "); administrator " << a.admin << " in " << a.admin_p12 << "\n";
+    ca_cert = provision::load_ca_certificate(**store);
+    if (!ca_cert.ok()) return fail(ca_cert.error());
+  } else {
+    std::cout << "new KMS already initialized (CA SHA-256 "
+              << provision::sha256_fingerprint(ca_cert->get()) << "); keeping it\n";
+  }
+
+  // 2. The custody key pair on the same token.
+  hsm::TokenOptions copts = topts;
+  copts.labels.ca = a.custody_label;  // the token layer reads a key pair by this label
+  auto custody = hsm::Token::open(copts);
+  if (!custody.ok()) return fail(custody.error());
+  if (!(*custody)->has_ca_key()) {
+    if (auto st =
+            dr::generate_custody_key(topts.module_path, topts.token_uri, a.custody_label, *pin);
+        !st.ok())
+      return fail(st.error());
+    std::cout << "custody key: RSA-3072 '" << a.custody_label << "' generated on the token\n";
+  } else {
+    std::cout << "custody key '" << a.custody_label << "' already on the token; keeping it\n";
+  }
+  auto pub = (*custody)->ca_public_key();
+  if (!pub.ok()) return fail(pub.error());
+
+  // 3. Its certificate, signed by the new CA on the token.
+  auto subject = ca::parse_subject("/CN=kmsd DR custody");
+  if (!subject.ok()) return fail(subject.error());
+  ca::IssueRequest req;
+  req.profile = ca::Profile::kUser;
+  req.subject = subject->get();
+  req.public_key = pub->get();
+  req.validity = std::chrono::hours(24) * a.custody_days;
+  req.key_usage = {"keyEncipherment"};
+  auto cert = ca::issue_on_token(req, ca_cert->get(), **token, EVP_sha256());
+  if (!cert.ok()) return fail(cert.error());
+  auto pem = ossl::x509_to_pem(cert->get());
+  if (!pem.ok()) return fail(pem.error());
+  if (auto st = files::write_atomic(a.custody_cert_out, *pem, 0644); !st.ok())
+    return fail(st.error());
+  (*custody)->logout();
+  (*token)->logout();
+  std::cout << "custody certificate: " << a.custody_cert_out << " (serial "
+            << ca::serial_hex(cert->get()) << ", SHA-256 " << dr::fingerprint(cert->get()) << ")\n"
+            << "custody key for reencrypt: --custody-key '" << cfg->token.uri
+            << ";object=" << a.custody_label << "' --module " << topts.module_path << "\n";
+  return kOk;
+}
+
 void add_common(CLI::App* cmd, DrArgs& a) {
   cmd->add_option("--threads", a.threads, "worker threads (default: one per core)");
   cmd->add_flag("!--no-progress", a.progress, "no progress bar");
@@ -309,6 +426,27 @@ void add_dr_commands(CLI::App& app, Commands& commands) {
                  "directory of the users' new encryption certificates, USER.pem")
       ->required();
   add_common(re, r);
+
+  auto* prep = dr->add_subcommand(
+      "prepare",
+      "the new key token: master, CA and audit keys and the first administrator (as kmsctl "
+      "init), plus the RSA-3072 DR custody key pair and its certificate; resumable");
+  auto& pr = commands.add<DrArgs>(prep, run_prepare);
+  prep->add_option("--config", pr.config, "the NEW kmsd.toml (new token, new store)")->required();
+  prep->add_option("--admin", pr.admin, "the new KMS's first administrator")->capture_default_str();
+  prep->add_option("--admin-p12", pr.admin_p12, "where that administrator's PKCS#12 is written");
+  prep->add_option("--passphrase-file", pr.passphrase_file,
+                   "0600 file with the new administrator PKCS#12 passphrase (default: prompt)");
+  prep->add_option("--pin-file", pr.pin_file,
+                   "0600 file with the new token's PIN (default: the configured startup file, "
+                   "else prompt)");
+  prep->add_option("--custody-label", pr.custody_label, "label of the custody key on the token")
+      ->capture_default_str();
+  prep->add_option("--custody-cert-out", pr.custody_cert_out,
+                   "where the custody certificate (PEM) is written; never overwritten")
+      ->required();
+  prep->add_option("--custody-days", pr.custody_days, "validity of the custody certificate")
+      ->capture_default_str();
 
   auto* st = dr->add_subcommand("status", "what the manifest of a staging directory records");
   auto& s = commands.add<DrArgs>(st, run_status);

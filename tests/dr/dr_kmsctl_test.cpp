@@ -176,5 +176,81 @@ TEST_F(DrTest, KmsctlReencryptsAsUsersEnroll) {
   expect_no_plaintext_on_disk();
 }
 
+// dr prepare on a fresh SoftHSM token: the new KMS (as kmsctl init) and an RSA-3072 custody key
+// on the token with its certificate from the new CA; a second run keeps both; predecrypt to that
+// certificate and reencrypt with the token key (pkcs11: URI) give what openssl reads.
+TEST_F(DrTest, KmsctlPrepareMakesATokenCustodyKeyThatReencryptWithTheTokenUses) {
+  const fs::path kmsctl = fs::path(std::getenv("KMSD_BUILD_DIR")) / "cli" / "kmsctl";
+  kmsd::testing::SoftHsmToken token(tmp.path() / "hsm", "kmsd-new");
+  const fs::path pin = tmp.path() / "pin";
+  write_all(pin, kmsd::testing::kUserPin);
+  const fs::path cfg = tmp.path() / "kmsd-new.toml";
+  write_all(cfg,
+            "[server]\npublic_listen = \"127.0.0.1:18080\"\nadmin_listen = "
+            "\"127.0.0.1:18443\"\nunseal_socket = \"" +
+                (tmp.path() / "unseal.sock").string() + "\"\n[token]\nmodule = \"" +
+                kmsd::testing::kSoftHsmModule +
+                "\"\nuri = \"pkcs11:token=kmsd-new\"\n[ca]\nsubject = \"/O=Drill/CN=New "
+                "KMS CA\"\n[store]\npath = \"" +
+                (tmp.path() / "new.db").string() + "\"\n[startup]\nsource = \"file\"\nfile = \"" +
+                pin.string() + "\"\n");
+  const std::string k = "'" + kmsctl.string() + "' dr ";
+  const std::string prepare = k + "prepare --config '" + cfg.string() + "' --admin drill " +
+                              "--admin-p12 '" + (tmp.path() / "admin.p12").string() +
+                              "' --passphrase-file '" + (tmp.path() / "keys.pass").string() + "'";
+  const fs::path token_cert = tmp.path() / "custody-token.pem";
+  std::string log;
+  ASSERT_EQ(run_command(prepare + " --custody-cert-out '" + token_cert.string() + "'", &log), 0)
+      << log;
+  EXPECT_NE(log.find("RSA-3072 'kms-dr-custody' generated"), std::string::npos) << log;
+  EXPECT_NE(log.find("pkcs11:token=kmsd-new;object=kms-dr-custody"), std::string::npos) << log;
+  // The custody certificate chains to the new CA and carries an RSA-3072 key.
+  log.clear();
+  ASSERT_EQ(run_command("openssl x509 -in '" + token_cert.string() + "' -noout -text", &log), 0);
+  EXPECT_NE(log.find("(3072 bit)"), std::string::npos) << log;
+  EXPECT_NE(log.find("Key Encipherment"), std::string::npos) << log;
+  // The same file again is refused; another run keeps the KMS and the key.
+  log.clear();
+  EXPECT_EQ(run_command(prepare + " --custody-cert-out '" + token_cert.string() + "'", &log), 3)
+      << log;
+  log.clear();
+  ASSERT_EQ(
+      run_command(prepare + " --custody-cert-out '" + (tmp.path() / "again.pem").string() + "'",
+                  &log),
+      0)
+      << log;
+  EXPECT_NE(log.find("already initialized"), std::string::npos) << log;
+  EXPECT_NE(log.find("already on the token; keeping it"), std::string::npos) << log;
+
+  add_encrypted(1);
+  add_openssl_cli();
+  log.clear();
+  ASSERT_EQ(run_command(k + "predecrypt --store '" + store.string() + "' --staging '" +
+                            staging.string() + "' --keys '" + keys.string() +
+                            "' --passphrase-file '" + (tmp.path() / "keys.pass").string() +
+                            "' --custody-cert '" + token_cert.string() + "'",
+                        &log),
+            0)
+      << log;
+  fs::create_directories(recipients);
+  for (const char* u : {"alice", "bob", "carol"})
+    fs::copy_file(work / (std::string(u) + "-new.pem"), recipients / (std::string(u) + ".pem"));
+  log.clear();
+  ASSERT_EQ(run_command(k + "reencrypt --staging '" + staging.string() + "' --out '" +
+                            out.string() + "' --custody-cert '" + token_cert.string() +
+                            "' --custody-key 'pkcs11:token=kmsd-new;object=kms-dr-custody' "
+                            "--module " +
+                            kmsd::testing::kSoftHsmModule + " --pin-file '" + pin.string() +
+                            "' --recipients '" + recipients.string() + "' -o json 2>/dev/null",
+                        &log),
+            0)
+      << log;
+  auto j = nlohmann::json::parse(log);
+  EXPECT_EQ(j["this_run"]["reencrypted"].get<std::size_t>(), expected.size());
+  for (const auto& [path, e] : expected)
+    EXPECT_EQ(openssl_decrypt(path, e.user, e.format == "der"), e.plaintext) << path;
+  expect_no_plaintext_on_disk();
+}
+
 }  // namespace
 }  // namespace kmsd::dr::fixture
