@@ -9,19 +9,23 @@
 #      then the last user enrolls and reencrypt is run again;
 #   5. checks: every message that `openssl cms -decrypt` opened with an old key opens with the
 #      user's new key to the same bytes, and no plaintext is in any file of the drill.
-# Usage: scripts/dr-drill.sh [--users N] [--per-key N] [--keep]
+# The custody key is made by `kmsctl dr prepare` on a scratch SoftHSM token (as in production,
+# where it lives on the new key token); --p12-custody uses a PKCS#12 file instead.
+# Usage: scripts/dr-drill.sh [--users N] [--per-key N] [--p12-custody] [--keep]
 #        (BUILD_DIR=build by default; kmsctl must be built: scripts/build.sh)
 set -euo pipefail
 
 users=3
 per_key=10
 keep=0
+custody_mode=token
 while [ $# -gt 0 ]; do
   case "$1" in
     --users) users=$2; shift 2 ;;
     --per-key) per_key=$2; shift 2 ;;
     --keep) keep=1; shift ;;
-    *) echo "usage: $0 [--users N] [--per-key N] [--keep]" >&2; exit 2 ;;
+    --p12-custody) custody_mode=p12; shift ;;
+    *) echo "usage: $0 [--users N] [--per-key N] [--p12-custody] [--keep]" >&2; exit 2 ;;
   esac
 done
 
@@ -57,11 +61,44 @@ mkcert() {  # mkcert CA KEYFILE CN OUT [usage]
 }
 mkca old "Old KMS CA"
 mkca new "New KMS CA"
-openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:3072 -out custody.key 2>/dev/null
-mkcert new custody.key "DR custody" custody.pem
-openssl pkcs12 -export -inkey custody.key -in custody.pem -passout "file:custody.pass" \
-  -out custody.p12
-rm -f custody.key
+module=${SOFTHSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
+if [ "$custody_mode" = token ]; then
+  # The new key token (scratch SoftHSM) prepared like production: kmsctl dr prepare.
+  mkdir -p hsm/tokens
+  printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' \
+    "$work/hsm/tokens" > hsm/softhsm2.conf
+  export SOFTHSM2_CONF=$work/hsm/softhsm2.conf
+  openssl rand -hex 12 | tr -d '\n' > pin && chmod 600 pin
+  softhsm2-util --init-token --free --label kmsd-drill-new --so-pin "$(openssl rand -hex 8)" \
+    --pin "$(cat pin)" > /dev/null
+  cat > kmsd-new.toml <<EOF
+[server]
+public_listen = "127.0.0.1:18080"
+admin_listen = "127.0.0.1:18443"
+unseal_socket = "$work/unseal.sock"
+[token]
+module = "$module"
+uri = "pkcs11:token=kmsd-drill-new"
+[ca]
+subject = "/O=Drill/CN=New KMS CA"
+[store]
+path = "$work/kmsd-new.db"
+[startup]
+source = "file"
+file = "$work/pin"
+EOF
+  "$kmsctl" dr prepare --config kmsd-new.toml --admin drill --admin-p12 admin.p12 \
+    --passphrase-file keys.pass --custody-cert-out custody.pem
+  custody_args=(--custody-key "pkcs11:token=kmsd-drill-new;object=kms-dr-custody"
+                --module "$module" --pin-file pin)
+else
+  openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:3072 -out custody.key 2>/dev/null
+  mkcert new custody.key "DR custody" custody.pem
+  openssl pkcs12 -export -inkey custody.key -in custody.pem -passout "file:custody.pass" \
+    -out custody.p12
+  rm -f custody.key
+  custody_args=(--custody-key custody.p12 --custody-passphrase-file custody.pass)
+fi
 names=()
 for i in $(seq 1 "$users"); do
   u=user$i
@@ -128,8 +165,7 @@ for u in "${names[@]}"; do
 done
 for u in "${names[@]:0:$((users - 1))}"; do cp "newkeys/$u.pem" recipients/; done
 re=("$kmsctl" dr reencrypt --staging staging --out out --custody-cert custody.pem
-    --custody-key custody.p12 --custody-passphrase-file custody.pass --recipients recipients
-    --no-progress)
+    "${custody_args[@]}" --recipients recipients --no-progress)
 t0=$(now)
 "${re[@]}"
 step "the last user enrolls: reencrypt again"
