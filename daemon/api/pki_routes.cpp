@@ -124,8 +124,9 @@ Result<std::string> string_field(const json& j, const char* key) {
   return it->get<std::string>();
 }
 
-// The CSR's public key, once its self-signature has been checked (proof of possession).
-Result<ossl::EvpPkeyPtr> csr_key(const std::string& pem, std::string* subject) {
+// The CSR, once its self-signature has been checked with its own key (proof of possession).
+// Parsed once: its key and its SubjectPublicKeyInfo go to the service as they are.
+Result<ossl::X509ReqPtr> verified_csr(const std::string& pem, std::string* subject) {
   ossl::BioPtr bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
   ossl::X509ReqPtr csr(PEM_read_bio_X509_REQ(bio.get(), nullptr, nullptr, nullptr));
   if (!csr) {
@@ -134,22 +135,24 @@ Result<ossl::EvpPkeyPtr> csr_key(const std::string& pem, std::string* subject) {
                       "\"csr\" is not a PEM certificate request (-----BEGIN CERTIFICATE "
                       "REQUEST-----)");
   }
-  ossl::EvpPkeyPtr key(X509_REQ_get_pubkey(csr.get()));
-  if (!key || X509_REQ_verify(csr.get(), key.get()) != 1) {
+  EVP_PKEY* key = X509_REQ_get0_pubkey(csr.get());
+  if (key == nullptr || X509_REQ_verify(csr.get(), key) != 1) {
     ossl::drain_errors();
     return make_error(ErrorCode::kInvalidArgument,
                       "the certificate request's signature does not verify with its own key; "
                       "make the request again with the private key");
   }
   *subject = ca::name_to_string(X509_REQ_get_subject_name(csr.get()));
-  return key;
+  return csr;
 }
 
-Result<enroll::SigningRequest> signing_request(const json& j, ossl::EvpPkeyPtr& key_owner) {
+// CSR_OWNER keeps the request alive while the service uses its key.
+Result<enroll::SigningRequest> signing_request(const json& j, ossl::X509ReqPtr& csr_owner) {
   KMSD_ASSIGN_OR_RETURN(auto pem, string_field(j, "csr"));
   enroll::SigningRequest r;
-  KMSD_ASSIGN_OR_RETURN(key_owner, csr_key(pem, &r.requested_subject));
-  r.public_key = key_owner.get();
+  KMSD_ASSIGN_OR_RETURN(csr_owner, verified_csr(pem, &r.requested_subject));
+  r.public_key = X509_REQ_get0_pubkey(csr_owner.get());
+  r.public_key_info = X509_REQ_get_X509_PUBKEY(csr_owner.get());
   if (auto it = j.find("x509_version"); it != j.end()) {
     if (!it->is_number_integer())
       return make_error(ErrorCode::kInvalidArgument, "\"x509_version\" must be 1 or 3");
@@ -165,16 +168,24 @@ Result<enroll::SigningRequest> signing_request(const json& j, ossl::EvpPkeyPtr& 
   return r;
 }
 
+// PKCS#8 PEM straight from the PKCS#8 DER the service holds: nothing decoded or re-encoded.
+// In a cleansing memory BIO, and out as SecretBytes, as the key it is.
+Result<SecretBytes> pkcs8_pem(const SecretBytes& der) {
+  ossl::BioPtr bio(BIO_new(BIO_s_secmem()));
+  if (!bio || PEM_write_bio(bio.get(), PEM_STRING_PKCS8INF, "", der.data(),
+                            static_cast<long>(der.size())) <= 0)
+    return ossl::crypto_error("writing an escrowed key as PEM");
+  char* p = nullptr;
+  long n = BIO_get_mem_data(bio.get(), &p);
+  return SecretBytes(reinterpret_cast<const std::uint8_t*>(p), static_cast<std::size_t>(n));
+}
+
 Result<json> keys_json(const std::vector<enroll::DeliveredKey>& keys) {
   json out = json::array();
   for (const auto& k : keys) {
     KMSD_ASSIGN_OR_RETURN(auto cert, ossl::x509_to_pem(k.certificate.get()));
     // PKCS#8 PEM of the escrowed key: the client puts it in the user's PKCS#12 at once.
-    ossl::BioPtr b64(BIO_new(BIO_s_mem()));
-    const unsigned char* p = k.pkcs8_der.data();
-    ossl::EvpPkeyPtr key(d2i_AutoPrivateKey(nullptr, &p, static_cast<long>(k.pkcs8_der.size())));
-    if (!key) return ossl::crypto_error("reading an escrowed key");
-    KMSD_ASSIGN_OR_RETURN(auto pem, ossl::privkey_to_pem(key.get()));
+    KMSD_ASSIGN_OR_RETURN(auto pem, pkcs8_pem(k.pkcs8_der));
     out.push_back(json{{"version", k.version},
                        {"key_id", k.key_id},
                        {"algorithm", k.algorithm},
@@ -234,8 +245,8 @@ Response EnrollRoutes::handle(const Request& req, const Peer& peer) const {
     auto token_text = string_field(*body, "token");
     if (!token_text.ok()) return error_from(req, token_text.error());
     SecretBytes token = SecretBytes::from_string(*token_text);
-    ossl::EvpPkeyPtr key;
-    auto sreq = signing_request(*body, key);
+    ossl::X509ReqPtr csr;
+    auto sreq = signing_request(*body, csr);
     if (!sreq.ok()) return error_from(req, sreq.error());
     auto e = service_.enroll(*user, token, *sreq);
     if (!e.ok()) return error_from(req, e.error());
@@ -246,8 +257,8 @@ Response EnrollRoutes::handle(const Request& req, const Peer& peer) const {
     if (holder_cert() == nullptr) return no_cert();
     auto body = parse_body(req);
     if (!body.ok()) return error_from(req, body.error());
-    ossl::EvpPkeyPtr key;
-    auto sreq = signing_request(*body, key);
+    ossl::X509ReqPtr csr;
+    auto sreq = signing_request(*body, csr);
     if (!sreq.ok()) return error_from(req, sreq.error());
     auto e = service_.renew(holder_cert(), *sreq);
     if (!e.ok()) return error_from(req, e.error());

@@ -1,6 +1,7 @@
 #include "daemon/ca/issuer.hpp"
 
 #include <openssl/bn.h>
+#include <openssl/core_names.h>
 #include <openssl/ec.h>
 #include <openssl/err.h>
 #include <openssl/pkcs12.h>
@@ -109,9 +110,91 @@ bool is_ip_address(const std::string& s) {
 
 }  // namespace
 
+Result<X509PubkeyPtr> subject_public_key_info(EVP_PKEY* key) {
+  if (key == nullptr) return make_error(ErrorCode::kInvalidArgument, "no public key");
+  if (EVP_PKEY_is_a(key, "EC")) {
+    // What OpenSSL's own EC method writes: id-ecPublicKey, the named curve, the encoded point.
+    char group[64] = {0};
+    std::size_t glen = 0, len = 0;
+    int curve = NID_undef;
+    if (EVP_PKEY_get_utf8_string_param(key, OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof group,
+                                       &glen) == 1) {
+      curve = OBJ_txt2nid(group);
+      if (curve == NID_undef) curve = EC_curve_nist2nid(group);
+    }
+    if (curve != NID_undef &&
+        EVP_PKEY_get_octet_string_param(key, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, nullptr, 0,
+                                        &len) == 1 &&
+        len > 0) {
+      auto* point = static_cast<unsigned char*>(OPENSSL_malloc(len));
+      X509PubkeyPtr spki(X509_PUBKEY_new());
+      if (point != nullptr && spki &&
+          EVP_PKEY_get_octet_string_param(key, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, point, len,
+                                          &len) == 1 &&
+          X509_PUBKEY_set0_param(spki.get(), OBJ_nid2obj(NID_X9_62_id_ecPublicKey), V_ASN1_OBJECT,
+                                 OBJ_nid2obj(curve), point, static_cast<int>(len)) == 1)
+        return spki;
+      OPENSSL_free(point);
+      return crypto_error("reading the EC public key");
+    }
+    ERR_clear_error();  // explicit curve parameters: the general way below
+  }
+  X509_PUBKEY* raw = nullptr;
+  if (X509_PUBKEY_set(&raw, key) != 1) return crypto_error("encoding the public key");
+  return X509PubkeyPtr(raw);
+}
+
+namespace {
+
+// Copies SPKI's algorithm and key bits into CERT (no key encoded or decoded).
+Status set_public_key_info(X509* cert, const X509_PUBKEY* spki) {
+  ASN1_OBJECT* alg = nullptr;
+  const unsigned char* bits = nullptr;
+  int len = 0;
+  X509_ALGOR* algor = nullptr;
+  if (X509_PUBKEY_get0_param(&alg, &bits, &len, &algor, const_cast<X509_PUBKEY*>(spki)) != 1 ||
+      algor == nullptr || len <= 0)
+    return make_error(ErrorCode::kInvalidArgument, "the public key info is empty");
+  const ASN1_OBJECT* aobj = nullptr;
+  int ptype = V_ASN1_UNDEF;
+  const void* pval = nullptr;
+  X509_ALGOR_get0(&aobj, &ptype, &pval, algor);
+  void* param = nullptr;
+  switch (ptype) {
+    case V_ASN1_UNDEF:
+    case V_ASN1_NULL:
+      break;
+    case V_ASN1_OBJECT:
+      param = OBJ_dup(static_cast<const ASN1_OBJECT*>(pval));
+      if (param == nullptr) return crypto_error("copying the public key parameters");
+      break;
+    case V_ASN1_SEQUENCE:
+      param = ASN1_STRING_dup(static_cast<const ASN1_STRING*>(pval));
+      if (param == nullptr) return crypto_error("copying the public key parameters");
+      break;
+    default:
+      return make_error(ErrorCode::kInvalidArgument,
+                        "the public key's algorithm parameters are of an unexpected type");
+  }
+  ASN1_OBJECT* algorithm = OBJ_dup(aobj);
+  auto* key = static_cast<unsigned char*>(OPENSSL_memdup(bits, static_cast<std::size_t>(len)));
+  if (algorithm == nullptr || key == nullptr ||
+      X509_PUBKEY_set0_param(X509_get_X509_PUBKEY(cert), algorithm, ptype, param, key, len) != 1) {
+    ASN1_OBJECT_free(algorithm);
+    OPENSSL_free(key);
+    if (ptype == V_ASN1_OBJECT) ASN1_OBJECT_free(static_cast<ASN1_OBJECT*>(param));
+    if (ptype == V_ASN1_SEQUENCE) ASN1_STRING_free(static_cast<ASN1_STRING*>(param));
+    return crypto_error("setting the public key");
+  }
+  return {};
+}
+
+}  // namespace
+
 Result<ossl::X509Ptr> issue(const IssueRequest& req, X509* issuer_cert, EVP_PKEY* ca_key,
                             const EVP_MD* md) {
-  if (req.subject == nullptr || req.public_key == nullptr || ca_key == nullptr || md == nullptr)
+  if (req.subject == nullptr || (req.public_key == nullptr && req.public_key_info == nullptr) ||
+      ca_key == nullptr || md == nullptr)
     return make_error(ErrorCode::kInvalidArgument, "incomplete certificate request");
   if (issuer_cert == nullptr && req.profile != Profile::kCa)
     return make_error(ErrorCode::kInvalidArgument, "only a CA certificate may be self-signed");
@@ -141,13 +224,24 @@ Result<ossl::X509Ptr> issue(const IssueRequest& req, X509* issuer_cert, EVP_PKEY
       X509_gmtime_adj(X509_getm_notAfter(cert.get()), static_cast<long>(req.validity.count())) ==
           nullptr)
     return crypto_error("setting validity");
-  if (X509_set_pubkey(cert.get(), req.public_key) != 1) return crypto_error("setting public key");
+  if (req.public_key_info != nullptr) {
+    KMSD_TRY(set_public_key_info(cert.get(), req.public_key_info));
+  } else if (X509_set_pubkey(cert.get(), req.public_key) != 1) {
+    return crypto_error("setting public key");
+  }
 
   X509* issuer = issuer_cert != nullptr ? issuer_cert : cert.get();
+  // Built from a public key info, the certificate has no decoded key yet, and OpenSSL needs one
+  // for most uses (X509_verify_cert, TLS): it is read back from its DER once.
+  auto finish = [&req](ossl::X509Ptr signed_cert) -> Result<ossl::X509Ptr> {
+    if (req.public_key_info == nullptr) return signed_cert;
+    KMSD_ASSIGN_OR_RETURN(auto der, ossl::x509_to_der(signed_cert.get()));
+    return ossl::x509_from_der(der);
+  };
   if (v1) {
     if (X509_sign(cert.get(), ca_key, md) <= 0)
       return crypto_error("signing the certificate with the CA key on the token");
-    return cert;
+    return finish(std::move(cert));
   }
   KMSD_TRY(add_ext(cert.get(), issuer, NID_subject_key_identifier, "hash"));
   KMSD_TRY(add_ext(cert.get(), issuer, NID_authority_key_identifier, "keyid:always"));
@@ -195,7 +289,7 @@ Result<ossl::X509Ptr> issue(const IssueRequest& req, X509* issuer_cert, EVP_PKEY
   }
   if (X509_sign(cert.get(), ca_key, md) <= 0)
     return crypto_error("signing the certificate with the CA key on the token");
-  return cert;
+  return finish(std::move(cert));
 }
 
 Result<ossl::X509Ptr> issue_on_token(const IssueRequest& request, X509* issuer_cert,

@@ -32,10 +32,21 @@ enum class Profile {
   kUser,         // S/MIME signing or encryption: the usages given, subjectAltName e-mail
 };
 
+using X509PubkeyPtr = std::unique_ptr<X509_PUBKEY, ossl::Deleter<X509_PUBKEY_free>>;
+
+// KEY's SubjectPublicKeyInfo. EC keys are read from their parameters, with nothing encoded or
+// decoded (OpenSSL 3.0's encoders and decoders cost far more than the signature on the token);
+// other key types go through X509_PUBKEY_set.
+Result<X509PubkeyPtr> subject_public_key_info(EVP_PKEY* key);
+
 struct IssueRequest {
   Profile profile = Profile::kAdminClient;
   const X509_NAME* subject = nullptr;
   EVP_PKEY* public_key = nullptr;  // the subject's key (public half used)
+  // When set, certified as it is (algorithm and key bits copied; a CSR's own, or
+  // subject_public_key_info()) instead of PUBLIC_KEY, which is then not read: the key is not
+  // encoded again (X509_set_pubkey encodes it and decodes the result).
+  const X509_PUBKEY* public_key_info = nullptr;
   std::chrono::seconds validity{86400};
   std::vector<std::string> dns_or_ip;  // kTlsServer only: SAN entries
   std::vector<std::uint8_t> serial;    // 16 random bytes from the token; high bit cleared

@@ -188,6 +188,7 @@ struct Prepared {
   ossl::X509Ptr signing;
   ossl::X509Ptr encryption;
   ossl::EvpPkeyPtr encryption_key;  // the new key, or the current one re-certified
+  SecretBytes encryption_pkcs8;     // ENCRYPTION_KEY as PKCS#8 DER, encoded once, delivered as is
   bool new_key = false;
   int key_version = 0;  // the new key's version (new_key), else the re-certified key's
   std::string key_id;
@@ -220,9 +221,10 @@ struct Issuing {
   }
 
   // Policy check, then a certificate of PROFILE for KEY, signed on the token.
+  // SPKI: KEY's SubjectPublicKeyInfo, certified as it is (no encoding of KEY).
   Result<ossl::X509Ptr> certify(policy::RequestProfile profile, const store::UserRecord& user,
-                                const X509_NAME* subject, EVP_PKEY* key, int version,
-                                std::chrono::seconds validity) {
+                                const X509_NAME* subject, EVP_PKEY* key, const X509_PUBKEY* spki,
+                                int version, std::chrono::seconds validity) {
     const auto& cfg = policy.config();
     policy::CertificateRequest creq;
     creq.profile = profile;
@@ -234,6 +236,7 @@ struct Issuing {
     ireq.profile = ca::Profile::kUser;
     ireq.subject = subject;
     ireq.public_key = key;
+    ireq.public_key_info = spki;
     ireq.validity = validity;
     ireq.x509_version = version;
     if (version != 1) {
@@ -269,8 +272,15 @@ struct Issuing {
     KMSD_ASSIGN_OR_RETURN(auto subject, policy.subject_for(identity_of(user)));
     KMSD_TRY(policy.admit_identity(identity_of(user)));
     Prepared p;
-    KMSD_ASSIGN_OR_RETURN(p.signing, certify(policy::RequestProfile::kSigning, user, subject.get(),
-                                             req.public_key, req.x509_version, validity));
+    const X509_PUBKEY* sign_spki = req.public_key_info;
+    ca::X509PubkeyPtr sign_spki_owner;
+    if (sign_spki == nullptr) {
+      KMSD_ASSIGN_OR_RETURN(sign_spki_owner, ca::subject_public_key_info(req.public_key));
+      sign_spki = sign_spki_owner.get();
+    }
+    KMSD_ASSIGN_OR_RETURN(
+        p.signing, certify(policy::RequestProfile::kSigning, user, subject.get(), req.public_key,
+                           sign_spki, req.x509_version, validity));
     KMSD_ASSIGN_OR_RETURN(p.master_version, master_version());
     if (reuse_current_key && depth > 0) {
       KMSD_ASSIGN_OR_RETURN(auto history, store.key_history(user.id));
@@ -279,6 +289,7 @@ struct Issuing {
           auto der, token.open(rec.sealed_key, as_bytes(escrow_aad(user.id, rec.key_id, rec.version,
                                                                    rec.master_version))));
       KMSD_ASSIGN_OR_RETURN(p.encryption_key, key_from_pkcs8(der));
+      p.encryption_pkcs8 = std::move(der);
       p.key_version = rec.version;
       p.key_id = rec.key_id;
       p.algorithm = rec.algorithm;
@@ -289,16 +300,17 @@ struct Issuing {
       KMSD_ASSIGN_OR_RETURN(auto id, token.random(16));
       p.key_id = ossl::hex(id.span());
       p.algorithm = hsm::to_string(settings.encryption_key_type);
-      KMSD_ASSIGN_OR_RETURN(auto der, pkcs8_der(p.encryption_key.get()));
+      KMSD_ASSIGN_OR_RETURN(p.encryption_pkcs8, pkcs8_der(p.encryption_key.get()));
       KMSD_ASSIGN_OR_RETURN(
           p.sealed_key,
-          token.seal(der.span(),
+          token.seal(p.encryption_pkcs8.span(),
                      as_bytes(escrow_aad(user.id, p.key_id, p.key_version, p.master_version)),
                      p.master_version));
     }
-    KMSD_ASSIGN_OR_RETURN(p.encryption,
-                          certify(policy::RequestProfile::kEncryption, user, subject.get(),
-                                  p.encryption_key.get(), req.x509_version, validity));
+    KMSD_ASSIGN_OR_RETURN(auto enc_spki, ca::subject_public_key_info(p.encryption_key.get()));
+    KMSD_ASSIGN_OR_RETURN(
+        p.encryption, certify(policy::RequestProfile::kEncryption, user, subject.get(),
+                              p.encryption_key.get(), enc_spki.get(), req.x509_version, validity));
     return p;
   }
 
@@ -361,8 +373,11 @@ Result<DeliveredKey> delivered(const Prepared& p) {
   k.version = p.key_version;
   k.key_id = p.key_id;
   k.algorithm = p.algorithm;
-  KMSD_ASSIGN_OR_RETURN(k.pkcs8_der, pkcs8_der(p.encryption_key.get()));
-  k.certificate.reset(X509_dup(p.encryption.get()));
+  // The DER made when the key was generated (or opened), and the certificate shared: neither
+  // is encoded or parsed again.
+  k.pkcs8_der = SecretBytes(p.encryption_pkcs8.span());
+  if (X509_up_ref(p.encryption.get()) != 1) return ossl::crypto_error("sharing a certificate");
+  k.certificate.reset(p.encryption.get());
   return k;
 }
 

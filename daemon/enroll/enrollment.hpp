@@ -54,6 +54,9 @@ struct Settings {
 // template. Nothing is owned.
 struct SigningRequest {
   EVP_PKEY* public_key = nullptr;  // the client's signing key; only the public half is used
+  // Optional: PUBLIC_KEY's SubjectPublicKeyInfo as the client sent it (a CSR's), certified as
+  // it is, so the key is not encoded again (see ca::IssueRequest::public_key_info).
+  const X509_PUBKEY* public_key_info = nullptr;
   // 1 or 3 as the request asks; the policy check refuses a version it does not allow.
   int x509_version = 3;
   // Requested validity; nullopt: Settings::validity. Longer than policy allows is refused.

@@ -97,6 +97,47 @@ TEST_F(IssuerTest, AdminClientCertificateChainsToTheCaAndIsForClientAuthOnly) {
       << X509_verify_cert_error_string(X509_STORE_CTX_get_error(ctx.get()));
 }
 
+// The enrollment path certifies a CSR's SubjectPublicKeyInfo (or one read from the key's
+// parameters) as it is: the certificate must carry exactly the key X509_set_pubkey would have
+// put there, chain to the CA, and come back with a usable decoded key.
+TEST_F(IssuerTest, PublicKeyInfoIsCertifiedAsTheSameKeyAsThePublicKeyItself) {
+  for (auto type : {hsm::KeyType::kEcP256, hsm::KeyType::kEcP384, hsm::KeyType::kRsa2048}) {
+    SCOPED_TRACE(hsm::to_string(type));
+    auto key = ca::generate_key(type);
+    ASSERT_TRUE(key.ok());
+    auto spki = ca::subject_public_key_info(key->get());
+    ASSERT_TRUE(spki.ok()) << spki.error().message;
+    // The same bytes as OpenSSL's own encoding of the public key.
+    unsigned char* mine = nullptr;
+    unsigned char* theirs = nullptr;
+    const int n1 = i2d_X509_PUBKEY(spki->get(), &mine);
+    const int n2 = i2d_PUBKEY(key->get(), &theirs);
+    ASSERT_GT(n1, 0);
+    EXPECT_EQ(std::vector<unsigned char>(mine, mine + n1),
+              std::vector<unsigned char>(theirs, theirs + n2));
+    OPENSSL_free(mine);
+    OPENSSL_free(theirs);
+
+    auto subject = ca::parse_subject("/CN=spki");
+    ca::IssueRequest req;
+    req.profile = ca::Profile::kUser;
+    req.subject = subject->get();
+    req.public_key_info = spki->get();  // PUBLIC_KEY left empty: not needed
+    req.key_usage = {"digitalSignature"};
+    req.email = "spki@example.com";
+    auto cert = ca::issue_on_token(req, ca_cert.get(), *tok, EVP_sha256());
+    ASSERT_TRUE(cert.ok()) << cert.error().message;
+    EXPECT_TRUE(ca::public_key_matches(cert->get(), key->get()));
+    EXPECT_TRUE(ca::signed_by(cert->get(), ca_cert.get()));
+    ossl::X509StorePtr store(X509_STORE_new());
+    X509_STORE_add_cert(store.get(), ca_cert.get());
+    ossl::X509StoreCtxPtr ctx(X509_STORE_CTX_new());
+    X509_STORE_CTX_init(ctx.get(), store.get(), cert->get(), nullptr);
+    EXPECT_EQ(X509_verify_cert(ctx.get()), 1)
+        << X509_verify_cert_error_string(X509_STORE_CTX_get_error(ctx.get()));
+  }
+}
+
 TEST_F(IssuerTest, ServerCertificateCarriesDnsAndIpNames) {
   auto [key, cert] = issue_leaf(ca::Profile::kTlsServer, "localhost", hsm::KeyType::kEcP256,
                                 {"localhost", "127.0.0.1", "::1"});
