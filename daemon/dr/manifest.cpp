@@ -159,8 +159,22 @@ Status Manifest::record(const std::vector<ManifestRow>& rows) {
     (void)exec("ROLLBACK", "rolling back");
     return st.error();
   }
+  // A message recorded again (new, changed since, or tried again) has no valid re-encrypted
+  // copy: the next reencrypt must do it.
+  auto forget = prepare(db_, "DELETE FROM reencrypted WHERE path = ?");
+  if (!forget.ok()) {
+    (void)exec("ROLLBACK", "rolling back");
+    return forget.error();
+  }
   const auto now = static_cast<sqlite3_int64>(std::time(nullptr));
   for (const auto& r : rows) {
+    sqlite3_reset(forget->get());
+    bind_text(forget->get(), 1, r.path);
+    if (sqlite3_step(forget->get()) != SQLITE_DONE) {
+      auto err = db_error(db_, "forgetting the old re-encryption of " + r.path);
+      (void)exec("ROLLBACK", "rolling back");
+      return err;
+    }
     sqlite3_stmt* s = st->get();
     sqlite3_reset(s);
     bind_text(s, 1, r.path);

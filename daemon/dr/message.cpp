@@ -269,7 +269,9 @@ Result<CmsPtr> encrypt(BIO* content, const std::vector<X509*>& to) {
   ossl::X509StackPtr certs(sk_X509_new_null());
   if (!certs) return ossl::crypto_error("allocating the recipient list");
   for (X509* c : to) {
-    if (X509_up_ref(c) != 1 || sk_X509_push(certs.get(), c) <= 0) {
+    if (X509_up_ref(c) != 1) return ossl::crypto_error("building the recipient list");
+    if (sk_X509_push(certs.get(), c) <= 0) {
+      X509_free(c);
       return ossl::crypto_error("building the recipient list");
     }
   }

@@ -292,3 +292,80 @@ TEST_F(DrTest, PredecryptThroughputOnTwoThousandMessages) {
 
 }  // namespace
 }  // namespace kmsd::dr::fixture
+
+namespace kmsd::dr::fixture {
+namespace {
+
+// A message to two users waits until both have new certificates and then opens for each; a
+// message that is only signed (openssl cms -sign, multipart/signed) is not-encrypted.
+TEST_F(DrTest, MessageToTwoUsersWaitsForBothAndSignedOnlyIsNotEncrypted) {
+  const std::string pt = content(marker());
+  write_all(store / "Maildir/cur/both.1:2,S",
+            encrypt_mime(pt, {users[0].old_certs[1].get(), users[1].old_certs[0].get()},
+                         headers("alice", 1), false));
+  expected["Maildir/cur/both.1:2,S"] = {kStaged, pt, "alice,bob", "mime"};
+  write_all(work / "signed.in", "Content-Type: text/plain\r\n\r\nsigned, not secret\r\n");
+  fs::create_directories(store / "eml");
+  std::string log;
+  ASSERT_EQ(run_command("openssl cms -sign -in '" + (work / "signed.in").string() + "' -signer '" +
+                            (work / "alice-old1.pem").string() + "' -inkey '" +
+                            (work / "alice-old1.key").string() + "' -out '" +
+                            (store / "eml/signed.eml").string() + "'",
+                        &log),
+            0)
+      << log;
+  KeyRing ring = load_keys();
+  auto s = run_predecrypt(ring);
+  ASSERT_TRUE(s.ok()) << s.error().message;
+  auto rows = manifest_rows();
+  EXPECT_EQ(rows["Maildir/cur/both.1:2,S"].status, kStaged);
+  EXPECT_EQ(rows["Maildir/cur/both.1:2,S"].users, "alice,bob");
+  EXPECT_EQ(rows["eml/signed.eml"].status, kNotEncrypted) << rows["eml/signed.eml"].reason;
+  EXPECT_NE(rows["eml/signed.eml"].reason.find("signed"), std::string::npos);
+
+  auto only_alice = run_reencrypt({"alice"}, custody_key.get());
+  ASSERT_TRUE(only_alice.ok());
+  EXPECT_EQ(only_alice->this_run[kWaiting], 1u);
+  EXPECT_FALSE(fs::exists(out / "Maildir/cur/both.1:2,S"));
+  auto both = run_reencrypt({"alice", "bob"}, custody_key.get());
+  ASSERT_TRUE(both.ok());
+  EXPECT_EQ(both->this_run[kReencrypted], 1u);
+  EXPECT_EQ(openssl_decrypt("Maildir/cur/both.1:2,S", "alice", false), pt);
+  EXPECT_EQ(openssl_decrypt("Maildir/cur/both.1:2,S", "bob", false), pt);
+  expect_no_plaintext_on_disk();
+}
+
+}  // namespace
+}  // namespace kmsd::dr::fixture
+
+namespace kmsd::dr::fixture {
+namespace {
+
+// A message that changed in the store since it was staged (its SHA-256 differs) is staged again
+// and re-encrypted again; the others are not touched.
+TEST_F(DrTest, ChangedMessageIsStagedAndReencryptedAgain) {
+  add_encrypted(1);
+  KeyRing ring = load_keys();
+  ASSERT_TRUE(run_predecrypt(ring).ok());
+  auto first = run_reencrypt({"alice", "bob", "carol"}, custody_key.get());
+  ASSERT_TRUE(first.ok());
+  ASSERT_EQ(first->this_run[kReencrypted], expected.size());
+  auto& [path, e] = *expected.begin();
+  e.plaintext = content(marker());
+  write_all(store / path,
+            encrypt_mime(e.plaintext, {users[0].old_certs[0].get()},
+                         e.format == "der" ? "" : headers("alice", 99), e.format == "der"));
+  e.user = "alice";
+  auto again = run_predecrypt(ring);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->processed, 1u);
+  EXPECT_EQ(again->already_done, expected.size() - 1);
+  auto re = run_reencrypt({"alice", "bob", "carol"}, custody_key.get());
+  ASSERT_TRUE(re.ok());
+  EXPECT_EQ(re->this_run[kReencrypted], 1u);
+  EXPECT_EQ(re->already_done, expected.size() - 1);
+  EXPECT_EQ(openssl_decrypt(path, "alice", e.format == "der"), e.plaintext);
+}
+
+}  // namespace
+}  // namespace kmsd::dr::fixture
