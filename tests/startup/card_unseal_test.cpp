@@ -6,6 +6,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <thread>
+
 #include "daemon/provision/initializer.hpp"
 #include "daemon/startup/card_unseal.hpp"
 #include "daemon/startup/operator_card.hpp"
@@ -245,6 +247,28 @@ TEST_F(CardUnsealTest, CancelDropsPendingSharesAndAPlainSecretCardIsNoShare) {
   auto plain = c->present(pin(kCardPin), "pkcs11:token=other1");
   ASSERT_FALSE(plain.ok());
   EXPECT_THAT(plain.error().message, HasSubstr("plain startup secret"));
+}
+
+TEST_F(CardUnsealTest, PendingSharesExpireOnTheTick) {
+  split_onto({"op1", "op2", "op3"});
+  CardUnsealSettings s;
+  s.quorum = true;
+  s.module = testing::kSoftHsmModule;
+  s.label = kLabel;
+  s.pending_ttl = std::chrono::seconds(1);
+  CardUnseal c(*seal, s);
+  auto none = c.present(pin(kCardPin), "");
+  ASSERT_FALSE(none.ok());  // no card named and none configured
+  EXPECT_THAT(none.error().message, HasSubstr("--card"));
+  ASSERT_TRUE(c.present(pin(kCardPin), "pkcs11:token=op1").ok());
+  c.tick();
+  EXPECT_TRUE(seal->status().quorum.has_value());
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  c.tick();
+  EXPECT_FALSE(seal->status().quorum.has_value());
+  auto r = c.present(pin(kCardPin), "pkcs11:token=op2");
+  ASSERT_TRUE(r.ok());
+  EXPECT_FALSE(r->unsealed);  // the expired share no longer counts
 }
 
 TEST_F(CardUnsealTest, SealDropsTheKeyTokenLoginAndCachedHandlesAtOnce) {
