@@ -7,7 +7,7 @@
 //   prepare     the new token: what `kmsctl init` makes (master, CA and audit keys, the CA
 //               certificate, the first administrator), plus the RSA-3072 custody key pair and
 //               its certificate from the new CA
-// The runbook is docs/dr.md.
+// The runbook is in README.md, "Disaster recovery".
 #include <unistd.h>
 
 #include <chrono>
@@ -383,7 +383,7 @@ void add_common(CLI::App* cmd, DrArgs& a) {
 }  // namespace
 
 void add_dr_commands(CLI::App& app, Commands& commands) {
-  auto* dr = app.add_subcommand("dr", "disaster recovery: pre-decrypt, re-encrypt (docs/dr.md)");
+  auto* dr = app.add_subcommand("dr", "disaster recovery: prepare, pre-decrypt, re-encrypt (README: Disaster recovery)");
   dr->require_subcommand(1);
 
   auto* pre = dr->add_subcommand(
