@@ -383,7 +383,8 @@ void add_common(CLI::App* cmd, DrArgs& a) {
 }  // namespace
 
 void add_dr_commands(CLI::App& app, Commands& commands) {
-  auto* dr = app.add_subcommand("dr", "disaster recovery: prepare, pre-decrypt, re-encrypt (README: Disaster recovery)");
+  auto* dr = app.add_subcommand(
+      "dr", "disaster recovery: prepare, pre-decrypt, re-encrypt (README: Disaster recovery)");
   dr->require_subcommand(1);
 
   auto* pre = dr->add_subcommand(
