@@ -86,6 +86,19 @@ Result<EvpPkeyPtr> pubkey_from_der(std::span<const std::uint8_t> spki_der) {
   return key;
 }
 
+std::string sha256_fingerprint(X509* cert) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int n = 0;
+  X509_digest(cert, EVP_sha256(), md, &n);
+  const std::string digits = hex({md, n});
+  std::string out;
+  for (std::size_t i = 0; i < digits.size(); i += 2) {
+    if (!out.empty()) out += ':';
+    out += digits.substr(i, 2);
+  }
+  return out;
+}
+
 std::string hex(std::span<const std::uint8_t> bytes) {
   static const char* digits = "0123456789abcdef";
   std::string out;

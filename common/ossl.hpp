@@ -67,6 +67,8 @@ Result<EvpPkeyPtr> pubkey_from_der(std::span<const std::uint8_t> spki_der);
 
 // Hex of bytes, lower case (for serials, fingerprints, digests — never secrets).
 std::string hex(std::span<const std::uint8_t> bytes);
+// The SHA-256 fingerprint of CERT, "ab:cd:...": openssl x509 -fingerprint -sha256, lower case.
+std::string sha256_fingerprint(X509* cert);
 // The bytes of lower-case hex as hex() writes it; kInvalidArgument for anything else.
 Result<Bytes> from_hex(std::string_view hex);
 // SHA-256 of bytes.

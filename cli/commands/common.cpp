@@ -154,4 +154,22 @@ int write_output(const std::string& file, std::string_view data) {
   return kOk;
 }
 
+Result<std::unique_ptr<hsm::Token>> open_key_token(const config::Config& cfg,
+                                                   const std::string& pin_file,
+                                                   const std::string& prompt) {
+  hsm::TokenOptions topts;
+  topts.module_path = cfg.token.module.string();
+  topts.token_uri = cfg.token.uri;
+  topts.pool_size = 2;
+  topts.wrap = cfg.token.wrap;
+  topts.labels = cfg.token.labels;
+  KMSD_ASSIGN_OR_RETURN(auto token, hsm::Token::open(topts));
+  std::string file = pin_file;
+  if (file.empty() && cfg.startup.source == config::StartupSource::kFile)
+    file = cfg.startup.file.string();
+  KMSD_ASSIGN_OR_RETURN(auto pin, secret_from(file, prompt));
+  KMSD_TRY(token->login(pin));
+  return token;
+}
+
 }  // namespace kmsd::cli

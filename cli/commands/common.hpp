@@ -6,8 +6,8 @@
 //   3 refused: state exists    4 wrong secret / PIN locked  5 kmsd not reachable
 #pragma once
 
-#include <CLI/CLI.hpp>
 #include <openssl/types.h>
+#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
@@ -24,6 +24,7 @@
 #include "common/result.hpp"
 #include "common/secret.hpp"
 #include "config/config.hpp"
+#include "hsm/token.hpp"
 
 namespace kmsd::cli {
 
@@ -96,6 +97,12 @@ int show_verdict(const AdminArgs& a, const nlohmann::json& j, const render::Outc
 // shows it: 0 when it executed or waits for approvals (200/202), else the failure's code.
 int run_outcome(const AdminArgs& a, const std::string& target, const nlohmann::json& body,
                 bool denial_wanted = false);
+
+// Opens the key token CFG names and logs in with the PIN from PIN_FILE, else from the
+// configured startup file (source "file"), else asked with PROMPT (no echo).
+Result<std::unique_ptr<hsm::Token>> open_key_token(const config::Config& cfg,
+                                                   const std::string& pin_file,
+                                                   const std::string& prompt);
 
 // Writes DATA to stdout, or to FILE (mode 0600, never over an existing file).
 int write_output(const std::string& file, std::string_view data);

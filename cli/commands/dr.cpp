@@ -329,7 +329,7 @@ int run_prepare(const DrArgs& a) {
     if (!ca_cert.ok()) return fail(ca_cert.error());
   } else {
     std::cout << "new KMS already initialized (CA SHA-256 "
-              << provision::sha256_fingerprint(ca_cert->get()) << "); keeping it\n";
+              << ossl::sha256_fingerprint(ca_cert->get()) << "); keeping it\n";
   }
 
   // 2. The custody key pair on the same token.
@@ -367,7 +367,8 @@ int run_prepare(const DrArgs& a) {
   (*custody)->logout();
   (*token)->logout();
   std::cout << "custody certificate: " << a.custody_cert_out << " (serial "
-            << ca::serial_hex(cert->get()) << ", SHA-256 " << dr::fingerprint(cert->get()) << ")\n"
+            << ca::serial_hex(cert->get()) << ", SHA-256 " << ossl::sha256_fingerprint(cert->get())
+            << ")\n"
             << "custody key for reencrypt: --custody-key '" << cfg->token.uri
             << ";object=" << a.custody_label << "' --module " << topts.module_path << "\n";
   return kOk;

@@ -41,20 +41,8 @@ int run_init(const InitArgs& a) {
                  "certificate and key are written)\n";
     return kUsage;
   }
-  hsm::TokenOptions topts;
-  topts.module_path = cfg->token.module.string();
-  topts.token_uri = cfg->token.uri;
-  topts.pool_size = 2;
-  topts.wrap = cfg->token.wrap;
-  topts.labels = cfg->token.labels;
-  auto token = hsm::Token::open(topts);
+  auto token = open_key_token(*cfg, a.pin_file, "Key token user PIN (the startup secret): ");
   if (!token.ok()) return fail(token.error());
-  std::string pin_file = a.pin_file;
-  if (pin_file.empty() && cfg->startup.source == config::StartupSource::kFile)
-    pin_file = cfg->startup.file.string();
-  auto pin = secret_from(pin_file, "Key token user PIN (the startup secret): ");
-  if (!pin.ok()) return fail(pin.error());
-  if (auto st = (*token)->login(*pin); !st.ok()) return fail(st.error());
   auto store = store::Store::open(cfg->store.path);
   if (!store.ok()) return fail(store.error());
 

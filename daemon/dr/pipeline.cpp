@@ -23,18 +23,6 @@ namespace kmsd::dr {
 
 namespace fs = std::filesystem;
 
-std::string fingerprint(X509* cert) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int n = 0;
-  X509_digest(cert, EVP_sha256(), md, &n);
-  std::string hex = ossl::hex({md, n}), out;
-  for (std::size_t i = 0; i < hex.size(); i += 2) {
-    if (!out.empty()) out += ':';
-    out += hex.substr(i, 2);
-  }
-  return out;
-}
-
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -289,7 +277,7 @@ Result<RunSummary> predecrypt(const PredecryptOptions& o) {
   remove_leftovers(staged_root);
   KMSD_ASSIGN_OR_RETURN(auto manifest, Manifest::open(o.staging / "manifest.db"));
   KMSD_TRY(manifest->bind("store", fs::weakly_canonical(o.store).string(), "the store"));
-  KMSD_TRY(manifest->bind("custody_certificate", fingerprint(o.custody_cert),
+  KMSD_TRY(manifest->bind("custody_certificate", ossl::sha256_fingerprint(o.custody_cert),
                           "the custody certificate"));
   KMSD_ASSIGN_OR_RETURN(const auto recorded, manifest->recorded());
 
@@ -386,10 +374,10 @@ Result<RunSummary> reencrypt(const ReencryptOptions& o) {
                       "--out and the staging directory must not contain each other");
   KMSD_ASSIGN_OR_RETURN(auto manifest, Manifest::open(o.staging / "manifest.db"));
   KMSD_ASSIGN_OR_RETURN(auto bound, manifest->setting("custody_certificate"));
-  if (bound != fingerprint(o.custody_cert))
+  if (bound != ossl::sha256_fingerprint(o.custody_cert))
     return make_error(ErrorCode::kFailedPrecondition,
                       "the staged messages are encrypted to the custody certificate " + bound +
-                          ", not to " + fingerprint(o.custody_cert));
+                          ", not to " + ossl::sha256_fingerprint(o.custody_cert));
   KMSD_TRY(make_dirs(o.out));
   ::chmod(o.out.c_str(), 0700);
   remove_leftovers(o.out);

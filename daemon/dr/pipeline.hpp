@@ -80,7 +80,4 @@ struct ReencryptOptions {
 // staged ("waiting") for a later run. Already re-encrypted messages are skipped.
 Result<RunSummary> reencrypt(const ReencryptOptions& options);
 
-// SHA-256 fingerprint "ab:cd:..." of a certificate, as bound in the manifest.
-std::string fingerprint(X509* cert);
-
 }  // namespace kmsd::dr

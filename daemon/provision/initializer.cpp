@@ -34,18 +34,6 @@ store::CertificateRecord certificate_record(X509* cert, store::CertKind kind) {
   return rec;
 }
 
-std::string sha256_fingerprint(X509* cert) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int n = 0;
-  X509_digest(cert, EVP_sha256(), md, &n);
-  std::string hex = ossl::hex({md, n}), out;
-  for (std::size_t i = 0; i < hex.size(); i += 2) {
-    if (!out.empty()) out += ':';
-    out += hex.substr(i, 2);
-  }
-  return out;
-}
-
 namespace {
 
 Status refuse_if_not_empty(hsm::Token& token, store::Store& store) {
@@ -127,7 +115,7 @@ Result<InitReport> finish_with_first_admin(const config::Config& cfg, hsm::Token
   InitReport rep;
   rep.ca_serial = ca::serial_hex(ca_cert);
   rep.ca_subject = ca::name_to_string(X509_get_subject_name(ca_cert));
-  rep.ca_sha256_fingerprint = sha256_fingerprint(ca_cert);
+  rep.ca_sha256_fingerprint = ossl::sha256_fingerprint(ca_cert);
   rep.admin_serial = admin_rec.serial;
   return rep;
 }

@@ -56,8 +56,6 @@ Result<InitReport> install_ca_certificate(const config::Config& cfg, hsm::Token&
 
 // The store's record of an issued certificate.
 store::CertificateRecord certificate_record(X509* cert, store::CertKind kind);
-// "AB:CD:..." SHA-256 fingerprint, as `openssl x509 -fingerprint -sha256` prints it (lower case).
-std::string sha256_fingerprint(X509* cert);
 
 // Loads the CA certificate recorded by init. kFailedPrecondition when init has not finished.
 Result<ossl::X509Ptr> load_ca_certificate(store::Store& store);
