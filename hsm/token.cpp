@@ -297,6 +297,8 @@ struct Token::Impl {
   mutable std::mutex state_mu;  // guards the fields below
   std::optional<SecretBytes> pin;
   bool logged_in = false;
+  // The retained PIN was refused at a re-login: the token is sealed, not merely never opened.
+  bool pin_rejected = false;
   bool degraded = false;
   std::string last_error;
   SlotInfo info;
@@ -648,6 +650,10 @@ struct Token::Impl {
         Fault fault = p11::classify(rv);
         if (fault == Fault::kPinIncorrect || fault == Fault::kPinLocked) {
           forget_pin();
+          {
+            std::lock_guard lock(state_mu);
+            pin_rejected = true;
+          }
           std::string why = fault == Fault::kPinLocked
                                 ? "the user PIN is locked; a security officer must reset it"
                                 : "the token no longer accepts the retained PIN";
@@ -689,6 +695,18 @@ struct Token::Impl {
       -> Result<std::invoke_result_t<Op&, Session&>> {
     auto with_context = [&](const Error& e) { return what.empty() ? e : e.context(what); };
     if (needs_login && !has_pin()) {
+      bool rejected = false;
+      {
+        std::lock_guard lock(state_mu);
+        rejected = pin_rejected;
+      }
+      // A request that races the seal after a refused re-login is told the truth: an outage
+      // (503), not a missing step of its own.
+      if (rejected)
+        return with_context(make_error(ErrorCode::kUnavailable,
+                                       "the key token " + token_name() +
+                                           " no longer accepts the startup secret (PIN changed or "
+                                           "locked); kmsd is sealed until it is unsealed again"));
       return with_context(make_error(
           ErrorCode::kFailedPrecondition,
           "the key token " + token_name() + " is not logged in; log in with the user PIN first"));
@@ -1046,6 +1064,7 @@ Status Token::login(const SecretBytes& pin) {
       {
         std::lock_guard lock(d.state_mu);
         d.pin = pin.clone();
+        d.pin_rejected = false;
         d.logged_in = true;
       }
       d.drop_caches();  // private objects are visible now
