@@ -244,8 +244,13 @@ TEST_F(FaultE2eTest, PinRejectedOnReloginSealsTheDaemonAndSaysSo) {
   shim_->fault("pin-incorrect");
   auto refused = admin("POST", "/v1/users",
                        {{"id", "hank"}, {"email", "hank@example.com"}, {"display_name", "Hank"}});
-  EXPECT_EQ(refused.status, 503) << refused.body;
-  EXPECT_EQ(refused.retry_after, "5");
+  // Either this request met the refused re-login (503, Retry-After), or kmsd's own 2-second
+  // maintenance met it first and the daemon is already sealed: the admin listener then closes
+  // the connection (status 0). Never a success, never another answer.
+  if (refused.status != 0) {
+    EXPECT_EQ(refused.status, 503) << refused.body;
+    EXPECT_EQ(refused.retry_after, "5");
+  }
   EXPECT_EQ(shim_->injected(), 1u);  // one login attempt with the retained secret, no more
   auto ready = get("/readyz");
   EXPECT_EQ(ready.status, 503);
