@@ -16,6 +16,7 @@
 #include <mutex>
 #include <set>
 #include <thread>
+#include <tuple>
 
 #include "hsm/envelope.hpp"
 #include "hsm/pkcs11.hpp"
@@ -255,6 +256,12 @@ class SessionPool {
     return slot_;
   }
 
+  // (max, open, leased) right now, for metrics.
+  std::tuple<std::size_t, std::size_t, std::size_t> usage() const {
+    std::lock_guard lock(mu_);
+    return {max_, open_, open_ - idle_.size()};
+  }
+
  private:
   void give_back(Session s, std::uint64_t gen, bool broken) {
     std::unique_lock lock(mu_);
@@ -302,6 +309,13 @@ struct Token::Impl {
   bool degraded = false;
   std::string last_error;
   SlotInfo info;
+
+  Token::Observer observer;  // metrics; set once before the token is shared
+  template <typename R>
+  R observed(const char* op, Clock::time_point t0, R r) {
+    if (observer) observer(op, r.ok(), Clock::now() - t0);
+    return r;
+  }
 
   // SoftHSM requires key generation, object creation and object search to be serialized.
   std::mutex object_mu;
@@ -1289,8 +1303,9 @@ bool Token::has_audit_key() {
 Result<Bytes> Token::seal(std::span<const std::uint8_t> plaintext,
                           std::span<const std::uint8_t> aad, std::uint32_t master_version) {
   Impl& d = *impl_;
+  const auto t0 = Clock::now();
   const WrapMechanism mech = d.opts.wrap;
-  return d.run("sealing a record", true, [&](Session& s) -> Bytes {
+  return d.observed("seal", t0, d.run("sealing a record", true, [&](Session& s) -> Bytes {
     std::uint32_t v = master_version;
     if (v == 0) {
       auto all = d.scan_versions(s);
@@ -1313,13 +1328,14 @@ Result<Bytes> Token::seal(std::span<const std::uint8_t> plaintext,
     if (!ct.ok()) throw TokenError(ct.error(), Fault::kCallerError);
     append(blob, *ct);
     return blob;
-  });
+  }));
 }
 
 Result<SecretBytes> Token::open(std::span<const std::uint8_t> blob,
                                 std::span<const std::uint8_t> aad) {
   Impl& d = *impl_;
-  return d.run("", true, [&](Session& s) -> SecretBytes {
+  const auto t0 = Clock::now();
+  return d.observed("open", t0, d.run("", true, [&](Session& s) -> SecretBytes {
     auto p = envelope::parse(blob);
     if (!p || p->master_version == 0 || p->mechanism < 1 || p->mechanism > 3) open_failed();
     auto mk = d.find_secret(s, d.master_label(p->master_version), CKK_AES);
@@ -1337,49 +1353,52 @@ Result<SecretBytes> Token::open(std::span<const std::uint8_t> blob,
         envelope::gcm_open(dk, p->nonce, p->ciphertext, envelope::bind(p->authenticated, aad));
     if (!pt.ok()) open_failed();
     return std::move(pt).value();
-  });
+  }));
 }
 
 // ---- signing ----
 
 Result<ossl::EvpPkeyPtr> Token::ca_private_key() {
   Impl& d = *impl_;
-  return d.run("loading the CA private key '" + d.opts.labels.ca + "'", true,
-               [&](Session& s) -> ossl::EvpPkeyPtr {
-                 // libp11 keeps its own sessions and cannot tell us they died; check ours
-                 // (same login state) so a lost session or login is recovered first.
-                 CK_SESSION_INFO si{};
-                 check_rv(d.f()->C_GetSessionInfo(s.handle(), &si), "C_GetSessionInfo");
-                 if (si.state != CKS_RW_USER_FUNCTIONS && si.state != CKS_RO_USER_FUNCTIONS) {
-                   check_rv(CKR_USER_NOT_LOGGED_IN, "C_GetSessionInfo");
-                 }
-                 const std::uint64_t e = d.epoch.load();
-                 {
-                   std::lock_guard lock(d.key_mu);
-                   if (d.ca_key && d.ca_key_epoch == e) {
-                     EVP_PKEY_up_ref(d.ca_key.get());
-                     return ossl::EvpPkeyPtr(d.ca_key.get());
-                   }
-                 }
-                 auto h = d.find_key(s, CKO_PRIVATE_KEY, d.opts.labels.ca);
-                 if (!h) {
-                   fail(ErrorCode::kNotFound, "no CA private key '" + d.opts.labels.ca +
-                                                  "' is on the token; generate one first "
-                                                  "(kmsctl init)");
-                 }
-                 Bytes id = s.attribute(*h, CKA_ID);
-                 ossl::EvpPkeyPtr key = d.libp11_private_key(id, d.pool.slot());
-                 {
-                   // Kept only if no recovery, login or logout happened meanwhile.
-                   std::lock_guard lock(d.key_mu);
-                   if (d.epoch.load() == e && (!d.ca_key || d.ca_key_epoch != e)) {
-                     EVP_PKEY_up_ref(key.get());
-                     d.ca_key.reset(key.get());
-                     d.ca_key_epoch = e;
-                   }
-                 }
-                 return key;
-               });
+  const auto t0 = Clock::now();
+  return d.observed(
+      "ca_key", t0,
+      d.run("loading the CA private key '" + d.opts.labels.ca + "'", true,
+            [&](Session& s) -> ossl::EvpPkeyPtr {
+              // libp11 keeps its own sessions and cannot tell us they died; check ours
+              // (same login state) so a lost session or login is recovered first.
+              CK_SESSION_INFO si{};
+              check_rv(d.f()->C_GetSessionInfo(s.handle(), &si), "C_GetSessionInfo");
+              if (si.state != CKS_RW_USER_FUNCTIONS && si.state != CKS_RO_USER_FUNCTIONS) {
+                check_rv(CKR_USER_NOT_LOGGED_IN, "C_GetSessionInfo");
+              }
+              const std::uint64_t e = d.epoch.load();
+              {
+                std::lock_guard lock(d.key_mu);
+                if (d.ca_key && d.ca_key_epoch == e) {
+                  EVP_PKEY_up_ref(d.ca_key.get());
+                  return ossl::EvpPkeyPtr(d.ca_key.get());
+                }
+              }
+              auto h = d.find_key(s, CKO_PRIVATE_KEY, d.opts.labels.ca);
+              if (!h) {
+                fail(ErrorCode::kNotFound, "no CA private key '" + d.opts.labels.ca +
+                                               "' is on the token; generate one first "
+                                               "(kmsctl init)");
+              }
+              Bytes id = s.attribute(*h, CKA_ID);
+              ossl::EvpPkeyPtr key = d.libp11_private_key(id, d.pool.slot());
+              {
+                // Kept only if no recovery, login or logout happened meanwhile.
+                std::lock_guard lock(d.key_mu);
+                if (d.epoch.load() == e && (!d.ca_key || d.ca_key_epoch != e)) {
+                  EVP_PKEY_up_ref(key.get());
+                  d.ca_key.reset(key.get());
+                  d.ca_key_epoch = e;
+                }
+              }
+              return key;
+            }));
 }
 
 namespace {
@@ -1473,26 +1492,29 @@ Result<ossl::EvpPkeyPtr> Token::ca_public_key() {
 
 Result<Bytes> Token::hmac_sha256(std::span<const std::uint8_t> data) {
   Impl& d = *impl_;
-  return d.run("computing the audit HMAC", true, [&](Session& s) {
+  const auto t0 = Clock::now();
+  return d.observed("hmac", t0, d.run("computing the audit HMAC", true, [&](Session& s) {
     auto h = d.find_secret(s, d.opts.labels.audit, CKK_GENERIC_SECRET);
     if (!h) {
       fail(ErrorCode::kNotFound, "no audit key '" + d.opts.labels.audit +
                                      "' is on the token; generate one first (kmsctl init)");
     }
     return d.hmac(s, *h, data);
-  });
+  }));
 }
 
 Result<SecretBytes> Token::random(std::size_t n) {
   Impl& d = *impl_;
+  const auto t0 = Clock::now();
   if (n > (1u << 20)) {
     return make_error(ErrorCode::kInvalidArgument, "at most 1 MiB of random bytes per call");
   }
-  return d.run("drawing random bytes from the token", false, [&](Session& s) {
-    SecretBytes out(n);
-    if (n > 0) check_rv(d.f()->C_GenerateRandom(s.handle(), out.data(), n), "C_GenerateRandom");
-    return out;
-  });
+  return d.observed(
+      "random", t0, d.run("drawing random bytes from the token", false, [&](Session& s) {
+        SecretBytes out(n);
+        if (n > 0) check_rv(d.f()->C_GenerateRandom(s.handle(), out.data(), n), "C_GenerateRandom");
+        return out;
+      }));
 }
 
 Status Token::write_data_object(const std::string& label, const SecretBytes& value,
@@ -1553,8 +1575,85 @@ Result<SecretBytes> Token::read_data_object(const std::string& label) {
   });
 }
 
+void Token::set_observer(Observer observer) {
+  impl_->observer = std::move(observer);
+}
+
+Token::PoolUsage Token::pool_usage() const {
+  auto [size, open, in_use] = impl_->pool.usage();
+  return PoolUsage{size, open, in_use};
+}
+
 void Token::close_all_sessions_for_test() {
   impl_->f()->C_CloseAllSessions(impl_->pool.slot());
+}
+
+Status Token::generate_decryption_key(const std::string& label, KeyType type) {
+  if (type != KeyType::kRsa2048 && type != KeyType::kRsa3072)
+    return make_error(
+        ErrorCode::kInvalidArgument,
+        "a decryption key pair is RSA (2048 or 3072 bits); not " + std::string(to_string(type)));
+  Impl& d = *impl_;
+  auto r = d.run_long(
+      "generating decryption key '" + label + "' (" + to_string(type) + ")", true, [&](Session& s) {
+        std::lock_guard lock(d.object_mu);
+        d.refuse_existing(s, CKO_PRIVATE_KEY, label);
+        d.refuse_existing(s, CKO_PUBLIC_KEY, label);
+        Bytes id = fresh_bytes(16);
+        static const CK_OBJECT_CLASS pub_cls = CKO_PUBLIC_KEY;
+        static const CK_OBJECT_CLASS priv_cls = CKO_PRIVATE_KEY;
+        static const CK_KEY_TYPE kt = CKK_RSA;
+        const CK_ULONG bits = type == KeyType::kRsa3072 ? 3072 : 2048;
+        static const std::uint8_t e65537[] = {0x01, 0x00, 0x01};
+        CK_ATTRIBUTE pub[] = {attr(CKA_CLASS, &pub_cls),
+                              attr(CKA_KEY_TYPE, &kt),
+                              attr(CKA_TOKEN, &kTrue),
+                              attr(CKA_PRIVATE, &kFalse),
+                              attr(CKA_ENCRYPT, &kTrue),
+                              attr(CKA_VERIFY, &kFalse),
+                              attr(CKA_WRAP, &kFalse),
+                              attr(CKA_MODULUS_BITS, &bits),
+                              attr(CKA_PUBLIC_EXPONENT, e65537, sizeof e65537),
+                              attr_str(CKA_LABEL, label),
+                              attr_bytes(CKA_ID, id)};
+        CK_ATTRIBUTE priv[] = {attr(CKA_CLASS, &priv_cls),      attr(CKA_KEY_TYPE, &kt),
+                               attr(CKA_TOKEN, &kTrue),         attr(CKA_PRIVATE, &kTrue),
+                               attr(CKA_SENSITIVE, &kTrue),     attr(CKA_EXTRACTABLE, &kFalse),
+                               attr(CKA_DECRYPT, &kTrue),       attr(CKA_SIGN, &kFalse),
+                               attr(CKA_UNWRAP, &kFalse),       attr(CKA_DERIVE, &kFalse),
+                               attr(CKA_SIGN_RECOVER, &kFalse), attr_str(CKA_LABEL, label),
+                               attr_bytes(CKA_ID, id)};
+        CK_MECHANISM m{CKM_RSA_PKCS_KEY_PAIR_GEN, nullptr, 0};
+        CK_OBJECT_HANDLE hpub = CK_INVALID_HANDLE;
+        CK_OBJECT_HANDLE hpriv = CK_INVALID_HANDLE;
+        check_rv(d.f()->C_GenerateKeyPair(s.handle(), &m, pub, std::size(pub), priv,
+                                          std::size(priv), &hpub, &hpriv),
+                 "C_GenerateKeyPair");
+        return true;
+      });
+  if (!r.ok()) return r.error();
+  return {};
+}
+
+Result<std::size_t> Token::destroy_key_pair(const std::string& label) {
+  Impl& d = *impl_;
+  auto r = d.run("destroying key pair '" + label + "'", true, [&](Session& s) {
+    std::size_t n = 0;
+    std::lock_guard lock(d.object_mu);
+    for (CK_OBJECT_CLASS cls : {CKO_PRIVATE_KEY, CKO_PUBLIC_KEY}) {
+      CK_ATTRIBUTE find[] = {attr(CKA_CLASS, &cls), attr_str(CKA_LABEL, label)};
+      for (CK_OBJECT_HANDLE h : s.find(find, 2)) {
+        check_rv(d.f()->C_DestroyObject(s.handle(), h), "C_DestroyObject");
+        ++n;
+      }
+    }
+    return n;
+  });
+  {
+    std::lock_guard lock(d.cache_mu);
+    d.handles.clear();
+  }
+  return r;
 }
 
 }  // namespace kmsd::hsm

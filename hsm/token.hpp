@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -119,6 +120,20 @@ class Token {
   bool logged_in() const noexcept;
   TokenStatus status() const;
 
+  // ---- metrics ----
+  // Told of every seal, open, hmac, random and CA-key fetch: a fixed operation name ("seal",
+  // "open", "hmac", "random", "ca_key"), whether it succeeded, and its wall time (waiting for
+  // a session and any recovery included). Set once, before the token is shared between
+  // threads; it runs on the caller's thread and must be quick and must not throw.
+  using Observer = std::function<void(const char* op, bool ok, std::chrono::nanoseconds elapsed)>;
+  void set_observer(Observer observer);
+  struct PoolUsage {
+    std::size_t size = 0;    // sessions the pool may hold (pool_size)
+    std::size_t open = 0;    // sessions open now
+    std::size_t in_use = 0;  // of those, leased to an operation now
+  };
+  PoolUsage pool_usage() const;
+
   // ---- key creation (kmsctl init, rotation); refuse with kAlreadyExists if present ----
   // AES-256: CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, !CKA_EXTRACTABLE, CKA_WRAP/UNWRAP (and
   // ENCRYPT/DECRYPT only when the mechanism needs them). kAesCbcPadHmac also creates the
@@ -167,6 +182,15 @@ class Token {
   // For tests and fault drills: close every session of the application on this token
   // (C_CloseAllSessions). The next operation must recover by itself.
   void close_all_sessions_for_test();
+
+  // ---- decryption key pairs (the DR custody key) ----
+  // An RSA key pair (kRsa2048 or kRsa3072; EC is kInvalidArgument) labelled LABEL on both
+  // halves: the private half sensitive, not extractable, CKA_DECRYPT only (no sign, unwrap or
+  // derive), the public half CKA_ENCRYPT only. kAlreadyExists when a key labelled LABEL is there.
+  Status generate_decryption_key(const std::string& label, KeyType type);
+  // Destroys every private and public key labelled LABEL (C_DestroyObject); the number
+  // destroyed (0 when none was there). Drops cached handles.
+  Result<std::size_t> destroy_key_pair(const std::string& label);
 
  private:
   struct Impl;
