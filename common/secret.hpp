@@ -12,14 +12,38 @@
 
 namespace kmsd {
 
-// Allocator that cleanses memory before giving it back.
+// Where secrets live. After init_secure_heap() (the daemon, once, at start) the wiping
+// containers below take their memory from OpenSSL's secure heap: one mmap'ed arena, locked
+// in RAM (mlock: never swapped), excluded from core dumps (MADV_DONTDUMP), between guard
+// pages. OpenSSL's own secret allocations (private-key BIGNUMs, BIO_s_secmem) share it.
+// Before that, or when the arena is full, they use the ordinary heap (still wiped on release).
+struct SecureHeapState {
+  bool ready = false;   // the arena exists
+  bool locked = false;  // and mlock/madvise succeeded on it
+  std::size_t bytes = 0;
+  std::string detail;  // what happened, for the log ("" when locked)
+};
+// BYTES is rounded up to a power of two. Idempotent: a second call reports the first arena.
+// An arena that cannot be locked (RLIMIT_MEMLOCK too low, e.g. `ulimit -l` 64 KiB in a
+// container) is still used, unlocked; DETAIL says so and how to raise the limit.
+SecureHeapState init_secure_heap(std::size_t bytes);
+// Bytes of the arena in use now (0 without one).
+std::size_t secure_heap_used() noexcept;
+// Memory for secrets: from the secure heap when there is one with room, else the heap.
+void* secret_allocate(std::size_t n);
+// Wipes N bytes at P and gives them back to whichever heap they came from.
+void secret_release(void* p, std::size_t n) noexcept;
+// True when P lies in the secure heap (tests, metrics).
+bool in_secure_heap(const void* p) noexcept;
+
+// Allocator that cleanses memory before giving it back (see secret_allocate).
 template <typename T>
 struct WipingAllocator {
   using value_type = T;
   WipingAllocator() noexcept = default;
   template <typename U>
   WipingAllocator(const WipingAllocator<U>&) noexcept {}  // NOLINT(implicit)
-  T* allocate(std::size_t n) { return std::allocator<T>{}.allocate(n); }
+  T* allocate(std::size_t n) { return static_cast<T*>(secret_allocate(n * sizeof(T))); }
   void deallocate(T* p, std::size_t n) noexcept;
   template <typename U>
   bool operator==(const WipingAllocator<U>&) const noexcept {
@@ -31,8 +55,7 @@ void secure_wipe(void* p, std::size_t n) noexcept;
 
 template <typename T>
 void WipingAllocator<T>::deallocate(T* p, std::size_t n) noexcept {
-  secure_wipe(p, n * sizeof(T));
-  std::allocator<T>{}.deallocate(p, n);
+  secret_release(p, n * sizeof(T));
 }
 
 // Bytes that are secret. Move-only so copies do not multiply in memory.
