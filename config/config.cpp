@@ -153,7 +153,10 @@ const std::vector<SectionSchema>& schema() {
   static const std::vector<SectionSchema> kSchema{
       {"server",
        {"public_listen", "admin_listen", "tls_names", "unseal_socket", "worker_threads",
-        "io_threads", "max_body_bytes", "request_timeout_seconds"}},
+        "io_threads", "max_body_bytes", "request_timeout_seconds", "max_header_bytes",
+        "header_timeout_seconds", "body_timeout_seconds", "max_connections_per_source",
+        "enroll_rate_per_source", "enroll_rate_per_identity", "long_request_timeout_seconds",
+        "metrics_listen"}},
       {"token", {"module", "uri", "pool_size", "wrap_mechanism", "labels"}},
       {"token.labels", {"master_prefix", "master_mac_prefix", "ca", "audit"}},
       {"ca",
@@ -988,6 +991,27 @@ class Loader {
     set_int(s, "io_threads", 1, 16, c.io_threads);
     set_int(s, "max_body_bytes", 1024, 64 * 1024 * 1024, c.max_body_bytes);
     set_int(s, "request_timeout_seconds", 1, 600, c.request_timeout_seconds);
+    set_int(s, "max_header_bytes", 1024, 1024 * 1024, c.max_header_bytes);
+    set_int(s, "header_timeout_seconds", 1, 600, c.header_timeout_seconds);
+    set_int(s, "body_timeout_seconds", 1, 3600, c.body_timeout_seconds);
+    set_int(s, "max_connections_per_source", 0, 100000, c.max_connections_per_source);
+    set_int(s, "enroll_rate_per_source", 0, 1000000, c.enroll_rate_per_source);
+    set_int(s, "enroll_rate_per_identity", 0, 1000000, c.enroll_rate_per_identity);
+    set_int(s, "long_request_timeout_seconds", 1, 86400, c.long_request_timeout_seconds);
+    if (const toml::node* n = get(s, "metrics_listen", false)) {
+      Endpoint m;
+      const std::size_t before = problems_.size();
+      endpoint(s, "metrics_listen", m);
+      auto wildcard = [](const std::string& h) { return h == "0.0.0.0" || h == "::"; };
+      for (const Endpoint* other : {&c.public_listen, &c.admin_listen}) {
+        if (problems_.size() == before && m.port == other->port &&
+            (m.host == other->host || wildcard(m.host) || wildcard(other->host)))
+          problem(line_of(*n), key_of(s, "metrics_listen"),
+                  "conflicts with " + other->to_string() +
+                      " (public_listen or admin_listen): the metrics listener needs its own port");
+      }
+      if (problems_.size() == before) c.metrics_listen = m;
+    }
   }
 
   void label(const Section& s, std::string_view key, std::string& out) {
