@@ -23,29 +23,14 @@ using ::testing::HasSubstr;
 using json = nlohmann::json;
 namespace fs = std::filesystem;
 
-constexpr const char* kAdminPass = "correct horse battery staple";  // the harness's admin p12
 constexpr const char* kNewPass = "new administrator passphrase";
-
-struct Reply {
-  int status = 0;
-  std::string body;
-  json j() const { return json::parse(body, nullptr, false); }
-};
 
 class AdminsTest : public KmsdTest {
  protected:
   // Starts kmsd with EXTRA appended to the configuration (e.g. [approvals.required]).
   void boot(const std::string& extra = "") {
-    write_config("file", extra);
-    ASSERT_EQ(init().status, 0);
-    start();
-    ASSERT_TRUE(wait_ready(200)) << log_text();
-    ASSERT_EQ(sh("curl -s -m 5 -o " + shell_quote(dir() / "ca.pem") + " " +
-                 shell_quote(public_url() + "/ca.pem"))
-                  .status,
-              0);
-    std::ofstream(new_pass()) << kNewPass << "\n";
-    fs::permissions(new_pass(), fs::perms::owner_read | fs::perms::owner_write);
+    KmsdTest::boot(extra);
+    write_private(new_pass(), std::string(kNewPass) + "\n");
   }
 
   fs::path new_pass() const { return dir() / "new.pass"; }
@@ -67,27 +52,12 @@ class AdminsTest : public KmsdTest {
   }
 
   // curl as NAME (alice, or an administrator added with add_admin), or with CERT_ARGS.
-  Reply call(const std::string& method, const std::string& path, const json& body = nullptr,
-             const std::string& who = "alice", const std::string& cert_args = "") {
-    std::string cmd = "curl -s -m 60 --cacert " + shell_quote(dir() / "ca.pem") + " -X " + method +
-                      " -w '\\n%{http_code}' ";
-    if (!cert_args.empty())
-      cmd += cert_args;
-    else if (who == "alice")
-      cmd += "--cert-type P12 --cert " + shell_quote(admin_p12().string() + ":" + kAdminPass);
-    else
-      cmd += "--cert-type P12 --cert " + shell_quote(p12_of(who).string() + ":" + kNewPass);
-    if (!body.is_null())
-      cmd += " -H 'Content-Type: application/json' --data-binary " + shell_quote(body.dump());
-    cmd += " " + shell_quote("https://localhost:" + std::to_string(admin_port_) + path);
-    auto r = sh(cmd);
-    Reply out;
-    auto nl = r.output.rfind('\n');
-    if (nl != std::string::npos) {
-      out.body = r.output.substr(0, nl);
-      out.status = std::atoi(r.output.c_str() + nl + 1);
-    }
-    return out;
+  ApiReply call(const std::string& method, const std::string& path, const json& body = nullptr,
+                const std::string& who = "alice", const std::string& cert_args = "") {
+    if (cert_args.empty() && who != "alice")
+      return api(method, path, body,
+                 "--cert-type P12 --cert " + shell_quote(p12_of(who).string() + ":" + kNewPass));
+    return api(method, path, body, cert_args);
   }
 
   std::string sql(const std::string& query) {
@@ -102,7 +72,7 @@ class AdminsTest : public KmsdTest {
         .output;
   }
 
-  Reply enable_user(const std::string& id) {
+  ApiReply enable_user(const std::string& id) {
     return call("POST", "/v1/users",
                 {{"id", id}, {"email", id + "@example.com"}, {"display_name", "User " + id}});
   }

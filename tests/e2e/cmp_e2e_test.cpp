@@ -20,14 +20,7 @@ class CmpE2eTest : public KmsdTest {
  protected:
   void SetUp() override {
     KmsdTest::SetUp();
-    write_config("file");
-    ASSERT_EQ(init().status, 0);
-    start();
-    ASSERT_TRUE(wait_ready(200)) << log_text();
-    ASSERT_EQ(sh("curl -s -m 5 -o " + shell_quote(dir() / "ca.pem") + " " +
-                 shell_quote(public_url() + "/ca.pem"))
-                  .status,
-              0);
+    boot();
     for (const char* k : {"sign.key", "new.key"})
       ASSERT_EQ(sh("openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out " + path(k))
                     .status,

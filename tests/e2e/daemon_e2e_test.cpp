@@ -204,14 +204,7 @@ TEST_F(KmsdTest, FileSourceRefusesAFileReadableByOthers) {
 }
 
 TEST_F(KmsdTest, AdminListenerRequiresAnAdministratorCertificate) {
-  write_config("file");
-  ASSERT_EQ(init().status, 0);
-  start();
-  ASSERT_TRUE(wait_ready(200)) << log_text();
-  ASSERT_EQ(sh("curl -s -m 5 -o " + shell_quote(dir() / "ca.pem") + " " +
-               shell_quote(public_url() + "/ca.pem"))
-                .status,
-            0);
+  boot();
   std::string curl =
       "curl -s -m 10 --cacert " + shell_quote(dir() / "ca.pem") + " -w '\\n%{http_code}' ";
   auto ok = sh(curl + "--cert-type P12 --cert " +

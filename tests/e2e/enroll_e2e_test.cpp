@@ -22,33 +22,14 @@ using ::testing::Not;
 using json = nlohmann::json;
 namespace fs = std::filesystem;
 
-std::string read_file(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-void write_file(const fs::path& p, const std::string& text) {
-  std::ofstream(p, std::ios::binary) << text;
-  fs::permissions(p, fs::perms::owner_read | fs::perms::owner_write);
-}
-
 class EnrollTest : public KmsdTest {
  protected:
   void SetUp() override { KmsdTest::SetUp(); }
 
   // Writes the configuration (EXTRA appended), initializes, starts and fetches ca.pem.
   void boot(const std::string& extra = "") {
-    write_config("file", extra);
-    ASSERT_EQ(init().status, 0);
-    start();
-    ASSERT_TRUE(wait_ready(200)) << log_text();
-    ASSERT_EQ(sh("curl -s -m 5 -o " + shell_quote(dir() / "ca.pem") + " " +
-                 shell_quote(public_url() + "/ca.pem"))
-                  .status,
-              0);
-    write_file(dir() / "user.pass", "user pass phrase\n");
+    KmsdTest::boot(extra);
+    write_private(dir() / "user.pass", "user pass phrase\n");
   }
 
   // Enables ID and returns the token shown once.
@@ -67,7 +48,7 @@ class EnrollTest : public KmsdTest {
   // kmsctl enroll; on success writes sign-OUT.pem and enc-OUT.pem from the JSON summary.
   CommandResult enroll(const std::string& id, const std::string& token, const std::string& out,
                        const std::string& more = "") {
-    write_file(dir() / "token.txt", token + "\n");
+    write_private(dir() / "token.txt", token + "\n");
     auto r = kmsctl("enroll --user " + shell_quote(id) + " --token-file " +
                     shell_quote(dir() / "token.txt") + " --out " + shell_quote(dir() / out) +
                     user_options() + more);
@@ -78,8 +59,8 @@ class EnrollTest : public KmsdTest {
   void save_certs(const std::string& output, const std::string& out) {
     auto j = json::parse(output.substr(output.find('{')), nullptr, false);
     ASSERT_TRUE(j.is_object()) << output;
-    write_file(dir() / ("sign-" + out + ".pem"), j["signing_certificate"].get<std::string>());
-    write_file(dir() / ("enc-" + out + ".pem"), j["encryption_certificate"].get<std::string>());
+    write_private(dir() / ("sign-" + out + ".pem"), j["signing_certificate"].get<std::string>());
+    write_private(dir() / ("enc-" + out + ".pem"), j["encryption_certificate"].get<std::string>());
   }
 
   // The private keys in P12, one PEM file each: key1.pem, key2.pem, ... in P12's order.
@@ -93,13 +74,13 @@ class EnrollTest : public KmsdTest {
     int n = 0;
     for (auto it = std::sregex_iterator(all.begin(), all.end(), block);
          it != std::sregex_iterator(); ++it)
-      write_file(dir() / (prefix + "-key" + std::to_string(++n) + ".pem"), it->str() + "\n");
+      write_private(dir() / (prefix + "-key" + std::to_string(++n) + ".pem"), it->str() + "\n");
     return n;
   }
 
   // Encrypts TEXT to the certificate in CERT_PEM with the stock openssl cms.
   void encrypt_to(const std::string& cert_pem, const std::string& text, const std::string& out) {
-    write_file(dir() / "plain.txt", text);
+    write_private(dir() / "plain.txt", text);
     auto r = sh("openssl cms -encrypt -binary -aes256 -in " + shell_quote(dir() / "plain.txt") +
                 " -out " + shell_quote(dir() / out) + " " + shell_quote(dir() / cert_pem));
     ASSERT_EQ(r.status, 0) << r.output;

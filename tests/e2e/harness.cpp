@@ -56,13 +56,24 @@ CommandResult sh(const std::string& cmd) {
   return r;
 }
 
+std::string read_file(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+void write_private(const fs::path& p, const std::string& text) {
+  std::ofstream(p, std::ios::binary) << text;
+  fs::permissions(p, fs::perms::owner_read | fs::perms::owner_write);
+}
+
 void KmsdTest::SetUp() {
   TokenSandbox::SetUp();
   public_port_ = free_port();
   admin_port_ = free_port();
   while (admin_port_ == public_port_) admin_port_ = free_port();
-  std::ofstream(pass_path()) << "correct horse battery staple\n";
-  fs::permissions(pass_path(), fs::perms::owner_read | fs::perms::owner_write);
+  write_private(pass_path(), "correct horse battery staple\n");
 }
 
 namespace {
@@ -161,6 +172,25 @@ void KmsdTest::start_on_terminal(const std::string& typed) {
   FAIL() << "kmsd on a terminal did not answer /healthz\nlog:\n" << log_text();
 }
 
+void KmsdTest::boot(const std::string& extra) {
+  write_config("file", extra);
+  launch();
+}
+
+void KmsdTest::launch() {
+  auto in = init();
+  ASSERT_EQ(in.status, 0) << in.output;
+  start();
+  ASSERT_TRUE(wait_ready(200)) << log_text();
+  fetch_ca();
+}
+
+void KmsdTest::fetch_ca() {
+  auto r = sh("curl -s -S -m 5 -o " + shell_quote(dir() / "ca.pem") + " " +
+              shell_quote(public_url() + "/ca.pem"));
+  ASSERT_EQ(r.status, 0) << r.output;
+}
+
 void KmsdTest::start() {
   pid_ = spawn({kmsd_bin().string(), "--config", conf_path().string()}, dir() / "kmsd.stderr");
   for (int i = 0; i < 200; ++i) {
@@ -242,10 +272,7 @@ ApiReply KmsdTest::enable(const std::string& id, const std::string& name) {
 }
 
 std::string KmsdTest::log_text() const {
-  std::ifstream f(log_path());
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
+  return read_file(log_path());
 }
 
 }  // namespace kmsd::testing

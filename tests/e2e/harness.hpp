@@ -32,6 +32,10 @@ struct ApiReply {
   nlohmann::json j() const { return nlohmann::json::parse(body, nullptr, false); }
 };
 CommandResult sh(const std::string& cmd);
+// The whole file (empty when it cannot be read).
+std::string read_file(const std::filesystem::path& p);
+// Writes TEXT to P with mode 0600 (passphrase and PIN files).
+void write_private(const std::filesystem::path& p, const std::string& text);
 
 class KmsdTest : public TokenSandbox {
  protected:
@@ -44,6 +48,13 @@ class KmsdTest : public TokenSandbox {
   void write_secret_file(const std::string& secret, unsigned mode = 0600);
   // kmsctl init with the admin PKCS#12 at admin_p12().
   CommandResult init();
+  // The usual start of an end-to-end test: write_config("file", EXTRA), then launch().
+  void boot(const std::string& extra = "");
+  // kmsctl init, start, wait until ready, fetch the CA certificate to ca.pem (for a config
+  // the test wrote itself).
+  void launch();
+  // GET /ca.pem from the public listener into dir()/ca.pem.
+  void fetch_ca();
   // Starts kmsd and waits until /healthz answers.
   void start();
   // Starts kmsd on a pseudo-terminal (util-linux `script`) and types TYPED at its prompt;

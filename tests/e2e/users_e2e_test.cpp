@@ -27,14 +27,7 @@ class UsersTest : public KmsdTest {
  protected:
   void SetUp() override {
     KmsdTest::SetUp();
-    write_config("file");
-    ASSERT_EQ(init().status, 0);
-    start();
-    ASSERT_TRUE(wait_ready(200)) << log_text();
-    ASSERT_EQ(sh("curl -s -m 5 -o " + shell_quote(dir() / "ca.pem") + " " +
-                 shell_quote(public_url() + "/ca.pem"))
-                  .status,
-              0);
+    boot();
   }
 };
 

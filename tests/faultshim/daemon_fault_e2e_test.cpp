@@ -22,18 +22,6 @@ using json = nlohmann::json;
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-std::string read_file(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-void write_private(const fs::path& p, const std::string& text) {
-  std::ofstream(p, std::ios::binary) << text;
-  fs::permissions(p, fs::perms::owner_read | fs::perms::owner_write);
-}
-
 struct Reply {
   int status = 0;
   std::string retry_after;
@@ -61,14 +49,7 @@ class FaultE2eTest : public KmsdTest {
             std::string("module = \"") + kFaultShimModule + "\"");
     replace("[server]\n", "[server]\nrequest_timeout_seconds = 3\n");
     std::ofstream(conf_path()) << conf;
-    auto in = init();
-    ASSERT_EQ(in.status, 0) << in.output;
-    start();
-    ASSERT_TRUE(wait_ready(200)) << log_text();
-    ASSERT_EQ(sh("curl -s -m 5 -o " + shell_quote(dir() / "ca.pem") + " " +
-                 shell_quote(public_url() + "/ca.pem"))
-                  .status,
-              0);
+    launch();
     write_private(dir() / "user.pass", "user pass phrase\n");
   }
 
@@ -136,14 +117,7 @@ class FaultE2eTest : public KmsdTest {
 
 class DaemonOutage : public FaultE2eTest, public ::testing::WithParamInterface<const char*> {};
 
-INSTANTIATE_TEST_SUITE_P(Faults, DaemonOutage,
-                         ::testing::Values("device-removed", "session-invalid", "device-error",
-                                           "not-logged-in"),
-                         [](const auto& info) {
-                           std::string s = info.param;
-                           std::erase(s, '-');
-                           return s;
-                         });
+INSTANTIATE_TEST_SUITE_P(Faults, DaemonOutage, kEveryOutage, outage_test_name);
 
 TEST_P(DaemonOutage, DegradedWith503DuringAndServesAgainWithoutRestart) {
   boot();

@@ -1,6 +1,7 @@
 // Fault-injecting PKCS#11 module for tests: a shim that forwards every call to a real module
 // (SoftHSM2) and, on command, fails or delays calls the way a flaky or unplugged HSM would.
-// kmsd loads it like any module (token.module = path of this .so); see README.md, "When the token misbehaves".
+// kmsd loads it like any module (token.module = path of this .so); see README.md, "When the token
+// misbehaves".
 //
 // Environment (read by the process that loads the shim):
 //   KMSD_FAULTSHIM_MODULE    the real module (default /usr/lib/softhsm/libsofthsm2.so)

@@ -2,6 +2,8 @@
 // control file it re-reads on every call, and the statistics file it writes.
 #pragma once
 
+#include <gtest/gtest.h>
+
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -55,6 +57,16 @@ class ShimControl {
   std::filesystem::path control_;
   std::filesystem::path stats_;
 };
+
+// The outages the shim injects, for INSTANTIATE_TEST_SUITE_P(..., kEveryOutage,
+// outage_test_name): each test runs once per kind of fault.
+inline const auto kEveryOutage =
+    ::testing::Values("device-removed", "session-invalid", "device-error", "not-logged-in");
+inline std::string outage_test_name(const ::testing::TestParamInfo<const char*>& info) {
+  std::string s = info.param;
+  std::erase(s, '-');
+  return s;
+}
 
 // Polls PRED every 20 ms until it holds or LIMIT passes; returns whether it held.
 inline bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds limit) {

@@ -19,8 +19,10 @@ namespace {
 
 using namespace std::chrono_literals;
 using kmsd::testing::eventually;
+using kmsd::testing::kEveryOutage;
 using kmsd::testing::kFaultShimModule;
 using kmsd::testing::kUserPin;
+using kmsd::testing::outage_test_name;
 using kmsd::testing::ShimControl;
 using Clock = std::chrono::steady_clock;
 
@@ -103,14 +105,7 @@ class TokenFaultTest : public kmsd::testing::TokenSandbox {
 
 class EveryOutage : public TokenFaultTest, public ::testing::WithParamInterface<const char*> {};
 
-INSTANTIATE_TEST_SUITE_P(Faults, EveryOutage,
-                         ::testing::Values("device-removed", "session-invalid", "device-error",
-                                           "not-logged-in"),
-                         [](const auto& info) {
-                           std::string s = info.param;
-                           std::erase(s, '-');
-                           return s;
-                         });
+INSTANTIATE_TEST_SUITE_P(Faults, EveryOutage, kEveryOutage, outage_test_name);
 
 TEST_P(EveryOutage, FailsFastWhileItLastsAndServesAgainWithin2sOfClearing) {
   auto t = provisioned(options());

@@ -25,13 +25,8 @@ class CardE2eTest : public KmsdTest {
   void SetUp() override {
     KmsdTest::SetUp();
     for (const char* c : {"op1", "op2", "op3", "other1", "other2"}) token().add_token(c, kCardPin);
-    write_file(card_pin_path(), kCardPin);
-    write_file(wrong_pin_path(), "00000000");
-  }
-
-  static void write_file(const fs::path& p, const std::string& text) {
-    std::ofstream(p) << text << "\n";
-    ::chmod(p.c_str(), 0600);
+    write_private(card_pin_path(), std::string(kCardPin) + "\n");
+    write_private(wrong_pin_path(), "00000000\n");
   }
   fs::path card_pin_path() const { return dir() / "card.pin"; }
   fs::path wrong_pin_path() const { return dir() / "wrong.pin"; }
