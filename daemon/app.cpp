@@ -20,6 +20,7 @@
 #include "daemon/approvals/approvals.hpp"
 #include "daemon/approvals/policy_gate.hpp"
 #include "daemon/audit/audit_log.hpp"
+#include "daemon/audit/outage_log.hpp"
 #include "daemon/cmp/cmp_server.hpp"
 #include "daemon/enroll/enrollment.hpp"
 #include "daemon/enroll/key_export.hpp"
@@ -83,6 +84,11 @@ struct Daemon::Impl {
   std::unique_ptr<approvals::PolicyGate> gate;
   std::unique_ptr<admins::AdminService> admins;
   std::unique_ptr<enroll::KeyExport> key_export;
+  std::unique_ptr<audit::OutageLog> outages;  // key-token outages until they are audited
+
+  // The worker pool while run() runs (outage records are written there, not on token threads).
+  std::mutex pool_mu;
+  net::thread_pool* pool = nullptr;
 
   // TLS context for the admin listener, rebuilt whenever the key material changes.
   std::mutex tls_mu;
@@ -90,6 +96,10 @@ struct Daemon::Impl {
   std::shared_ptr<net::ssl::context> tls_ctx;
 
   std::atomic<bool> stopping{false};
+
+  ~Impl() {
+    if (token) token->set_health_observer(nullptr);  // it refers to outages, destroyed first
+  }
 
   std::shared_ptr<const config::Config> config() {
     std::lock_guard lk(cfg_mu);
@@ -168,8 +178,23 @@ struct Daemon::Impl {
       spdlog::info("approval rules: {}", out->message);
   }
 
+  // Keeps pending token outages in the store and writes the ended ones to the audit chain
+  // (that needs the token logged in; until then they stay pending).
+  void flush_outages() {
+    if (outages->pending() == 0) return;
+    auto r = outages->flush();
+    if (r.ok()) return;
+    if (token->logged_in() && !token->status().degraded)
+      spdlog::warn("{}; will try again", r.error().message);
+  }
+  void flush_outages_soon() {
+    std::lock_guard lk(pool_mu);
+    if (pool) net::post(*pool, [this] { flush_outages(); });
+  }
+
   // Every two seconds on a worker.
   void maintain() {
+    flush_outages();
     refresh_crl();
     settle_approval_rules();
   }
@@ -231,6 +256,8 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
   topts.pool_size = cfg.token.pool_size;
   topts.wrap = cfg.token.wrap;
   topts.labels = cfg.token.labels;
+  topts.call_timeout = std::chrono::milliseconds(cfg.token.call_timeout_milliseconds);
+  topts.probe_interval = std::chrono::milliseconds(cfg.token.probe_interval_milliseconds);
   KMSD_ASSIGN_OR_RETURN(impl->token, hsm::Token::open(topts));
   startup::SealOptions sopts;
   sopts.tls_names = cfg.server.tls_names;
@@ -253,9 +280,18 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
   impl->policy = std::make_unique<policy::PolicyInForce>(
       std::make_shared<const policy::PolicyCheck>(std::move(policy)));
   impl->audit = std::make_unique<audit::AuditLog>(*impl->store, *impl->token);
+  impl->outages = std::make_unique<audit::OutageLog>(*impl->store, *impl->audit);
+  KMSD_TRY(impl->outages->load());
+  impl->token->set_health_observer([d = impl.get()](const hsm::TokenOutage& o) {
+    d->outages->observe(o);
+    if (o.ended) d->flush_outages_soon();
+  });
   impl->seal->set_audit_hook(
-      [a = impl->audit.get()](const std::string& action, const std::string& detail) {
-        return a->append("operator", action, {{"detail", detail}});
+      [d = impl.get()](const std::string& action, const std::string& detail) {
+        // An outage that sealed kmsd (its PIN refused) ended with this unseal's login: its record
+        // goes first.
+        if (action == "seal.unseal") d->flush_outages();
+        return d->audit->append("operator", action, {{"detail", detail}});
       });
   impl->approvals = std::make_unique<approvals::Approvals>(*impl->store, *impl->audit);
   impl->gate =
@@ -303,7 +339,7 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
       std::chrono::hours(cfg.approvals.ttl_hours));
   impl->cmp = std::make_unique<cmp::CmpServer>(
       *impl->enrollment, *impl->token, *impl->store, [d] { return d->ca_certificate(); },
-      cfg.ca.digest);
+      [d] { return d->config()->ca.digest; });
   impl->cfg = std::make_shared<const config::Config>(std::move(cfg));
   return std::unique_ptr<Daemon>(new Daemon(std::move(impl)));
 }
@@ -313,6 +349,10 @@ int Daemon::run() {
   auto cfg = d.config();
   net::io_context ioc(static_cast<int>(cfg->server.io_threads));
   net::thread_pool workers(cfg->server.worker_threads);
+  {
+    std::lock_guard lk(d.pool_mu);
+    d.pool = &workers;
+  }
 
   api::PublicRoutes public_routes(*d.seal);
   api::PkiRoutes pki_routes(d.pki_handlers());
@@ -480,6 +520,10 @@ int Daemon::run() {
   for (auto& t : io) t.join();
   d.stopping = true;
   if (prompt_thread.joinable()) prompt_thread.join();
+  {
+    std::lock_guard lk(d.pool_mu);
+    d.pool = nullptr;
+  }
   workers.join();
   sock->reset();
   if (d.cards) d.cards->cancel();

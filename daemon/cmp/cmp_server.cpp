@@ -208,7 +208,7 @@ bool can_sign(EVP_PKEY* key, const EVP_MD* md) {
 
 struct CmpServer::Impl {
   Impl(enroll::EnrollmentService& s, hsm::Token& t, store::Store& st,
-       std::function<ossl::X509Ptr()> ca, std::string d, Options o)
+       std::function<ossl::X509Ptr()> ca, std::function<std::string()> d, Options o)
       : service(s),
         token(t),
         store(st),
@@ -263,7 +263,7 @@ struct CmpServer::Impl {
   void forget(const std::string& tid, const std::shared_ptr<Transaction>& t);
 
   const EVP_MD* md() const {
-    const EVP_MD* m = ca::digest_by_name(digest);
+    const EVP_MD* m = ca::digest_by_name(digest());
     return m != nullptr ? m : EVP_sha256();
   }
   Result<ossl::EvpPkeyPtr> fresh_key();
@@ -306,7 +306,7 @@ struct CmpServer::Impl {
   hsm::Token& token;
   store::Store& store;
   std::function<ossl::X509Ptr()> ca_certificate;
-  std::string digest;
+  std::function<std::string()> digest;
   Options options;
 
   std::mutex responder_mu;
@@ -969,10 +969,17 @@ int CmpServer::Impl::refuse_cert_conf(OSSL_CMP_SRV_CTX* srv, const OSSL_CMP_MSG*
 // ---------------------------------------------------------------------------------------------
 
 CmpServer::CmpServer(enroll::EnrollmentService& service, hsm::Token& token, store::Store& store,
-                     std::function<ossl::X509Ptr()> ca_certificate, std::string digest,
-                     Options options)
+                     std::function<ossl::X509Ptr()> ca_certificate,
+                     std::function<std::string()> digest, Options options)
     : impl_(std::make_unique<Impl>(service, token, store, std::move(ca_certificate),
                                    std::move(digest), options)) {}
+
+CmpServer::CmpServer(enroll::EnrollmentService& service, hsm::Token& token, store::Store& store,
+                     std::function<ossl::X509Ptr()> ca_certificate, std::string digest,
+                     Options options)
+    : CmpServer(
+          service, token, store, std::move(ca_certificate), [d = std::move(digest)] { return d; },
+          options) {}
 
 CmpServer::~CmpServer() = default;
 

@@ -59,8 +59,13 @@ struct Options {
 // transaction are processed one at a time; different transactions run in parallel.
 class CmpServer {
  public:
-  // DIGEST ("sha256", "sha384", "sha512") is used for the signatures on responses.
+  // DIGEST gives the digest ("sha256", "sha384", "sha512") for the signatures on responses,
+  // asked for each response so that a reloaded configuration applies at once.
   // CA_CERTIFICATE gives the CA certificate in force (null while sealed).
+  CmpServer(enroll::EnrollmentService& service, hsm::Token& token, store::Store& store,
+            std::function<ossl::X509Ptr()> ca_certificate, std::function<std::string()> digest,
+            Options options = {});
+  // With a fixed digest.
   CmpServer(enroll::EnrollmentService& service, hsm::Token& token, store::Store& store,
             std::function<ossl::X509Ptr()> ca_certificate, std::string digest,
             Options options = {});

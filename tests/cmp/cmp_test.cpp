@@ -9,6 +9,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <thread>
 
@@ -99,7 +100,12 @@ class CmpTest : public testing::TokenSandbox {
 
   void make_server(cmp::Options options) {
     server_ = std::make_unique<cmp::CmpServer>(
-        *enroll_, *token_, *store_, [this] { return ref(ca_.get()); }, "sha256", options);
+        *enroll_, *token_, *store_, [this] { return ref(ca_.get()); },
+        [this] {
+          std::lock_guard lk(mu_);
+          return digest_;
+        },
+        options);
   }
 
   // Enables USER and returns the token as the administrator hands it out.
@@ -209,6 +215,7 @@ class CmpTest : public testing::TokenSandbox {
   std::unique_ptr<users::UserService> users_;
   std::unique_ptr<enroll::EnrollmentService> enroll_;
   std::unique_ptr<cmp::CmpServer> server_;
+  std::string digest_ = "sha256";  // [ca] digest as the server reads it (under mu_)
   std::mutex mu_;
   std::vector<std::vector<std::uint8_t>> sent_;  // every request body, in order
   int last_status_ = 0;
@@ -354,6 +361,38 @@ TEST_F(CmpTest, KurRenewsWithANewCertificateForTheSameSubject) {
   auto servers = store_->certificates(store::CertKind::kServer).value();
   ASSERT_EQ(servers.size(), 1u);
   EXPECT_THAT(servers.front().subject, HasSubstr("CMP responder"));
+}
+
+TEST_F(CmpTest, AReloadedDigestSignsTheNextResponsesWithoutARestart) {
+  const std::string token = enable("ann");
+  auto key = new_key();
+  auto cert = ir("ann", token, key.get());
+  ASSERT_NE(cert, nullptr);
+  // ecdsa-with-SHA384 (1.2.840.10045.4.3.3), as DER, in a signed response's protectionAlg.
+  const std::vector<std::uint8_t> sha384_oid{0x06, 0x08, 0x2a, 0x86, 0x48,
+                                             0xce, 0x3d, 0x04, 0x03, 0x03};
+  auto kur_reply = [&] {
+    auto ctx = holder_client(cert.get(), key.get());
+    auto new_k = new_key();
+    EVP_PKEY_up_ref(new_k.get());
+    OSSL_CMP_CTX_set0_newPkey(ctx.get(), 1, new_k.get());
+    OSSL_CMP_CTX_set_option(ctx.get(), OSSL_CMP_OPT_IMPLICIT_CONFIRM, 1);
+    ossl::X509Ptr renewed = ref(OSSL_CMP_exec_KUR_ses(ctx.get()));
+    EXPECT_NE(renewed, nullptr) << status_text(ctx.get());
+    if (renewed) cert = std::move(renewed);
+    std::lock_guard lk(mu_);
+    return last_body_;
+  };
+  auto before = kur_reply();
+  EXPECT_EQ(std::search(before.begin(), before.end(), sha384_oid.begin(), sha384_oid.end()),
+            before.end());
+  {
+    std::lock_guard lk(mu_);
+    digest_ = "sha384";  // what a SIGHUP with [ca] digest = "sha384" does
+  }
+  auto after = kur_reply();
+  EXPECT_NE(std::search(after.begin(), after.end(), sha384_oid.begin(), sha384_oid.end()),
+            after.end());
 }
 
 TEST_F(CmpTest, KurSignedByACertificateOfAnotherCaIsRefused) {
