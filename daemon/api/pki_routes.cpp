@@ -180,7 +180,9 @@ Result<SecretBytes> pkcs8_pem(const SecretBytes& der) {
   return SecretBytes(reinterpret_cast<const std::uint8_t*>(p), static_cast<std::size_t>(n));
 }
 
-Result<json> keys_json(const std::vector<enroll::DeliveredKey>& keys) {
+}  // namespace
+
+Result<json> delivered_keys_json(const std::vector<enroll::DeliveredKey>& keys) {
   json out = json::array();
   for (const auto& k : keys) {
     KMSD_ASSIGN_OR_RETURN(auto cert, ossl::x509_to_pem(k.certificate.get()));
@@ -195,13 +197,15 @@ Result<json> keys_json(const std::vector<enroll::DeliveredKey>& keys) {
   return out;
 }
 
+namespace {
+
 Result<json> enrollment_json(const enroll::Enrollment& e) {
   json j{{"user", e.user_id}, {"recovered", e.recovered}};
   KMSD_ASSIGN_OR_RETURN(auto sign, ossl::x509_to_pem(e.signing_certificate.get()));
   KMSD_ASSIGN_OR_RETURN(auto enc, ossl::x509_to_pem(e.encryption_certificate.get()));
   j["signing_certificate"] = sign;
   j["encryption_certificate"] = enc;
-  KMSD_ASSIGN_OR_RETURN(j["keys"], keys_json(e.keys));
+  KMSD_ASSIGN_OR_RETURN(j["keys"], delivered_keys_json(e.keys));
   return j;
 }
 
@@ -271,7 +275,7 @@ Response EnrollRoutes::handle(const Request& req, const Peer& peer) const {
     if (!holder.ok()) return error_from(req, holder.error());
     auto keys = service_.keys_for(holder_cert());
     if (!keys.ok()) return error_from(req, keys.error());
-    auto kj = keys_json(*keys);
+    auto kj = delivered_keys_json(*keys);
     if (!kj.ok()) return error_from(req, kj.error());
     return answer(req, json{{"user", holder->user_id}, {"keys", *kj}});
   }

@@ -148,25 +148,9 @@ bool allowed(store::AdminRole role, http::verb verb, bool approval_call, bool ex
   return verb == http::verb::get;  // auditor: read only
 }
 
-// The keys of an export as kmsctl writes them into a PKCS#12: certificate and PKCS#8 private
-// key in PEM. The PEM text is the reply's only copy; the response buffer is the caller's.
+// An export: who, which request, and the keys (delivered_keys_json).
 Result<json> exported_keys_json(const enroll::ExportedKeys& e) {
-  json keys = json::array();
-  for (const auto& k : e.keys) {
-    KMSD_ASSIGN_OR_RETURN(auto cert, ossl::x509_to_pem(k.certificate.get()));
-    ossl::BioPtr bio(BIO_new(BIO_s_secmem()));
-    if (!bio || PEM_write_bio(bio.get(), "PRIVATE KEY", "", k.pkcs8_der.data(),
-                              static_cast<long>(k.pkcs8_der.size())) <= 0)
-      return ossl::crypto_error("encoding an exported key");
-    char* p = nullptr;
-    long n = BIO_get_mem_data(bio.get(), &p);
-    keys.push_back({{"version", k.version},
-                    {"key_id", k.key_id},
-                    {"algorithm", k.algorithm},
-                    {"certificate", std::move(cert)},
-                    {"private_key", std::string(p, static_cast<std::size_t>(n))}});
-    OPENSSL_cleanse(p, static_cast<std::size_t>(n));
-  }
+  KMSD_ASSIGN_OR_RETURN(auto keys, delivered_keys_json(e.keys));
   return json{{"user", e.user_id}, {"request_id", e.request_id}, {"keys", std::move(keys)}};
 }
 

@@ -3,11 +3,15 @@
 #pragma once
 
 #include <optional>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 
 #include "daemon/api/http_server.hpp"
 #include "daemon/approvals/approvals.hpp"
 #include "daemon/audit/audit_log.hpp"
+#include "daemon/enroll/enrollment.hpp"
 #include "daemon/startup/seal.hpp"
 #include "daemon/store/store.hpp"
 #include "daemon/users/user_service.hpp"
@@ -70,5 +74,9 @@ class AdminRoutes {
 
 // Maps a service error to its HTTP status and {"error", "reason"} body.
 Response error_from(const Request& req, const Error& e);
+
+// Escrowed keys as kmsctl writes them into a PKCS#12 (enrollment, recovery, key export): per
+// key its history version, id, algorithm, certificate PEM and PKCS#8 private key PEM.
+Result<nlohmann::json> delivered_keys_json(const std::vector<enroll::DeliveredKey>& keys);
 
 }  // namespace kmsd::api
