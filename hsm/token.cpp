@@ -75,6 +75,24 @@ std::optional<KeyType> parse_key_type(std::string_view s) noexcept {
   return std::nullopt;
 }
 
+const char* to_string(Fault f) noexcept {
+  switch (f) {
+    case Fault::kNone:
+      return "none";
+    case Fault::kCallerError:
+      return "caller-error";
+    case Fault::kSessionLost:
+      return "session-lost";
+    case Fault::kTokenGone:
+      return "token-gone";
+    case Fault::kPinIncorrect:
+      return "pin-incorrect";
+    case Fault::kPinLocked:
+      return "pin-locked";
+  }
+  return "unknown";
+}
+
 namespace {
 
 constexpr CK_BBOOL kTrue = CK_TRUE;
@@ -309,8 +327,60 @@ struct Token::Impl {
   bool degraded = false;
   std::string last_error;
   SlotInfo info;
+  // The outage in progress (from the failure that degraded the token until it serves again).
+  std::optional<TokenOutage> outage;
+  Clock::time_point outage_since;
+
+  // Told of outages, outside every other lock. Held while telling, so that once
+  // set_health_observer returns the old observer is never called again.
+  std::mutex health_mu;
+  Token::HealthObserver health_observer;
+  void tell(const std::optional<TokenOutage>& o) {
+    if (!o) return;
+    std::lock_guard lock(health_mu);
+    if (health_observer) health_observer(*o);
+  }
+  // With state_mu held: starts an outage unless one is in progress (a refused re-login marks
+  // the one in progress sealed). Returns what to tell the observer.
+  std::optional<TokenOutage> begin_outage_locked(const std::string& why, Fault fault,
+                                                 const std::string& code, bool sealed) {
+    if (outage) {
+      if (sealed && !outage->sealed) {
+        outage->sealed = true;
+        outage->fault = fault;
+        outage->code = code;
+        outage->cause = why;
+        return outage;
+      }
+      return std::nullopt;
+    }
+    outage.emplace();
+    outage->started = std::chrono::system_clock::now();
+    outage->fault = fault;
+    outage->code = code.empty() ? to_string(fault) : code;
+    outage->cause = why;
+    outage->sealed = sealed;
+    outage_since = Clock::now();
+    return outage;
+  }
+  // With state_mu held: ends the outage in progress. A sealed one ends only BY_LOGIN.
+  std::optional<TokenOutage> end_outage_locked(bool by_login) {
+    if (!outage || (outage->sealed && !by_login)) return std::nullopt;
+    TokenOutage done = std::move(*outage);
+    outage.reset();
+    done.ended = std::chrono::system_clock::now();
+    done.duration =
+        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - outage_since);
+    return done;
+  }
+  // One operation refused because of the outage in progress.
+  void count_refused() {
+    std::lock_guard lock(state_mu);
+    if (outage) ++outage->refused;
+  }
 
   Token::Observer observer;  // metrics; set once before the token is shared
+  WrapChoice wrap;           // decided at open(); opts.wrap is wrap.used
   template <typename R>
   R observed(const char* op, Clock::time_point t0, R r) {
     if (observer) observer(op, r.ok(), Clock::now() - t0);
@@ -385,18 +455,30 @@ struct Token::Impl {
     std::lock_guard lock(state_mu);
     return "'" + info.token_label + "'";
   }
+  // A login succeeded: the token serves, and any outage (a sealed one too) is over.
   void mark_healthy() {
-    std::lock_guard lock(state_mu);
-    degraded = false;
-    last_error.clear();
-    health_gen.fetch_add(1);
+    std::optional<TokenOutage> ended;
+    {
+      std::lock_guard lock(state_mu);
+      degraded = false;
+      last_error.clear();
+      health_gen.fetch_add(1);
+      ended = end_outage_locked(/*by_login=*/true);
+    }
+    tell(ended);
   }
-  void mark_degraded(const std::string& why) {
+  // FAULT and CODE classify the failure for the outage record (CODE: the CKR name, or
+  // "stalled"); SEALED: the retained PIN was refused.
+  void mark_degraded(const std::string& why, Fault fault = Fault::kTokenGone,
+                     const std::string& code = "", bool sealed = false) {
+    std::optional<TokenOutage> began;
     {
       std::lock_guard lock(state_mu);
       degraded = true;
       last_error = why;
+      began = begin_outage_locked(why, fault, code, sealed);
     }
+    tell(began);
     wake_prober();
   }
   bool is_degraded() const {
@@ -457,16 +539,19 @@ struct Token::Impl {
   }
 
   // Error to fail fast with, without touching the token, when it is degraded or stalled.
-  std::optional<Error> fail_fast() {
+  // COUNT: an operation is refused (not a status query), for the outage record.
+  std::optional<Error> fail_fast(bool count = true) {
     if (auto age = stalled()) {
       mark_degraded("a call to the key token has not returned for " + millis(*age) +
-                    " (call timeout " + millis(opts.call_timeout) + ")");
+                        " (call timeout " + millis(opts.call_timeout) + ")",
+                    Fault::kNone, "stalled");
     }
     std::string why;
     {
       std::lock_guard lock(state_mu);
       if (!degraded) return std::nullopt;
       why = last_error;
+      if (count && outage) ++outage->refused;
     }
     wake_prober();
     return Error{ErrorCode::kUnavailable, "the key token is unavailable: " + why +
@@ -503,19 +588,24 @@ struct Token::Impl {
     const std::uint64_t seen_health = health_gen.load();
     CallTimer timer(*this, true);
     Status st = recover(epoch.load());
-    std::lock_guard lock(state_mu);
-    if (health_gen.load() != seen_health) return;  // an operator's login decided meanwhile
-    if (!st.ok()) {
-      degraded = true;
-      last_error = st.error().message;
-    } else if (timer.elapsed() > opts.call_timeout) {
-      degraded = true;
-      last_error = "the key token answers, but slowly (recovery took " + millis(timer.elapsed()) +
-                   ", call timeout " + millis(opts.call_timeout) + ")";
-    } else {
-      degraded = false;
-      last_error.clear();
+    std::optional<TokenOutage> ended;
+    {
+      std::lock_guard lock(state_mu);
+      if (health_gen.load() != seen_health) return;  // an operator's login decided meanwhile
+      if (!st.ok()) {
+        degraded = true;
+        last_error = st.error().message;
+      } else if (timer.elapsed() > opts.call_timeout) {
+        degraded = true;
+        last_error = "the key token answers, but slowly (recovery took " + millis(timer.elapsed()) +
+                     ", call timeout " + millis(opts.call_timeout) + ")";
+      } else {
+        degraded = false;
+        last_error.clear();
+        ended = end_outage_locked(/*by_login=*/false);
+      }
     }
+    tell(ended);
   }
 
   // The session must be logged in while we hold a PIN: a private object that "does not
@@ -675,7 +765,7 @@ struct Token::Impl {
                   "re-login after a lost session failed: " + why + " (" + p11::rv_name(rv) +
                       "); the PIN is forgotten and not tried again: log in (unseal) with the "
                       "current PIN"};
-          mark_degraded(e.message);
+          mark_degraded(e.message, fault, p11::rv_name(rv), /*sealed=*/true);
           return e;
         }
         if (rv != CKR_USER_ALREADY_LOGGED_IN) check_rv(rv, "C_Login");
@@ -690,8 +780,10 @@ struct Token::Impl {
     return {};
   }
 
-  Error unavailable(const std::string& why) {
-    mark_degraded(why);
+  // FAULT and RV: the failure that started it (for the outage record).
+  Error unavailable(const std::string& why, Fault fault, CK_RV rv) {
+    mark_degraded(why, fault, rv == CKR_OK ? "" : p11::rv_name(rv));
+    count_refused();
     return make_error(ErrorCode::kUnavailable, "the key token is unavailable: " + why +
                                                    "; kmsd keeps retrying in the background");
   }
@@ -716,11 +808,13 @@ struct Token::Impl {
       }
       // A request that races the seal after a refused re-login is told the truth: an outage
       // (503), not a missing step of its own.
-      if (rejected)
+      if (rejected) {
+        count_refused();
         return with_context(make_error(ErrorCode::kUnavailable,
                                        "the key token " + token_name() +
                                            " no longer accepts the startup secret (PIN changed or "
                                            "locked); kmsd is sealed until it is unsealed again"));
+      }
       return with_context(make_error(
           ErrorCode::kFailedPrecondition,
           "the key token " + token_name() + " is not logged in; log in with the user PIN first"));
@@ -741,13 +835,15 @@ struct Token::Impl {
         if (e.fault != Fault::kSessionLost && e.fault != Fault::kTokenGone) {
           return with_context(e.error);
         }
-        if (attempt > 0) return with_context(unavailable(e.error.message));
+        if (attempt > 0) return with_context(unavailable(e.error.message, e.fault, e.rv));
         Status st = recover(seen);
         if (!st.ok()) {
           if (st.error().code == ErrorCode::kUnauthenticated ||
-              st.error().code == ErrorCode::kPinLocked)
+              st.error().code == ErrorCode::kPinLocked) {
+            count_refused();
             return with_context(sealed_by(st.error()));
-          return with_context(unavailable(st.error().message));
+          }
+          return with_context(unavailable(st.error().message, e.fault, e.rv));
         }
       } catch (const std::bad_alloc&) {
         return make_error(ErrorCode::kInternal, "out of memory during a token operation");
@@ -980,6 +1076,50 @@ Result<std::vector<SlotInfo>> Token::list_slots(const std::string& module_path) 
   }
 }
 
+namespace {
+
+// Whether SLOT offers mechanism M with every flag in FLAGS.
+bool offers(const Module& m, CK_SLOT_ID slot, CK_MECHANISM_TYPE mech, CK_FLAGS flags) {
+  CK_MECHANISM_INFO info{};
+  if (m.f()->C_GetMechanismInfo(slot, mech, &info) != CKR_OK) return false;
+  return (info.flags & flags) == flags;
+}
+
+bool can_do(const Module& m, CK_SLOT_ID slot, WrapMechanism w) {
+  switch (w) {
+    case WrapMechanism::kAesKeyWrapPad:
+      return offers(m, slot, CKM_AES_KEY_WRAP_PAD, CKF_WRAP | CKF_UNWRAP);
+    case WrapMechanism::kAesGcm:
+      return offers(m, slot, CKM_AES_GCM, CKF_ENCRYPT | CKF_DECRYPT);
+    case WrapMechanism::kAesCbcPadHmac:
+      return offers(m, slot, CKM_AES_CBC_PAD, CKF_ENCRYPT | CKF_DECRYPT) &&
+             offers(m, slot, CKM_SHA256_HMAC, CKF_SIGN);
+  }
+  return false;
+}
+
+WrapChoice choose_wrap(const Module& m, CK_SLOT_ID slot, WrapMechanism configured) {
+  WrapChoice c{configured, configured, ""};
+  CK_ULONG n = 0;
+  if (m.f()->C_GetMechanismList(slot, nullptr, &n) != CKR_OK || n == 0) return c;
+  if (can_do(m, slot, configured)) return c;
+  for (WrapMechanism w : {WrapMechanism::kAesGcm, WrapMechanism::kAesCbcPadHmac}) {
+    if (w == configured || !can_do(m, slot, w)) continue;
+    c.used = w;
+    c.note = std::string("the token does not offer ") + to_string(configured) +
+             " (token.wrap_mechanism); data keys are protected with " + to_string(w) +
+             " instead. Set wrap_mechanism = \"" + to_string(w) + "\" to make this explicit";
+    return c;
+  }
+  c.note = std::string(
+               "the token offers none of aes-key-wrap-pad, aes-gcm, aes-cbc-pad-hmac "
+               "in its mechanism list; keeping ") +
+           to_string(configured) + " (sealing will fail if the token really lacks it)";
+  return c;
+}
+
+}  // namespace
+
 Result<std::unique_ptr<Token>> Token::open(const TokenOptions& options) {
   KMSD_ASSIGN_OR_RETURN(auto uri, TokenUri::parse(options.token_uri));
   KMSD_ASSIGN_OR_RETURN(auto module, Module::load(options.module_path));
@@ -1009,7 +1149,12 @@ Result<std::unique_ptr<Token>> Token::open(const TokenOptions& options) {
                           "' is not initialized; initialize it "
                           "first (softhsm2-util --init-token / pkcs11-tool --init-token)");
   }
-  auto impl = std::make_unique<Impl>(options, std::move(uri), std::move(module), matching[0]);
+  // Every use of the mechanism (seal, master-key generation) reads opts.wrap: decide it here.
+  const WrapChoice wrap = choose_wrap(*module, matching[0].slot_id, options.wrap);
+  TokenOptions effective = options;
+  effective.wrap = wrap.used;
+  auto impl = std::make_unique<Impl>(effective, std::move(uri), std::move(module), matching[0]);
+  impl->wrap = wrap;
   return std::unique_ptr<Token>(new Token(std::move(impl)));
 }
 
@@ -1046,7 +1191,7 @@ Status Token::login(const SecretBytes& pin) {
         lease.reset();
         d.forget_pin();
         Status st = d.recover(seen);
-        if (!st.ok()) return d.unavailable(st.error().message);
+        if (!st.ok()) return d.unavailable(st.error().message, fault, rv);
         continue;
       }
       if (fault == Fault::kPinIncorrect) {
@@ -1117,7 +1262,7 @@ TokenStatus Token::status() const {
   TokenStatus st;
   // Never waits on the token: no query while it is degraded or stalled, and none while another
   // thread's query is in progress (its flags are used instead).
-  const bool healthy = !d.fail_fast().has_value();
+  const bool healthy = !d.fail_fast(/*count=*/false).has_value();
   CK_RV rv = CKR_OK;
   if (healthy) {
     std::unique_lock q(d.info_query_mu, std::try_to_lock);
@@ -1577,6 +1722,15 @@ Result<SecretBytes> Token::read_data_object(const std::string& label) {
 
 void Token::set_observer(Observer observer) {
   impl_->observer = std::move(observer);
+}
+
+const WrapChoice& Token::wrap_choice() const noexcept {
+  return impl_->wrap;
+}
+
+void Token::set_health_observer(HealthObserver observer) {
+  std::lock_guard lock(impl_->health_mu);
+  impl_->health_observer = std::move(observer);
 }
 
 Token::PoolUsage Token::pool_usage() const {

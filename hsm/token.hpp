@@ -60,6 +60,18 @@ struct TokenOptions {
   std::chrono::milliseconds probe_interval{200};
 };
 
+// Which data-key protection a token can do, from its mechanism list (C_GetMechanismInfo):
+// the configured one when the token offers it, else the first of aes-gcm, aes-cbc-pad-hmac
+// that it offers (tpm2-pkcs11 has no key wrap), else the configured one unchanged (a token
+// that reports no mechanisms is taken at its word when the calls are made). The blob records
+// the mechanism it was sealed with, so records sealed before a change still open wherever
+// the token can do their mechanism.
+struct WrapChoice {
+  WrapMechanism configured = WrapMechanism::kAesKeyWrapPad;
+  WrapMechanism used = WrapMechanism::kAesKeyWrapPad;
+  std::string note;  // why USED differs from CONFIGURED, "" when they are the same
+};
+
 // What a failed token call means for the caller. Classified once, in one place.
 enum class Fault {
   kNone,
@@ -68,6 +80,24 @@ enum class Fault {
   kTokenGone,     // device removed/error, token not present: reopened + retried, else degraded
   kPinIncorrect,  // wrong PIN
   kPinLocked,     // PIN locked or expired: only a security officer can fix it
+};
+
+// "session-lost", "token-gone", "pin-incorrect", "pin-locked", "caller-error", "none".
+const char* to_string(Fault f) noexcept;
+
+// One outage of the key token: from the failure that degraded it until it serves again.
+// A stall (a call past call_timeout) has fault kNone and code "stalled". An outage whose
+// re-login the token refused (sealed) ends only at the next login (the operator's unseal),
+// not when the token merely answers again.
+struct TokenOutage {
+  std::chrono::system_clock::time_point started;
+  std::optional<std::chrono::system_clock::time_point> ended;  // unset while it lasts
+  std::chrono::milliseconds duration{0};                       // steady clock; set at the end
+  Fault fault = Fault::kNone;  // as classified (p11::classify) from the first failure
+  std::string code;            // "CKR_DEVICE_REMOVED", ..., or "stalled"
+  std::string cause;           // the first failure as operator text (never a secret)
+  std::uint64_t refused = 0;   // token operations refused (failed fast) while it lasted
+  bool sealed = false;         // the retained PIN was refused: the daemon sealed
 };
 
 // Token state as an operator would want it on /readyz.
@@ -119,6 +149,8 @@ class Token {
   void logout() noexcept;
   bool logged_in() const noexcept;
   TokenStatus status() const;
+  // The data-key protection in use (decided once, at open()).
+  const WrapChoice& wrap_choice() const noexcept;
 
   // ---- metrics ----
   // Told of every seal, open, hmac, random and CA-key fetch: a fixed operation name ("seal",
@@ -133,6 +165,13 @@ class Token {
     std::size_t in_use = 0;  // of those, leased to an operation now
   };
   PoolUsage pool_usage() const;
+  // Told when an outage starts (ended unset) and when it ends (ended, duration and refused
+  // set). Runs on whichever thread saw the change, with no lock of the Token held; it must be
+  // quick and must not throw or call this Token (queue the work elsewhere). May be set at any
+  // time; once this returns the previous observer is not called again (pass nullptr before
+  // destroying what it refers to).
+  using HealthObserver = std::function<void(const TokenOutage&)>;
+  void set_health_observer(HealthObserver observer);
 
   // ---- key creation (kmsctl init, rotation); refuse with kAlreadyExists if present ----
   // AES-256: CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, !CKA_EXTRACTABLE, CKA_WRAP/UNWRAP (and

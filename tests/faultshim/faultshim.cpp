@@ -11,6 +11,7 @@
 //   KMSD_FAULTSHIM_DELAY_MS  delay while no control file exists
 //   KMSD_FAULTSHIM_STATS     file rewritten after every injected fault or delay with
 //                            "injected N\ndelayed M\n" (so a test can see the shim was hit)
+//   KMSD_FAULTSHIM_HIDE_MECHANISMS  hide_mechanisms while no control file exists
 //
 // Control file: "key = value" lines, '#' starts a comment, unknown keys are ignored.
 //   fault     = none | device-removed | session-invalid | device-error | not-logged-in |
@@ -19,6 +20,12 @@
 //   functions = C_Sign,C_Login   only these functions are failed / delayed (default: all but
 //                                C_Initialize, C_Finalize, C_GetInfo, C_GetFunctionList)
 //   count     = N      fail at most N calls, then pass calls through again (0: no limit)
+//   hide_mechanisms = CKM_AES_KEY_WRAP_PAD,CKM_AES_GCM   mechanisms the token pretends not to
+//                      have (also CKM_AES_KEY_WRAP, CKM_AES_CBC_PAD, CKM_SHA256_HMAC, 0x hex):
+//                      left out of C_GetMechanismList; CKR_MECHANISM_INVALID from
+//                      C_GetMechanismInfo and from C_EncryptInit, C_DecryptInit, C_SignInit,
+//                      C_WrapKey, C_UnwrapKey with them (a token without key wrap, like
+//                      tpm2-pkcs11)
 //
 // What each fault does, on every matching call while it is in force:
 //   device-removed   all sessions are really closed (C_CloseAllSessions, once, when the fault
@@ -38,6 +45,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -76,9 +84,10 @@ Fault parse_fault(const std::string& s) {
 struct Plan {
   Fault fault = Fault::kNone;
   unsigned delay_ms = 0;
-  std::set<std::string> functions;  // empty: all
-  unsigned long count = 0;          // 0: unlimited
-  std::uint64_t generation = 0;     // bumped on every change
+  std::set<std::string> functions;     // empty: all
+  unsigned long count = 0;             // 0: unlimited
+  std::set<CK_MECHANISM_TYPE> hidden;  // mechanisms the token pretends not to have
+  std::uint64_t generation = 0;        // bumped on every change
   bool matches(const char* fn) const { return functions.empty() || functions.count(fn) > 0; }
 };
 
@@ -90,8 +99,29 @@ std::string trim(std::string s) {
   return s;
 }
 
+std::set<CK_MECHANISM_TYPE> parse_mechanisms(const std::string& value) {
+  static const std::pair<const char*, CK_MECHANISM_TYPE> kNames[] = {
+      {"CKM_AES_KEY_WRAP_PAD", CKM_AES_KEY_WRAP_PAD},
+      {"CKM_AES_KEY_WRAP", CKM_AES_KEY_WRAP},
+      {"CKM_AES_GCM", CKM_AES_GCM},
+      {"CKM_AES_CBC_PAD", CKM_AES_CBC_PAD},
+      {"CKM_SHA256_HMAC", CKM_SHA256_HMAC}};
+  std::set<CK_MECHANISM_TYPE> out;
+  std::stringstream ss(value);
+  std::string name;
+  while (std::getline(ss, name, ',')) {
+    name = trim(name);
+    for (const auto& [n, m] : kNames)
+      if (name == n) out.insert(m);
+    if (name.rfind("0x", 0) == 0) out.insert(std::strtoul(name.c_str(), nullptr, 16));
+  }
+  return out;
+}
+
 void parse_line(Plan& p, const std::string& key, const std::string& value) {
-  if (key == "fault") {
+  if (key == "hide_mechanisms") {
+    p.hidden = parse_mechanisms(value);
+  } else if (key == "fault") {
     p.fault = parse_fault(value);
   } else if (key == "delay_ms") {
     p.delay_ms = static_cast<unsigned>(std::strtoul(value.c_str(), nullptr, 10));
@@ -142,6 +172,7 @@ std::shared_ptr<const Plan> env_plan() {
   if (const char* f = env("KMSD_FAULTSHIM_FAULT")) p->fault = parse_fault(f);
   if (const char* d = env("KMSD_FAULTSHIM_DELAY_MS"))
     p->delay_ms = static_cast<unsigned>(std::strtoul(d, nullptr, 10));
+  if (const char* h = env("KMSD_FAULTSHIM_HIDE_MECHANISMS")) p->hidden = parse_mechanisms(h);
   return p;
 }
 
@@ -364,6 +395,88 @@ CK_RV shim_GetSessionInfo(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR info) {
   return rv;
 }
 
+// ---- hidden mechanisms ----
+
+const std::set<CK_MECHANISM_TYPE>& hidden_mechanisms() {
+  thread_local std::shared_ptr<const Plan> keep;
+  keep = current_plan();  // the set lives as long as this thread looks at it
+  return keep->hidden;
+}
+
+bool hidden(const CK_MECHANISM* m) {
+  return m != nullptr && hidden_mechanisms().count(m->mechanism) > 0;
+}
+
+CK_RV shim_GetMechanismList(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list, CK_ULONG_PTR count) {
+  Decision d = before("C_GetMechanismList", Kind::kSlot);
+  if (d.rv != CKR_OK) return d.rv;
+  if (count == nullptr) return CKR_ARGUMENTS_BAD;
+  CK_ULONG n = 0;
+  CK_RV rv = shim().real->C_GetMechanismList(slot, nullptr, &n);
+  if (rv != CKR_OK) return rv;
+  std::vector<CK_MECHANISM_TYPE> all(n);
+  rv = shim().real->C_GetMechanismList(slot, all.data(), &n);
+  if (rv != CKR_OK) return rv;
+  all.resize(n);
+  std::erase_if(all, [](CK_MECHANISM_TYPE m) { return hidden_mechanisms().count(m) > 0; });
+  if (list == nullptr) {
+    *count = all.size();
+    return CKR_OK;
+  }
+  if (*count < all.size()) {
+    *count = all.size();
+    return CKR_BUFFER_TOO_SMALL;
+  }
+  std::copy(all.begin(), all.end(), list);
+  *count = all.size();
+  return CKR_OK;
+}
+
+CK_RV shim_GetMechanismInfo(CK_SLOT_ID slot, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR info) {
+  Decision d = before("C_GetMechanismInfo", Kind::kSlot);
+  if (d.rv != CKR_OK) return d.rv;
+  if (hidden_mechanisms().count(type) > 0) return CKR_MECHANISM_INVALID;
+  return shim().real->C_GetMechanismInfo(slot, type, info);
+}
+
+CK_RV shim_EncryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
+  Decision d = before("C_EncryptInit", Kind::kSession);
+  if (d.rv != CKR_OK) return d.rv;
+  if (hidden(m)) return CKR_MECHANISM_INVALID;
+  return shim().real->C_EncryptInit(h, m, k);
+}
+
+CK_RV shim_DecryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
+  Decision d = before("C_DecryptInit", Kind::kSession);
+  if (d.rv != CKR_OK) return d.rv;
+  if (hidden(m)) return CKR_MECHANISM_INVALID;
+  return shim().real->C_DecryptInit(h, m, k);
+}
+
+CK_RV shim_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
+  Decision d = before("C_SignInit", Kind::kSession);
+  if (d.rv != CKR_OK) return d.rv;
+  if (hidden(m)) return CKR_MECHANISM_INVALID;
+  return shim().real->C_SignInit(h, m, k);
+}
+
+CK_RV shim_WrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE wrapping,
+                   CK_OBJECT_HANDLE key, CK_BYTE_PTR out, CK_ULONG_PTR out_len) {
+  Decision d = before("C_WrapKey", Kind::kSession);
+  if (d.rv != CKR_OK) return d.rv;
+  if (hidden(m)) return CKR_MECHANISM_INVALID;
+  return shim().real->C_WrapKey(h, m, wrapping, key, out, out_len);
+}
+
+CK_RV shim_UnwrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE unwrapping,
+                     CK_BYTE_PTR in, CK_ULONG in_len, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n,
+                     CK_OBJECT_HANDLE_PTR key) {
+  Decision d = before("C_UnwrapKey", Kind::kSession);
+  if (d.rv != CKR_OK) return d.rv;
+  if (hidden(m)) return CKR_MECHANISM_INVALID;
+  return shim().real->C_UnwrapKey(h, m, unwrapping, in, in_len, tmpl, n, key);
+}
+
 CK_RV shim_Initialize(void* args) {
   return shim().real->C_Initialize(args);
 }
@@ -467,6 +580,13 @@ CK_RV load() {
     KMSD_SHIM_FORWARD(C_GetFunctionStatus, kSess);
     KMSD_SHIM_FORWARD(C_CancelFunction, kSess);
     KMSD_SHIM_FORWARD(C_WaitForSlotEvent, kSlot);
+    s.list.C_GetMechanismList = &shim_GetMechanismList;
+    s.list.C_GetMechanismInfo = &shim_GetMechanismInfo;
+    s.list.C_EncryptInit = &shim_EncryptInit;
+    s.list.C_DecryptInit = &shim_DecryptInit;
+    s.list.C_SignInit = &shim_SignInit;
+    s.list.C_WrapKey = &shim_WrapKey;
+    s.list.C_UnwrapKey = &shim_UnwrapKey;
     result = CKR_OK;
   });
   return result;

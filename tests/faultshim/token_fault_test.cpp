@@ -312,5 +312,139 @@ TEST_F(TokenFaultTest, ConcurrentWorkDuringAnOutageNeverGetsAWrongAnswer) {
   EXPECT_GT(served.load(), before);  // serving again after the last outage
 }
 
+// The health observer hears of an outage when it starts and when it ends: the fault as
+// classified, the first failure's return code, the operations refused meanwhile.
+TEST_F(TokenFaultTest, OutageIsToldWhenItStartsAndWhenItEndsWithWhatWasRefused) {
+  auto t = provisioned(options());
+  ASSERT_TRUE(t);
+  std::mutex mu;
+  std::vector<TokenOutage> told;
+  t->set_health_observer([&](const TokenOutage& o) {
+    std::lock_guard lock(mu);
+    told.push_back(o);
+  });
+  auto count = [&] {
+    std::lock_guard lock(mu);
+    return told.size();
+  };
+  shim_->fault("device-error");
+  for (int i = 0; i < 3; ++i) EXPECT_FALSE(t->hmac_sha256(bytes("x")).ok());
+  ASSERT_EQ(count(), 1u);  // started, once
+  shim_->clear();
+  ASSERT_TRUE(eventually([&] { return count() == 2; }, 2s));
+  t->set_health_observer(nullptr);
+  const TokenOutage& start = told[0];
+  const TokenOutage& end = told[1];
+  EXPECT_FALSE(start.ended.has_value());
+  EXPECT_EQ(start.fault, Fault::kTokenGone);
+  EXPECT_EQ(start.code, "CKR_DEVICE_ERROR");
+  EXPECT_FALSE(start.sealed);
+  ASSERT_TRUE(end.ended.has_value());
+  EXPECT_EQ(end.started, start.started);
+  EXPECT_GE(*end.ended, end.started);
+  EXPECT_GT(end.duration.count(), 0);
+  EXPECT_EQ(end.refused, 3u);  // the three refused calls, not the probe's retries
+  EXPECT_EQ(end.code, "CKR_DEVICE_ERROR");
+  EXPECT_TRUE(t->hmac_sha256(bytes("x")).ok());
+}
+
+// A refused re-login is an outage that ends only at the next login, not when the token merely
+// answers again.
+TEST_F(TokenFaultTest, OutageOfARefusedPinEndsAtTheNextLogin) {
+  auto t = provisioned(options());
+  ASSERT_TRUE(t);
+  std::mutex mu;
+  std::vector<TokenOutage> told;
+  t->set_health_observer([&](const TokenOutage& o) {
+    std::lock_guard lock(mu);
+    told.push_back(o);
+  });
+  shim_->fault("pin-incorrect");
+  EXPECT_FALSE(t->hmac_sha256(bytes("x")).ok());
+  EXPECT_FALSE(t->hmac_sha256(bytes("x")).ok());  // sealed: refused without a token call
+  shim_->clear();
+  std::this_thread::sleep_for(300ms);  // the probe finds the token answering: not over yet
+  {
+    std::lock_guard lock(mu);
+    ASSERT_EQ(told.size(), 1u);
+    EXPECT_TRUE(told[0].sealed);
+    EXPECT_EQ(told[0].fault, Fault::kPinIncorrect);
+    EXPECT_EQ(told[0].code, "CKR_PIN_INCORRECT");
+  }
+  ASSERT_TRUE(t->login(SecretBytes::from_string(kUserPin)).ok());
+  t->set_health_observer(nullptr);
+  ASSERT_EQ(told.size(), 2u);
+  EXPECT_TRUE(told[1].ended.has_value());
+  EXPECT_TRUE(told[1].sealed);
+  EXPECT_EQ(told[1].refused, 2u);
+}
+
+// A token without AES key wrap (tpm2-pkcs11 has none; here the shim hides mechanisms of a
+// SoftHSM token): the configured mechanism falls back to AES-GCM, or to AES-CBC-PAD + HMAC
+// when GCM is missing too. The blob records the mechanism used, and it seals and opens.
+struct Fallback {
+  const char* hide;
+  WrapMechanism configured;
+  WrapMechanism expected;
+  const char* name;
+  friend void PrintTo(const Fallback& f, std::ostream* os) { *os << f.name; }
+};
+
+class WrapFallback : public TokenFaultTest, public ::testing::WithParamInterface<Fallback> {};
+
+INSTANTIATE_TEST_SUITE_P(
+    Mechanisms, WrapFallback,
+    ::testing::Values(
+        Fallback{"", WrapMechanism::kAesKeyWrapPad, WrapMechanism::kAesKeyWrapPad, "AllOffered"},
+        Fallback{"CKM_AES_KEY_WRAP_PAD", WrapMechanism::kAesKeyWrapPad, WrapMechanism::kAesGcm,
+                 "NoKeyWrap"},
+        Fallback{"CKM_AES_KEY_WRAP_PAD,CKM_AES_GCM", WrapMechanism::kAesKeyWrapPad,
+                 WrapMechanism::kAesCbcPadHmac, "NoKeyWrapNoGcm"},
+        Fallback{"CKM_AES_GCM", WrapMechanism::kAesGcm, WrapMechanism::kAesCbcPadHmac, "NoGcm"}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+TEST_P(WrapFallback, ConfiguredMechanismFallsBackToOneTheTokenOffers) {
+  const Fallback& f = GetParam();
+  shim_->set(std::string("fault = none\nhide_mechanisms = ") + f.hide + "\n");
+  auto o = options();
+  o.wrap = f.configured;
+  auto t = provisioned(o);
+  ASSERT_TRUE(t);
+  const WrapChoice& c = t->wrap_choice();
+  EXPECT_EQ(c.configured, f.configured);
+  EXPECT_EQ(c.used, f.expected);
+  if (f.configured == f.expected) {
+    EXPECT_TRUE(c.note.empty()) << c.note;
+  } else {
+    EXPECT_NE(c.note.find(std::string("instead")), std::string::npos) << c.note;
+    EXPECT_NE(c.note.find(to_string(f.expected)), std::string::npos) << c.note;
+  }
+  auto blob = t->seal(bytes("escrowed key"), bytes("user-1"));
+  ASSERT_TRUE(blob.ok()) << blob.error().message;
+  ASSERT_GT(blob->size(), 2u);
+  EXPECT_EQ((*blob)[1], static_cast<std::uint8_t>(f.expected));
+  auto opened = t->open(*blob, bytes("user-1"));
+  ASSERT_TRUE(opened.ok()) << opened.error().message;
+  EXPECT_EQ(opened->view(), "escrowed key");
+  EXPECT_FALSE(t->open(*blob, bytes("user-2")).ok());
+}
+
+// The shim really hides what it says: the token refuses a hidden mechanism, so the fallback
+// above is what made sealing work.
+TEST_F(TokenFaultTest, HiddenMechanismIsRefusedByTheToken) {
+  auto o = options();
+  o.wrap = WrapMechanism::kAesKeyWrapPad;
+  auto t = provisioned(o);  // key wrap offered: a key-wrap blob
+  ASSERT_TRUE(t);
+  auto blob = t->seal(bytes("escrowed key"), bytes("user-1"));
+  ASSERT_TRUE(blob.ok()) << blob.error().message;
+  shim_->set("fault = none\nhide_mechanisms = CKM_AES_KEY_WRAP_PAD\n");
+  EXPECT_FALSE(t->open(*blob, bytes("user-1")).ok());
+  shim_->clear();
+  auto opened = t->open(*blob, bytes("user-1"));
+  ASSERT_TRUE(opened.ok()) << opened.error().message;
+  EXPECT_EQ(opened->view(), "escrowed key");
+}
+
 }  // namespace
 }  // namespace kmsd::hsm
