@@ -157,19 +157,25 @@ int write_output(const std::string& file, std::string_view data) {
 Result<std::unique_ptr<hsm::Token>> open_key_token(const config::Config& cfg,
                                                    const std::string& pin_file,
                                                    const std::string& prompt) {
-  hsm::TokenOptions topts;
-  topts.module_path = cfg.token.module.string();
-  topts.token_uri = cfg.token.uri;
-  topts.pool_size = 2;
-  topts.wrap = cfg.token.wrap;
-  topts.labels = cfg.token.labels;
-  KMSD_ASSIGN_OR_RETURN(auto token, hsm::Token::open(topts));
+  KMSD_ASSIGN_OR_RETURN(auto login, login_key_token(cfg, pin_file, prompt));
+  return std::move(login.token);
+}
+
+Result<KeyTokenLogin> login_key_token(const config::Config& cfg, const std::string& pin_file,
+                                      const std::string& prompt) {
+  KeyTokenLogin out;
+  out.options.module_path = cfg.token.module.string();
+  out.options.token_uri = cfg.token.uri;
+  out.options.pool_size = 2;
+  out.options.wrap = cfg.token.wrap;
+  out.options.labels = cfg.token.labels;
+  KMSD_ASSIGN_OR_RETURN(out.token, hsm::Token::open(out.options));
   std::string file = pin_file;
   if (file.empty() && cfg.startup.source == config::StartupSource::kFile)
     file = cfg.startup.file.string();
-  KMSD_ASSIGN_OR_RETURN(auto pin, secret_from(file, prompt));
-  KMSD_TRY(token->login(pin));
-  return token;
+  KMSD_ASSIGN_OR_RETURN(out.pin, secret_from(file, prompt));
+  KMSD_TRY(out.token->login(out.pin));
+  return out;
 }
 
 }  // namespace kmsd::cli

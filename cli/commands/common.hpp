@@ -104,6 +104,17 @@ Result<std::unique_ptr<hsm::Token>> open_key_token(const config::Config& cfg,
                                                    const std::string& pin_file,
                                                    const std::string& prompt);
 
+// The key token CFG names, opened and logged in with the PIN from PIN_FILE, else from the
+// configured startup file (source "file"), else asked with PROMPT (no echo), together with
+// that PIN (for callers that log in again, e.g. a second handle with other labels).
+struct KeyTokenLogin {
+  hsm::TokenOptions options;
+  std::unique_ptr<hsm::Token> token;
+  SecretBytes pin;
+};
+Result<KeyTokenLogin> login_key_token(const config::Config& cfg, const std::string& pin_file,
+                                      const std::string& prompt);
+
 // Writes DATA to stdout, or to FILE (mode 0600, never over an existing file).
 int write_output(const std::string& file, std::string_view data);
 

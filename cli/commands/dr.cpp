@@ -277,20 +277,11 @@ int run_prepare(const DrArgs& a) {
   if (fs::exists(a.custody_cert_out))
     return fail(make_error(ErrorCode::kAlreadyExists,
                            a.custody_cert_out + " exists; choose another --custody-cert-out"));
-  hsm::TokenOptions topts;
-  topts.module_path = cfg->token.module.string();
-  topts.token_uri = cfg->token.uri;
-  topts.pool_size = 2;
-  topts.wrap = cfg->token.wrap;
-  topts.labels = cfg->token.labels;
-  auto token = hsm::Token::open(topts);
-  if (!token.ok()) return fail(token.error());
-  std::string pin_file = a.pin_file;
-  if (pin_file.empty() && cfg->startup.source == config::StartupSource::kFile)
-    pin_file = cfg->startup.file.string();
-  auto pin = secret_from(pin_file, "New key token user PIN (the new startup secret): ");
-  if (!pin.ok()) return fail(pin.error());
-  if (auto st = (*token)->login(*pin); !st.ok()) return fail(st.error());
+  auto login =
+      login_key_token(*cfg, a.pin_file, "New key token user PIN (the new startup secret): ");
+  if (!login.ok()) return fail(login.error());
+  const hsm::TokenOptions& topts = login->options;
+  auto* token = &login->token;
   auto store = store::Store::open(cfg->store.path);
   if (!store.ok()) return fail(store.error());
 
@@ -338,8 +329,7 @@ int run_prepare(const DrArgs& a) {
   auto custody = hsm::Token::open(copts);
   if (!custody.ok()) return fail(custody.error());
   if (!(*custody)->has_ca_key()) {
-    if (auto st =
-            dr::generate_custody_key(topts.module_path, topts.token_uri, a.custody_label, *pin);
+    if (auto st = (*token)->generate_decryption_key(a.custody_label, hsm::KeyType::kRsa3072);
         !st.ok())
       return fail(st.error());
     std::cout << "custody key: RSA-3072 '" << a.custody_label << "' generated on the token\n";

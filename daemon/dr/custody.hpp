@@ -29,14 +29,6 @@ Result<CustodyKey> open_custody_key_on_token(const std::string& uri, const std::
                                              const SecretBytes& pin, X509* cert,
                                              std::size_t sessions);
 
-// Generates the custody key pair on the token MODULE/TOKEN_URI: RSA-3072, the private half
-// CKA_DECRYPT only, sensitive and not extractable, LABEL on both halves. Logs in with PIN (a
-// login the token layer already holds in this process is fine). kAlreadyExists when a key
-// with LABEL is there. The token layer generates sign-only keys, so this one call goes to
-// PKCS#11 directly; it never calls C_Finalize.
-Status generate_custody_key(const std::string& module, const std::string& token_uri,
-                            const std::string& label, const SecretBytes& pin);
-
 // The key of CERT in a PKCS#12 file (drills).
 Result<CustodyKey> open_custody_key_p12(const std::filesystem::path& p12,
                                         const SecretBytes& passphrase, X509* cert);
