@@ -269,7 +269,21 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
     body = json::parse(req.body(), nullptr, false);
     if (body.is_discarded())
       return error_response(req, http::status::bad_request, "the request body is not JSON");
+    if (!body.is_object())
+      return error_response(req, http::status::bad_request,
+                            "the request body must be a JSON object");
   }
+  // BODY[KEY] when present, FALLBACK when absent or null; an answer naming the key when it has
+  // another JSON type (nlohmann's value() would throw: a 500 for a client's mistake).
+  auto optional_field = [&](const char* key, auto fallback, bool (json::*is_type)() const noexcept,
+                            const char* type) -> std::variant<decltype(fallback), Response> {
+    auto it = body.find(key);
+    if (it == body.end() || it->is_null()) return fallback;
+    if (!((*it).*is_type)())
+      return error_response(req, http::status::bad_request,
+                            std::string("\"") + key + "\" must be " + type);
+    return it->template get<decltype(fallback)>();
+  };
   auto respond = [&](const auto& result, http::status ok_status, auto to_json) -> Response {
     if (!result.ok()) return error_from(req, result.error());
     return json_response(req, ok_status, to_json(*result).dump());
@@ -297,9 +311,16 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
         return error_response(req, http::status::payload_too_large,
                               "at most 1000 users per request; send the file in batches");
       users::BulkOptions opts;
-      opts.job = body.value("job", std::string());
-      opts.reissue_pending = body.value("reissue_pending", false);
-      opts.include_revoked = body.value("include_revoked", false);
+      auto job = optional_field("job", std::string(), &json::is_string, "a string");
+      if (auto* r = std::get_if<Response>(&job)) return std::move(*r);
+      opts.job = std::get<std::string>(job);
+      for (auto [key, flag] :
+           {std::pair<const char*, bool*>{"reissue_pending", &opts.reissue_pending},
+            {"include_revoked", &opts.include_revoked}}) {
+        auto v = optional_field(key, false, &json::is_boolean, "true or false");
+        if (auto* r = std::get_if<Response>(&v)) return std::move(*r);
+        *flag = std::get<bool>(v);
+      }
       std::vector<users::UserInput> list;
       std::vector<std::pair<std::size_t, std::string>> malformed;
       for (std::size_t i = 0; i < body["users"].size(); ++i) {
@@ -334,7 +355,10 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
       if (seg[3] == "reissue")
         return respond(s_.users.reissue(id, who.name), http::status::ok, issued_json);
       if (seg[3] == "revoke") {
-        int reason = body.value("reason", 0);
+        auto r =
+            optional_field("reason", 0, &json::is_number_integer, "a CRL reason code (an integer)");
+        if (auto* answer = std::get_if<Response>(&r)) return std::move(*answer);
+        const int reason = std::get<int>(r);
         auto out = s_.approvals.submit("revoke", {{"user", id}, {"reason", reason}}, who.name);
         if (!out.ok()) return error_from(req, out.error());
         return outcome_response(req, *out);
