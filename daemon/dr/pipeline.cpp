@@ -155,7 +155,11 @@ Result<RunSummary> run_pool(const std::vector<Item>& items, unsigned threads,
   if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
   threads =
       static_cast<unsigned>(std::min<std::size_t>(threads, std::max<std::size_t>(1, items.size())));
-  const std::size_t capacity = 8 * threads;
+  // Outcomes are small (a manifest row, never a message), so the queue can hold what the
+  // workers produce while the collector waits for a file-system sync and a durable commit
+  // (hundreds of ms on a busy disk) without the workers stalling. Still a constant: memory
+  // does not grow with the store.
+  const std::size_t capacity = std::max<std::size_t>(2048, 64 * threads);
 
   std::mutex mu;
   std::condition_variable not_full, not_empty;
