@@ -35,13 +35,13 @@ struct ServerConfig {
   std::size_t max_body_bytes = 1 << 20;
   unsigned request_timeout_seconds = 30;
   // Slow and hostile clients (docs/operations.md). Each refusal is a status and a sentence.
-  std::size_t max_header_bytes = 16 * 1024;  // request line + headers; 431 beyond
-  unsigned header_timeout_seconds = 10;      // to send the whole header (slowloris); dropped
-  unsigned body_timeout_seconds = 30;        // to send the body once the header is in; dropped
-  unsigned max_connections_per_source = 64;  // open connections per client address; 0 = any
+  std::size_t max_header_bytes = 16 * 1024;   // request line + headers; 431 beyond
+  unsigned header_timeout_seconds = 10;       // to send the whole header (slowloris); dropped
+  unsigned body_timeout_seconds = 30;         // to send the body once the header is in; dropped
+  unsigned max_connections_per_source = 256;  // open connections per client address; 0 = any
   // Enrollment (/enroll/...) and CMP (/cmp) requests per minute: per client address, and per
   // user id / enrollment token / certificate (429 with Retry-After beyond). 0 = no limit.
-  unsigned enroll_rate_per_source = 120;
+  unsigned enroll_rate_per_source = 600;
   unsigned enroll_rate_per_identity = 10;
   // Answer deadline of the long administrator calls (bulk enable, user reports, audit
   // verify/export), which request_timeout_seconds would cut on a large store or slow token.
