@@ -9,6 +9,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
 
+#include <bit>
 #include <chrono>
 #include <mutex>
 #include <thread>
@@ -24,6 +25,9 @@
 #include "daemon/cmp/cmp_server.hpp"
 #include "daemon/enroll/enrollment.hpp"
 #include "daemon/enroll/key_export.hpp"
+#include "daemon/metrics/admission.hpp"
+#include "daemon/metrics/daemon_metrics.hpp"
+#include "daemon/metrics/service.hpp"
 #include "daemon/policy/policy_check.hpp"
 #include "daemon/provision/initializer.hpp"
 #include "daemon/revocation/revocation.hpp"
@@ -347,8 +351,14 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
 int Daemon::run() {
   Impl& d = *impl_;
   auto cfg = d.config();
+  // No core dumps, no ptrace by others, secrets in a locked heap (a few hundred KiB per worker
+  // covers OpenSSL's secret BIGNUMs during key generation; 4 MiB at least).
+  metrics::harden_process(std::bit_ceil(
+      std::max<std::size_t>(4u << 20, std::size_t{cfg->server.worker_threads} * (256u << 10))));
   net::io_context ioc(static_cast<int>(cfg->server.io_threads));
   net::thread_pool workers(cfg->server.worker_threads);
+  metrics::Registry registry;
+  metrics::ServiceNotifier notifier;
   {
     std::lock_guard lk(d.pool_mu);
     d.pool = &workers;
@@ -371,12 +381,24 @@ int Daemon::run() {
       return rest.handle(req, peer);
     }
   };
+  metrics::MetricsEndpoint admin_metrics(registry, d.store.get());  // administrators only
+  metrics::MetricsEndpoint open_metrics(registry, nullptr);         // server.metrics_listen
   struct TlsListener {
     const api::EnrollRoutes& enroll;
     const api::AdminRoutes& admin;
+    const metrics::MetricsEndpoint& metrics;
     api::Response handle(const api::Request& req, const api::Peer& peer) const {
       if (api::EnrollRoutes::owns(req)) return enroll.handle(req, peer);
+      if (metrics::MetricsEndpoint::owns(req)) return metrics.handle(req, peer);
       return admin.handle(req, peer);
+    }
+  };
+  struct MetricsListener {
+    const metrics::MetricsEndpoint& metrics;
+    api::Response handle(const api::Request& req, const api::Peer& peer) const {
+      if (metrics::MetricsEndpoint::owns(req)) return metrics.handle(req, peer);
+      return api::error_response(req, api::http::status::not_found,
+                                 "this listener (server.metrics_listen) serves only /metrics");
     }
   };
   auto logged = [](const char* listener, auto routes) {
@@ -391,10 +413,30 @@ int Daemon::run() {
       return res;
     };
   };
-  api::ServerOptions popts{cfg->server.max_body_bytes, 16 * 1024,
+  api::ServerOptions popts{cfg->server.max_body_bytes, cfg->server.max_header_bytes,
                            std::chrono::seconds(cfg->server.request_timeout_seconds), "public"};
+  popts.header_timeout = std::chrono::seconds(cfg->server.header_timeout_seconds);
+  popts.body_timeout = std::chrono::seconds(cfg->server.body_timeout_seconds);
+  popts.max_connections_per_source = cfg->server.max_connections_per_source;
+  popts.deadline_for = [long_deadline = std::chrono::milliseconds(std::chrono::seconds(
+                            cfg->server.long_request_timeout_seconds))](const api::Request& req) {
+    return metrics::is_long_admin_call(std::string(req.method_string()), std::string(req.target()))
+               ? long_deadline
+               : std::chrono::milliseconds(0);
+  };
+  auto admission = std::make_shared<metrics::EnrollmentAdmission>(
+      cfg->server.enroll_rate_per_source, cfg->server.enroll_rate_per_identity);
+  popts.admit = [admission](const api::Request& req, const api::Peer& peer) {
+    return admission->admit(req, peer);
+  };
   api::ServerOptions aopts = popts;
   aopts.name = "admin";
+  api::ServerOptions mopts = popts;
+  mopts.name = "metrics";
+  mopts.admit = nullptr;
+  metrics::observe_listener(registry, popts, "public");
+  metrics::observe_listener(registry, aopts, "tls");
+  metrics::observe_listener(registry, mopts, "metrics");
   auto pub = api::HttpServer::listen(
       ioc, cfg->server.public_listen.host, cfg->server.public_listen.port,
       logged("public", PublicListener{pki_routes, public_routes}), popts, workers);
@@ -402,10 +444,10 @@ int Daemon::run() {
     spdlog::critical("{}", pub.error().message);
     return 1;
   }
-  auto adm =
-      api::HttpServer::listen(ioc, cfg->server.admin_listen.host, cfg->server.admin_listen.port,
-                              logged("tls", TlsListener{enroll_routes, admin_routes}), aopts,
-                              workers, [&d] { return d.admin_tls(); });
+  auto adm = api::HttpServer::listen(
+      ioc, cfg->server.admin_listen.host, cfg->server.admin_listen.port,
+      logged("tls", TlsListener{enroll_routes, admin_routes, admin_metrics}), aopts, workers,
+      [&d] { return d.admin_tls(); });
   if (!adm.ok()) {
     spdlog::critical("{}", adm.error().message);
     return 1;
@@ -415,8 +457,40 @@ int Daemon::run() {
     spdlog::critical("{}", sock.error().message);
     return 1;
   }
+  std::shared_ptr<api::HttpServer> met;
+  if (cfg->server.metrics_listen) {
+    auto m = api::HttpServer::listen(
+        ioc, cfg->server.metrics_listen->host, cfg->server.metrics_listen->port,
+        logged("metrics", MetricsListener{open_metrics}), mopts, workers);
+    if (!m.ok()) {
+      spdlog::critical("{}", m.error().message);
+      return 1;
+    }
+    met = *m;
+  }
+  metrics::DaemonSources msrc;
+  msrc.seal = d.seal.get();
+  msrc.token = d.token.get();
+  msrc.store_path = cfg->store.path;
+  msrc.crl = [&d]() -> Result<std::vector<std::uint8_t>> {
+    if (!d.seal->material()) return make_error(ErrorCode::kUnavailable, "sealed");
+    return d.revocation->crl_der();
+  };
+  msrc.connections = [&pub, &adm, &met] {
+    std::vector<std::pair<std::string, std::size_t>> v{{"public", (*pub)->open_connections()},
+                                                       {"tls", (*adm)->open_connections()}};
+    if (met) v.emplace_back("metrics", met->open_connections());
+    return v;
+  };
+  msrc.version = KMSD_APP_VERSION;
+  metrics::install(registry, msrc);
   (*pub)->start();
   (*adm)->start();
+  if (met) {
+    met->start();
+    spdlog::info("kmsd metrics: http://{}/metrics (no authentication: keep it on loopback)",
+                 cfg->server.metrics_listen->to_string());
+  }
   spdlog::info("kmsd listening: public http://{} admin https://{} (mutual TLS) unseal socket {}",
                cfg->server.public_listen.to_string(), cfg->server.admin_listen.to_string(),
                cfg->server.unseal_socket.string());
@@ -434,8 +508,10 @@ int Daemon::run() {
         }
         spdlog::info("received {}, stopping", sig == SIGTERM ? "SIGTERM" : "SIGINT");
         d.stopping = true;
+        notifier.stopping();
         (*pub)->stop();
         (*adm)->stop();
+        if (met) met->stop();
         ioc.stop();
       };
   signals.async_wait(on_signal);
@@ -457,6 +533,30 @@ int Daemon::run() {
       };
   crl_timer.expires_after(std::chrono::milliseconds(200));
   crl_timer.async_wait(on_crl_tick);
+
+  // systemd (Type=notify): READY=1 once unsealed, STATUS= while sealed or degraded. Polled on
+  // the I/O thread (status() never waits on the token).
+  net::steady_timer notify_timer(ioc);
+  std::function<void(const boost::system::error_code&)> on_notify_tick =
+      [&](const boost::system::error_code& ec) {
+        if (ec || d.stopping) return;
+        const auto st = d.seal->status();
+        std::string text;
+        if (st.state == startup::State::kUnsealed) {
+          text = "unsealed: serving";
+        } else if (st.state == startup::State::kDegraded) {
+          text = "degraded: the key token is failing; kmsd retries in the background";
+        } else {
+          text = "sealed: waiting for the startup secret (kmsctl unseal --socket " +
+                 cfg->server.unseal_socket.string() + ")";
+        }
+        notifier.update(st.state != startup::State::kSealed, text);
+        notify_timer.expires_after(std::chrono::milliseconds(250));
+        notify_timer.async_wait(on_notify_tick);
+      };
+  net::post(ioc, [&] { on_notify_tick({}); });
+  if (metrics::ServiceNotifier::under_systemd())
+    spdlog::info("systemd notify socket present: READY=1 will be sent once kmsd is unsealed");
 
   std::thread prompt_thread;
   if (cfg->startup.source == config::StartupSource::kFile) {
@@ -525,6 +625,7 @@ int Daemon::run() {
     d.pool = nullptr;
   }
   workers.join();
+  d.token->set_observer(nullptr);  // the registry dies with this frame
   sock->reset();
   if (d.cards) d.cards->cancel();
   d.seal->seal();

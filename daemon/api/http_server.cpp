@@ -9,7 +9,9 @@
 #include <boost/beast/ssl.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 
 namespace kmsd::api {
 
@@ -33,9 +35,55 @@ struct HttpServer::Impl : std::enable_shared_from_this<HttpServer::Impl> {
   net::thread_pool& workers;
   TlsProvider tls;
 
+  // Open connections, per client address and in all.
+  mutable std::mutex conn_mu;
+  std::map<std::string, std::size_t> per_source;
+  std::size_t open = 0;
+  std::atomic<std::int64_t> last_limit_log{0};
+
   void do_accept();
   void on_accept(beast::error_code ec, tcp::socket socket);
+  void refused(Refusal r) {
+    if (opts.on_refusal) opts.on_refusal(r);
+  }
 };
+
+namespace {
+
+// One open connection, counted against its client address while it lives.
+class ConnectionSlot {
+ public:
+  // Null when ADDRESS already holds the maximum.
+  static std::unique_ptr<ConnectionSlot> take(std::shared_ptr<HttpServer::Impl> server,
+                                              const std::string& address) {
+    std::lock_guard lock(server->conn_mu);
+    std::size_t& n = server->per_source[address];
+    const std::size_t max = server->opts.max_connections_per_source;
+    if (max != 0 && n >= max) {
+      if (n == 0) server->per_source.erase(address);
+      return nullptr;
+    }
+    ++n;
+    ++server->open;
+    return std::unique_ptr<ConnectionSlot>(new ConnectionSlot(std::move(server), address));
+  }
+  ~ConnectionSlot() {
+    std::lock_guard lock(server_->conn_mu);
+    --server_->open;
+    auto it = server_->per_source.find(address_);
+    if (it != server_->per_source.end() && --it->second == 0) server_->per_source.erase(it);
+  }
+  ConnectionSlot(const ConnectionSlot&) = delete;
+  ConnectionSlot& operator=(const ConnectionSlot&) = delete;
+
+ private:
+  ConnectionSlot(std::shared_ptr<HttpServer::Impl> s, std::string a)
+      : server_(std::move(s)), address_(std::move(a)) {}
+  std::shared_ptr<HttpServer::Impl> server_;
+  std::string address_;
+};
+
+}  // namespace
 
 namespace {
 
@@ -87,24 +135,43 @@ std::string seconds_text(std::chrono::milliseconds d) {
 template <class Derived>
 class Session {
  public:
-  explicit Session(std::shared_ptr<HttpServer::Impl> server) : server_(std::move(server)) {}
+  Session(std::shared_ptr<HttpServer::Impl> server, std::unique_ptr<ConnectionSlot> slot)
+      : server_(std::move(server)), slot_(std::move(slot)) {}
 
  protected:
+  using Clock = std::chrono::steady_clock;
   Derived& derived() { return static_cast<Derived&>(*this); }
 
+  // The header first, under header_timeout (counted from now: an idle keep-alive connection
+  // and a slowloris client are the same to us), then the body under body_timeout.
   void do_read() {
     parser_.emplace();
     parser_->body_limit(server_->opts.max_body_bytes);
     parser_->header_limit(static_cast<std::uint32_t>(server_->opts.max_header_bytes));
-    beast::get_lowest_layer(derived().stream()).expires_after(server_->opts.timeout);
-    http::async_read(derived().stream(), buffer_, *parser_,
-                     beast::bind_front_handler(&Session::on_read, derived().shared_from_this()));
+    beast::get_lowest_layer(derived().stream()).expires_after(server_->opts.header_timeout);
+    http::async_read_header(
+        derived().stream(), buffer_, *parser_,
+        beast::bind_front_handler(&Session::on_header, derived().shared_from_this()));
   }
 
-  void on_read(beast::error_code ec, std::size_t) {
+  void on_header(beast::error_code ec, std::size_t) {
+    if (ec) return on_read_error(ec, true);
+    if (parser_->is_done()) return on_request();
+    beast::get_lowest_layer(derived().stream()).expires_after(server_->opts.body_timeout);
+    http::async_read(derived().stream(), buffer_, *parser_,
+                     beast::bind_front_handler(&Session::on_body, derived().shared_from_this()));
+  }
+
+  void on_body(beast::error_code ec, std::size_t) {
+    if (ec) return on_read_error(ec, false);
+    on_request();
+  }
+
+  void on_read_error(beast::error_code ec, bool in_header) {
     if (ec == http::error::end_of_stream) return derived().do_eof();
     if (ec == http::error::body_limit || ec == http::error::header_limit) {
       bool body = ec == http::error::body_limit;
+      server_->refused(body ? Refusal::kBodyTooLarge : Refusal::kHeaderTooLarge);
       spdlog::warn("{} listener: {} refused: {} too large", server_->opts.name, peer_.address,
                    body ? "body" : "header");
       Request dummy;
@@ -112,25 +179,55 @@ class Session {
       auto res = error_response(
           dummy,
           body ? http::status::payload_too_large : http::status::request_header_fields_too_large,
-          body ? "request body exceeds " + std::to_string(server_->opts.max_body_bytes) + " bytes"
-               : "request header too large");
+          body ? "the request body exceeds " + std::to_string(server_->opts.max_body_bytes) +
+                     " bytes (server.max_body_bytes); send a smaller one"
+               : "the request line and headers exceed " +
+                     std::to_string(server_->opts.max_header_bytes) +
+                     " bytes (server.max_header_bytes); send fewer or shorter headers");
       res.keep_alive(false);
-      return send(std::move(res));
+      return send(std::move(res), nullptr, Clock::now());
     }
-    if (ec) return;  // timeout, reset, garbage: drop the connection
+    if (ec == beast::error::timeout) {
+      // A connection idle between requests is closed the same way, and is not news.
+      const bool idle = in_header && !parser_->got_some() && buffer_.size() == 0;
+      server_->refused(idle        ? Refusal::kIdleTimeout
+                       : in_header ? Refusal::kHeaderTimeout
+                                   : Refusal::kBodyTimeout);
+      if (!idle)
+        spdlog::info(
+            "{} listener: {} disconnected: its request {} did not arrive within {} s",
+            server_->opts.name, peer_.address, in_header ? "header" : "body",
+            (in_header ? server_->opts.header_timeout : server_->opts.body_timeout).count());
+    }
+    // timeout, reset, garbage: drop the connection
+  }
+
+  void on_request() {
     auto self = derived().shared_from_this();
     auto clock = std::make_shared<RequestClock>();
     auto req = std::make_shared<Request>(parser_->release());
-    const auto deadline = server_->opts.deadline.count() > 0
-                              ? server_->opts.deadline
-                              : std::chrono::milliseconds(server_->opts.timeout);
+    const auto t0 = Clock::now();
+    beast::get_lowest_layer(derived().stream()).expires_never();  // the deadline timer rules
+    if (server_->opts.admit) {
+      if (auto refusal = server_->opts.admit(*req, peer_)) {
+        server_->refused(Refusal::kAdmission);
+        refusal->keep_alive(req->keep_alive() && refusal->keep_alive());
+        return send(std::move(*refusal), req, t0);
+      }
+    }
+    auto deadline = server_->opts.deadline.count() > 0
+                        ? server_->opts.deadline
+                        : std::chrono::milliseconds(server_->opts.timeout);
+    if (server_->opts.deadline_for) {
+      if (auto d = server_->opts.deadline_for(*req); d.count() > 0) deadline = d;
+    }
     auto timer = std::make_shared<net::steady_timer>(derived().stream().get_executor());
     timer->expires_after(deadline);
-    timer->async_wait([self, clock, req, deadline](beast::error_code tec) {
+    timer->async_wait([self, clock, req, deadline, t0](beast::error_code tec) {
       if (tec) return;  // cancelled: answered in time
-      self->on_deadline(*clock, *req, deadline);
+      self->on_deadline(*clock, req, deadline, t0);
     });
-    net::post(server_->workers, [self, clock, req, timer]() {
+    net::post(server_->workers, [self, clock, req, timer, t0]() {
       if (!clock->start()) return;  // the deadline answered it while it waited: never run
       Response res = run_handler(*self->server_, *req, self->peer_);
       res.keep_alive(req->keep_alive() && res.keep_alive());
@@ -142,19 +239,24 @@ class Session {
             self->peer_.address);
         return;
       }
-      net::post(self->stream().get_executor(), [self, timer, res = std::move(res)]() mutable {
-        timer->cancel();
-        self->send(std::move(res));
-      });
+      net::post(self->stream().get_executor(),
+                [self, timer, req, t0, res = std::move(res)]() mutable {
+                  timer->cancel();
+                  self->send(std::move(res), req, t0);
+                });
     });
   }
 
   // Runs on the session's strand when a request's deadline passes before its answer.
-  void on_deadline(RequestClock& clock, const Request& req, std::chrono::milliseconds deadline) {
+  void on_deadline(RequestClock& clock, const std::shared_ptr<Request>& req_ptr,
+                   std::chrono::milliseconds deadline, Clock::time_point t0) {
     const RequestClock::Phase was = clock.expire();
     if (was == RequestClock::kAnswered) return;
+    const Request& req = *req_ptr;
     const std::string what = std::string(req.method_string()) + " " + std::string(req.target());
     Response res;
+    server_->refused(was == RequestClock::kQueued ? Refusal::kDeadlineQueued
+                                                  : Refusal::kDeadlineRunning);
     if (was == RequestClock::kQueued) {
       spdlog::warn("{} listener: {} from {} waited {} for a worker; answered 503, not run",
                    server_->opts.name, what, peer_.address, seconds_text(deadline));
@@ -173,10 +275,13 @@ class Session {
     }
     res.set(http::field::retry_after, "5");
     res.keep_alive(false);  // the late handler must not race a next request on this stream
-    send(std::move(res));
+    send(std::move(res), req_ptr, t0);
   }
 
-  void send(Response res) {
+  void send(Response res, const std::shared_ptr<Request>& req, Clock::time_point t0) {
+    if (server_->opts.on_answer)
+      server_->opts.on_answer(req.get(), res.result_int(),
+                              std::chrono::duration<double>(Clock::now() - t0).count());
     res_ = std::make_shared<Response>(std::move(res));
     res_->prepare_payload();
     beast::get_lowest_layer(derived().stream()).expires_after(server_->opts.timeout);
@@ -193,6 +298,7 @@ class Session {
   }
 
   std::shared_ptr<HttpServer::Impl> server_;
+  std::unique_ptr<ConnectionSlot> slot_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   std::shared_ptr<Response> res_;
@@ -202,8 +308,9 @@ class Session {
 class PlainSession : public Session<PlainSession>,
                      public std::enable_shared_from_this<PlainSession> {
  public:
-  PlainSession(tcp::socket&& socket, std::shared_ptr<HttpServer::Impl> server)
-      : Session(std::move(server)), stream_(std::move(socket)) {
+  PlainSession(tcp::socket&& socket, std::shared_ptr<HttpServer::Impl> server,
+               std::unique_ptr<ConnectionSlot> slot)
+      : Session(std::move(server), std::move(slot)), stream_(std::move(socket)) {
     peer_.address = endpoint_text(stream_.socket());
   }
   beast::tcp_stream& stream() { return stream_; }
@@ -224,8 +331,10 @@ class PlainSession : public Session<PlainSession>,
 class TlsSession : public Session<TlsSession>, public std::enable_shared_from_this<TlsSession> {
  public:
   TlsSession(tcp::socket&& socket, std::shared_ptr<net::ssl::context> ctx,
-             std::shared_ptr<HttpServer::Impl> server)
-      : Session(std::move(server)), ctx_(std::move(ctx)), stream_(std::move(socket), *ctx_) {
+             std::shared_ptr<HttpServer::Impl> server, std::unique_ptr<ConnectionSlot> slot)
+      : Session(std::move(server), std::move(slot)),
+        ctx_(std::move(ctx)),
+        stream_(std::move(socket), *ctx_) {
     peer_.address = endpoint_text(beast::get_lowest_layer(stream_).socket());
     peer_.tls = true;
   }
@@ -235,15 +344,21 @@ class TlsSession : public Session<TlsSession>, public std::enable_shared_from_th
                   beast::bind_front_handler(&TlsSession::do_handshake, shared_from_this()));
   }
   void do_handshake() {
-    beast::get_lowest_layer(stream_).expires_after(server_->opts.timeout);
+    // A client that never finishes its handshake is a slowloris too.
+    beast::get_lowest_layer(stream_).expires_after(server_->opts.header_timeout);
     stream_.async_handshake(
         net::ssl::stream_base::server,
         beast::bind_front_handler(&TlsSession::on_handshake, shared_from_this()));
   }
   void on_handshake(beast::error_code ec) {
     if (ec) {
+      if (ec == beast::error::timeout) server_->refused(Refusal::kHeaderTimeout);
       spdlog::info("{} listener: TLS handshake with {} failed: {}", server_->opts.name,
-                   peer_.address, ec.message());
+                   peer_.address,
+                   ec == beast::error::timeout
+                       ? "it did not arrive within " +
+                             std::to_string(server_->opts.header_timeout.count()) + " s"
+                       : ec.message());
       return;
     }
     SSL* ssl = stream_.native_handle();
@@ -277,18 +392,37 @@ void HttpServer::Impl::on_accept(beast::error_code ec, tcp::socket socket) {
   if (ec == net::error::operation_aborted || !acceptor.is_open()) return;
   if (ec) {
     spdlog::warn("{} listener: accept failed: {}", opts.name, ec.message());
+    return do_accept();
+  }
+  const std::string peer = endpoint_text(socket);
+  auto slot = ConnectionSlot::take(shared_from_this(), address_of(peer));
+  if (!slot) {
+    refused(Refusal::kConnectionLimit);
+    // At most one line every 10 s: a flood must not flood the log too.
+    const auto now = std::chrono::duration_cast<std::chrono::seconds>(
+                         std::chrono::steady_clock::now().time_since_epoch())
+                         .count();
+    auto last = last_limit_log.load();
+    if (now - last >= 10 && last_limit_log.compare_exchange_strong(last, now))
+      spdlog::warn(
+          "{} listener: connection from {} closed: that address already holds {} connections "
+          "(server.max_connections_per_source)",
+          opts.name, peer, opts.max_connections_per_source);
+    beast::error_code ignored;
+    socket.close(ignored);
   } else if (tls) {
     auto ctx = tls();
     if (!ctx) {
-      spdlog::info("{} listener: connection from {} closed: kmsd is sealed", opts.name,
-                   endpoint_text(socket));
+      spdlog::info("{} listener: connection from {} closed: kmsd is sealed", opts.name, peer);
       beast::error_code ignored;
       socket.close(ignored);
     } else {
-      std::make_shared<TlsSession>(std::move(socket), std::move(ctx), shared_from_this())->run();
+      std::make_shared<TlsSession>(std::move(socket), std::move(ctx), shared_from_this(),
+                                   std::move(slot))
+          ->run();
     }
   } else {
-    std::make_shared<PlainSession>(std::move(socket), shared_from_this())->run();
+    std::make_shared<PlainSession>(std::move(socket), shared_from_this(), std::move(slot))->run();
   }
   do_accept();
 }
@@ -330,6 +464,79 @@ void HttpServer::stop() {
 std::uint16_t HttpServer::port() const {
   beast::error_code ec;
   return impl_->acceptor.local_endpoint(ec).port();
+}
+
+std::size_t HttpServer::open_connections() const {
+  std::lock_guard lock(impl_->conn_mu);
+  return impl_->open;
+}
+
+const char* to_string(Refusal r) noexcept {
+  switch (r) {
+    case Refusal::kHeaderTooLarge:
+      return "header_too_large";
+    case Refusal::kBodyTooLarge:
+      return "body_too_large";
+    case Refusal::kHeaderTimeout:
+      return "header_timeout";
+    case Refusal::kBodyTimeout:
+      return "body_timeout";
+    case Refusal::kIdleTimeout:
+      return "idle_timeout";
+    case Refusal::kConnectionLimit:
+      return "connection_limit";
+    case Refusal::kAdmission:
+      return "rate_limited";
+    case Refusal::kDeadlineQueued:
+      return "deadline_queued";
+    case Refusal::kDeadlineRunning:
+      return "deadline_running";
+  }
+  return "unknown";
+}
+
+std::string address_of(const std::string& peer_address) {
+  if (!peer_address.empty() && peer_address.front() == '[') {
+    auto end = peer_address.find(']');
+    return end == std::string::npos ? peer_address : peer_address.substr(1, end - 1);
+  }
+  auto colon = peer_address.rfind(':');
+  return colon == std::string::npos ? peer_address : peer_address.substr(0, colon);
+}
+
+RateLimiter::RateLimiter(unsigned rate_per_minute, unsigned burst, std::size_t max_keys)
+    : rate_(rate_per_minute),
+      burst_(std::max(1u, burst)),
+      max_keys_(std::max<std::size_t>(16, max_keys)) {}
+
+std::optional<unsigned> RateLimiter::take(const std::string& key) {
+  if (rate_ == 0) return std::nullopt;
+  const auto now = std::chrono::steady_clock::now();
+  const double per_second = rate_ / 60.0;
+  std::lock_guard lock(mu_);
+  auto it = buckets_.find(key);
+  if (it == buckets_.end()) {
+    if (buckets_.size() >= max_keys_) {
+      // Forget the buckets that have refilled: they hold nothing a new one would not.
+      for (auto b = buckets_.begin(); b != buckets_.end();) {
+        const double t = b->second.tokens +
+                         std::chrono::duration<double>(now - b->second.at).count() * per_second;
+        b = t >= burst_ ? buckets_.erase(b) : std::next(b);
+      }
+      // Still full (a flood of distinct keys): start afresh rather than grow without bound.
+      if (buckets_.size() >= max_keys_) buckets_.clear();
+    }
+    it = buckets_.emplace(key, Bucket{burst_, now}).first;
+  }
+  Bucket& b = it->second;
+  b.tokens =
+      std::min(burst_, b.tokens + std::chrono::duration<double>(now - b.at).count() * per_second);
+  b.at = now;
+  if (b.tokens >= 1.0) {
+    b.tokens -= 1.0;
+    return std::nullopt;
+  }
+  return static_cast<unsigned>(std::ceil((1.0 - b.tokens) / per_second));
 }
 
 Response text_response(const Request& req, http::status status, std::string body,

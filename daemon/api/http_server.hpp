@@ -2,6 +2,10 @@
 // handed to the worker pool, where the handler (a plain function) runs, so no I/O thread
 // ever waits on the token. Each read and write has a deadline; each parser a body limit;
 // each request a deadline for its answer (a slow or hanging token never hangs a client).
+// Hostile clients: a header and a body size limit (431, 413), a deadline to send the header
+// and one to send the body (a slowloris client is disconnected; it never holds a thread),
+// connections per client address, and an admission hook (rate limits: 429 + Retry-After)
+// that refuses a request before it takes a worker.
 #pragma once
 
 #include <boost/asio/io_context.hpp>
@@ -12,7 +16,9 @@
 
 #include <chrono>
 #include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 
@@ -42,17 +48,72 @@ using Handler = std::function<Response(const Request&, const Peer&)>;
 // Current TLS context, or nullptr to refuse connections (e.g. while sealed).
 using TlsProvider = std::function<std::shared_ptr<boost::asio::ssl::context>()>;
 
+// Why a connection or request was refused without reaching a handler (metrics, logs).
+enum class Refusal {
+  kHeaderTooLarge,   // 431
+  kBodyTooLarge,     // 413
+  kHeaderTimeout,    // the header did not arrive within header_timeout: disconnected
+  kIdleTimeout,      // no byte of a next request within header_timeout: closed
+  kBodyTimeout,      // the body did not arrive within body_timeout: disconnected
+  kConnectionLimit,  // max_connections_per_source reached: closed at accept
+  kAdmission,        // the admit hook answered (rate limit: 429)
+  kDeadlineQueued,   // 503: no worker before the deadline
+  kDeadlineRunning,  // 504: the handler overran the deadline
+};
+const char* to_string(Refusal r) noexcept;  // "header_too_large", ...
+
 struct ServerOptions {
   std::size_t max_body_bytes = 1 << 20;
   std::size_t max_header_bytes = 16 * 1024;
-  std::chrono::seconds timeout{30};  // each read and write
+  std::chrono::seconds timeout{30};  // each write, and the TLS handshake
   std::string name = "public";       // for logs
   // Answer deadline of each request, from the moment it was read; 0 means TIMEOUT. A request
   // still waiting for a worker then gets 503 and is never run; one whose handler is still
   // running gets 504 (its outcome is unknown) and the connection is closed. Both carry
   // Retry-After.
   std::chrono::milliseconds deadline{0};
+  // A longer (or shorter) deadline for some requests (long administrator calls); 0 = DEADLINE.
+  std::function<std::chrono::milliseconds(const Request&)> deadline_for{};
+  // Time to send the whole header, from the moment the server waits for it (after connecting
+  // or after the previous answer), and then the body. A client slower than that is dropped.
+  std::chrono::seconds header_timeout{10};
+  std::chrono::seconds body_timeout{30};
+  // Open connections per client address (0: any); more are closed at accept.
+  std::size_t max_connections_per_source = 0;
+  // Runs on the I/O thread once a request is read, before it takes a worker: nullopt admits
+  // it, a response refuses it (sent as is; e.g. 429 with Retry-After). Must be quick.
+  std::function<std::optional<Response>(const Request&, const struct Peer&)> admit{};
+  // Told of every answer sent (REQ null when the request could not be parsed: 413/431), with
+  // its status and seconds from the end of the read to the answer being queued for writing.
+  std::function<void(const Request* req, unsigned status, double seconds)> on_answer{};
+  // Told of every refusal (also those answered: they reach on_answer too).
+  std::function<void(Refusal)> on_refusal{};
 };
+
+// Token buckets keyed by a string (a client address, a user id): RATE_PER_MINUTE requests a
+// minute on average, bursts of up to BURST. Thread-safe. Memory is bounded: buckets that have
+// refilled are forgotten when there are more than MAX_KEYS.
+class RateLimiter {
+ public:
+  RateLimiter(unsigned rate_per_minute, unsigned burst, std::size_t max_keys = 100000);
+  // Takes one request for KEY: nullopt when allowed, else the seconds until one is (>= 1).
+  std::optional<unsigned> take(const std::string& key);
+  unsigned rate_per_minute() const { return rate_; }
+
+ private:
+  struct Bucket {
+    double tokens;
+    std::chrono::steady_clock::time_point at;
+  };
+  unsigned rate_;
+  double burst_;
+  std::size_t max_keys_;
+  std::mutex mu_;
+  std::map<std::string, Bucket> buckets_;
+};
+
+// "127.0.0.1" of "127.0.0.1:5321", "::1" of "[::1]:5321" or "::1:5321".
+std::string address_of(const std::string& peer_address);
 
 class HttpServer {
  public:
@@ -65,6 +126,8 @@ class HttpServer {
   void start();
   void stop();
   std::uint16_t port() const;
+  // Connections open now (metrics).
+  std::size_t open_connections() const;
 
   struct Impl;
   explicit HttpServer(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
