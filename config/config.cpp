@@ -157,7 +157,9 @@ const std::vector<SectionSchema>& schema() {
         "header_timeout_seconds", "body_timeout_seconds", "max_connections_per_source",
         "enroll_rate_per_source", "enroll_rate_per_identity", "long_request_timeout_seconds",
         "metrics_listen"}},
-      {"token", {"module", "uri", "pool_size", "wrap_mechanism", "labels"}},
+      {"token",
+       {"module", "uri", "pool_size", "wrap_mechanism", "labels", "call_timeout_milliseconds",
+        "probe_interval_milliseconds"}},
       {"token.labels", {"master_prefix", "master_mac_prefix", "ca", "audit"}},
       {"ca",
        {"key_type", "subject", "validity_days", "digest", "crl_url", "ocsp_url", "crl_path",
@@ -177,7 +179,8 @@ const std::vector<SectionSchema>& schema() {
         "renew_encryption_key"}},
       {"approvals", {"ttl_hours", "required"}},
       {"approvals.required",
-       {"revoke", "recover", "admin_add", "admin_remove", "policy_change", "dr", "key_export"}},
+       {"revoke", "recover", "admin_add", "admin_remove", "policy_change", "dr", "key_export",
+        "card_split"}},
       {"log", {"level", "file"}},
   };
   return kSchema;
@@ -1044,6 +1047,8 @@ class Loader {
     }
     set_int(s, "pool_size", 1, 64, c.pool_size);
     if (auto m = choice(s, "wrap_mechanism", kWrapMechanisms, false)) c.wrap = *m;
+    set_int(s, "call_timeout_milliseconds", 100, 600000, c.call_timeout_milliseconds);
+    set_int(s, "probe_interval_milliseconds", 10, 60000, c.probe_interval_milliseconds);
 
     if (s.table == nullptr) return;
     const Section l = section(*s.table, "labels", s.name);
@@ -1114,6 +1119,12 @@ class Loader {
     if (s.table == nullptr) return;
     Section r = section(*s.table, "required", s.name);
     for (auto& [operation, k] : c.required) set_int(r, operation, 1, 16, k);
+    // Operations not in the built-in table count only when configured (see config.hpp).
+    if (r.table != nullptr && r.table->get("card_split") != nullptr) {
+      int k = 0;
+      set_int(r, "card_split", 1, 16, k);
+      if (k > 0) c.required["card_split"] = k;
+    }
   }
 
   void load_store(const Section& s, StoreConfig& c) {
@@ -1304,6 +1315,18 @@ class Loader {
                       in_quotes(*labels[i].second) + "); every object needs its own label");
         }
       }
+    }
+    // A stalled token must make requests fail fast (503) before their own deadline (504).
+    const toml::table* token = root.get_as<toml::table>("token");
+    if (token != nullptr && token->get("call_timeout_milliseconds") != nullptr &&
+        cfg.token.call_timeout_milliseconds >= cfg.server.request_timeout_seconds * 1000ULL) {
+      problem(line_of_key(root, "token", "call_timeout_milliseconds"),
+              "token.call_timeout_milliseconds",
+              std::to_string(cfg.token.call_timeout_milliseconds) +
+                  " ms is not shorter than server.request_timeout_seconds (" +
+                  std::to_string(cfg.server.request_timeout_seconds) +
+                  " s): a stalled token would time requests out (504) instead of refusing "
+                  "them at once (503); lower it or raise the request timeout");
     }
     // Admin certificates pass the same policy check as every other certificate.
     if (cfg.admin.cert_validity_days > cfg.policy.max_validity_days) {

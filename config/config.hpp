@@ -57,6 +57,9 @@ struct TokenConfig {
   std::size_t pool_size = 4;
   hsm::WrapMechanism wrap = hsm::WrapMechanism::kAesKeyWrapPad;
   hsm::Labels labels;
+  // hsm::TokenOptions::call_timeout / probe_interval.
+  unsigned call_timeout_milliseconds = 5000;
+  unsigned probe_interval_milliseconds = 200;
 };
 
 struct CaConfig {
@@ -131,7 +134,9 @@ struct EnrollmentConfig {
 };
 
 // k-of-n approvals: how many distinct administrators each sensitive operation needs.
-// Operations: revoke, recover, admin_add, admin_remove, policy_change, dr, key_export.
+// Operations: revoke, recover, admin_add, admin_remove, policy_change, dr, key_export,
+// card_split (not in the map below unless configured: an operation not listed needs 1, and
+// adding it to the defaults would make every existing store's rules "change" at upgrade).
 struct ApprovalsConfig {
   unsigned ttl_hours = 72;  // a pending request expires after this
   // Default 1 everywhere: a fresh KMS has a single administrator, and k > 1 before a second

@@ -1147,3 +1147,79 @@ TEST_F(ConfigTest, ApprovalAndEnrollmentSettingsAreReadAndChecked) {
 
 }  // namespace
 }  // namespace kmsd::config
+
+namespace kmsd::config {
+namespace {
+
+TEST_F(ConfigTest, TokenCallTimeoutAndProbeIntervalAreReadRangeCheckedAndDefaulted) {
+  // The reference file shows the built-in defaults, which are the token layer's own.
+  std::ifstream in(fs::path(KMSD_SOURCE_DIR) / "config" / "kmsd.toml");
+  std::stringstream text;
+  text << in.rdbuf();
+  fs::create_directories(dir() / "var");
+  const LoadResult ref =
+      load_text(replace_all(text.str(), "/var/lib/kmsd/", (dir() / "var").string() + "/"));
+  ASSERT_TRUE(ref.ok()) << dump(ref, file());
+  const Config defaults;
+  const hsm::TokenOptions token_defaults;
+  EXPECT_EQ(ref.config.token.call_timeout_milliseconds, defaults.token.call_timeout_milliseconds);
+  EXPECT_EQ(ref.config.token.probe_interval_milliseconds,
+            defaults.token.probe_interval_milliseconds);
+  EXPECT_EQ(std::chrono::milliseconds(defaults.token.call_timeout_milliseconds),
+            token_defaults.call_timeout);
+  EXPECT_EQ(std::chrono::milliseconds(defaults.token.probe_interval_milliseconds),
+            token_defaults.probe_interval);
+
+  Minimal good;  // uri on line 7, the two keys on 8 and 9
+  good.uri =
+      "\"pkcs11:token=kmsd\"\ncall_timeout_milliseconds = 1500\n"
+      "probe_interval_milliseconds = 50";
+  const LoadResult ok = load_text(good.text());
+  ASSERT_TRUE(ok.ok()) << dump(ok, file());
+  EXPECT_EQ(ok.config.token.call_timeout_milliseconds, 1500u);
+  EXPECT_EQ(ok.config.token.probe_interval_milliseconds, 50u);
+
+  Minimal low;
+  low.uri =
+      "\"pkcs11:token=kmsd\"\ncall_timeout_milliseconds = 99\n"
+      "probe_interval_milliseconds = 0";
+  const LoadResult r = load_text(low.text());
+  ASSERT_EQ(r.problems.size(), 2u) << dump(r, file());
+  expect_problem(r.problems[0], 8, "token.call_timeout_milliseconds",
+                 "must be between 100 and 600000, found 99");
+  expect_problem(r.problems[1], 9, "token.probe_interval_milliseconds",
+                 "must be between 10 and 60000, found 0");
+
+  Minimal typed;
+  typed.uri = "\"pkcs11:token=kmsd\"\ncall_timeout_milliseconds = \"5s\"";
+  expect_one(load_text(typed.text()), 8, "token.call_timeout_milliseconds",
+             "expected an integer, found a string");
+
+  // Not shorter than the request deadline: a stalled token would give 504s, not fast 503s.
+  Minimal slow;
+  slow.unseal_socket = "\"unseal.sock\"\nrequest_timeout_seconds = 10";   // line 5
+  slow.uri = "\"pkcs11:token=kmsd\"\ncall_timeout_milliseconds = 10000";  // line 9
+  expect_one(load_text(slow.text()), 9, "token.call_timeout_milliseconds",
+             "10000 ms is not shorter than server.request_timeout_seconds (10 s)");
+  slow.uri = "\"pkcs11:token=kmsd\"\ncall_timeout_milliseconds = 9999";
+  expect_ok(load_text(slow.text()));
+
+  Minimal misspelt;
+  misspelt.uri = "\"pkcs11:token=kmsd\"\nprobe_interval_millis = 50";
+  expect_one(load_text(misspelt.text()), 8, "token.probe_interval_millis", "unknown key");
+}
+
+TEST_F(ConfigTest, CardSplitApprovalsAreConfigurableAndNotInTheDefaults) {
+  EXPECT_EQ(Config{}.approvals.required.count("card_split"), 0u);  // upgrades see no change
+  Minimal m;
+  m.extra = join_lines({"[approvals.required]", "card_split = 2"});
+  const LoadResult r = load_text(m.text());
+  ASSERT_TRUE(r.ok()) << dump(r, file());
+  EXPECT_EQ(r.config.approvals.required.at("card_split"), 2);
+  m.extra = join_lines({"[approvals.required]", "card_split = 0"});  // line 15
+  expect_one(load_text(m.text()), 15, "approvals.required.card_split",
+             "must be between 1 and 16, found 0");
+}
+
+}  // namespace
+}  // namespace kmsd::config
