@@ -7,6 +7,8 @@
 
 #include <chrono>
 #include <fstream>
+#include <iostream>
+#include <set>
 #include <sstream>
 #include <thread>
 #include <vector>
@@ -112,6 +114,43 @@ class FaultE2eTest : public KmsdTest {
     return j["user"].value("state", std::string("?"));
   }
 
+  // The audit records with ACTION, in order, as `kmsctl audit export` shows them.
+  std::vector<json> audited(const std::string& action) {
+    std::vector<json> out;
+    auto r = kmsctl("audit export" + kmsctl_admin_options());
+    if (r.status != 0) return out;
+    std::istringstream lines(r.output);
+    std::string line;
+    while (std::getline(lines, line)) {
+      json j = json::parse(line, nullptr, false);
+      if (j.is_object() && j.value("action", std::string()) == action) out.push_back(j);
+    }
+    return out;
+  }
+  // The one "token.outage" record the outage just over left (written once the token answers
+  // again), after checking that the whole chain verifies.
+  json outage_record() {
+    std::vector<json> found;
+    eventually([&] { return (found = audited("token.outage")).size() == 1; }, 10s);
+    EXPECT_EQ(found.size(), 1u) << log_text();
+    auto verify = kmsctl("audit verify" + kmsctl_admin_options());
+    EXPECT_EQ(verify.status, 0) << verify.output;
+    return found.empty() ? json::object() : found[0];
+  }
+  // The outage record's common fields: times in order, the duration, the requests refused
+  // (at least MIN_REFUSED: a stall is noticed by a later call, so it may have refused none).
+  static void expect_outage_shape(const json& rec, bool sealed, int min_refused = 1) {
+    ASSERT_TRUE(rec.contains("details")) << rec.dump();
+    const json& d = rec["details"];
+    EXPECT_EQ(rec.value("actor", std::string()), "kmsd");
+    EXPECT_GT(d.value("started", 0), 0) << rec.dump();
+    EXPECT_GE(d.value("ended", 0), d.value("started", 0)) << rec.dump();
+    EXPECT_GT(d.value("duration_ms", 0), 0) << rec.dump();
+    EXPECT_GE(d.value("refused_operations", -1), min_refused) << rec.dump();
+    EXPECT_EQ(d.value("sealed", !sealed), sealed) << rec.dump();
+    EXPECT_FALSE(d.value("cause", std::string()).empty()) << rec.dump();
+  }
+
   std::unique_ptr<ShimControl> shim_;
 };
 
@@ -153,7 +192,14 @@ TEST_P(DaemonOutage, DegradedWith503DuringAndServesAgainWithoutRestart) {
   shim_->clear();
   auto cleared = Clock::now();
   ASSERT_TRUE(wait_ready(200, 5)) << get("/readyz").body << log_text();
-  EXPECT_LT(Clock::now() - cleared, 3s);  // 2 s of recovery plus curl's own time
+  const auto serving_after = Clock::now() - cleared;
+  EXPECT_LT(serving_after, 3s);  // 2 s of recovery plus curl's own time
+  std::cout << "[ measured ] " << GetParam() << ": fault cleared -> /readyz 200 after "
+            << std::chrono::duration_cast<std::chrono::milliseconds>(serving_after).count()
+            << " ms (polled every 50 ms with curl)\n";
+  // Logged at once when it began and when it ended.
+  EXPECT_NE(log_text().find("key token outage began"), std::string::npos) << log_text();
+  EXPECT_NE(log_text().find("key token outage ended after"), std::string::npos) << log_text();
   // The same one-time token works: the outage spent nothing.
   auto ok = enroll("carol", token);
   ASSERT_EQ(ok.status, 0) << ok.output << log_text();
@@ -165,6 +211,27 @@ TEST_P(DaemonOutage, DegradedWith503DuringAndServesAgainWithoutRestart) {
   EXPECT_FALSE(enable_token("dave").empty());
   EXPECT_EQ(pid_, pid);  // the same process throughout
   EXPECT_EQ(::kill(pid_, 0), 0);
+
+  // The audit shows the outage: one record, the fault as classified, the chain intact.
+  json rec = outage_record();
+  expect_outage_shape(rec, /*sealed=*/false);
+  const json& d = rec["details"];
+  const std::string fault = GetParam();
+  const std::string code = d.value("code", std::string());
+  if (fault == "device-removed") {
+    EXPECT_EQ(d.value("fault", std::string()), "token-gone") << rec.dump();
+    EXPECT_TRUE(code == "CKR_DEVICE_REMOVED" || code == "CKR_TOKEN_NOT_PRESENT") << rec.dump();
+  } else if (fault == "device-error") {
+    EXPECT_EQ(d.value("fault", std::string()), "token-gone") << rec.dump();
+    EXPECT_EQ(code, "CKR_DEVICE_ERROR") << rec.dump();
+  } else if (fault == "session-invalid") {
+    EXPECT_EQ(d.value("fault", std::string()), "session-lost") << rec.dump();
+    EXPECT_EQ(code, "CKR_SESSION_HANDLE_INVALID") << rec.dump();
+  } else {
+    EXPECT_EQ(d.value("fault", std::string()), "session-lost") << rec.dump();
+    EXPECT_EQ(code, "CKR_USER_NOT_LOGGED_IN") << rec.dump();
+  }
+  std::cout << "[ audited  ] " << rec["details"].dump() << "\n";
 }
 
 TEST_F(FaultE2eTest, SlowTokenGives503Or504WithinTheDeadlineNeverAHang) {
@@ -210,6 +277,11 @@ TEST_F(FaultE2eTest, SlowTokenGives503Or504WithinTheDeadlineNeverAHang) {
   auto ok = enroll("erin", token);
   ASSERT_EQ(ok.status, 0) << ok.output;
   EXPECT_FALSE(enable_token("frank").empty());
+
+  json rec = outage_record();
+  expect_outage_shape(rec, /*sealed=*/false, /*min_refused=*/0);
+  EXPECT_EQ(rec["details"].value("code", std::string()), "stalled") << rec.dump();
+  std::cout << "[ audited  ] " << rec["details"].dump() << "\n";
 }
 
 TEST_F(FaultE2eTest, PinRejectedOnReloginSealsTheDaemonAndSaysSo) {
@@ -243,6 +315,18 @@ TEST_F(FaultE2eTest, PinRejectedOnReloginSealsTheDaemonAndSaysSo) {
   ASSERT_TRUE(wait_ready(200, 5)) << get("/readyz").body;
   auto ok = enroll("gina", token);
   ASSERT_EQ(ok.status, 0) << ok.output;
+
+  // The seal is audited at this unseal (the audit MAC needs the token logged in): one outage
+  // record, sealed, with the refused PIN, written before the unseal's own record.
+  json rec = outage_record();
+  expect_outage_shape(rec, /*sealed=*/true);
+  EXPECT_EQ(rec["details"].value("code", std::string()), "CKR_PIN_INCORRECT") << rec.dump();
+  EXPECT_EQ(rec["details"].value("fault", std::string()), "pin-incorrect") << rec.dump();
+  auto unseals = audited("seal.unseal");
+  ASSERT_EQ(unseals.size(), 2u);  // the file at start, the operator after the seal
+  EXPECT_LT(rec.value("seq", 0), unseals[1].value("seq", 0));
+  EXPECT_GT(rec.value("seq", 0), unseals[0].value("seq", 0));
+  std::cout << "[ audited  ] " << rec["details"].dump() << "\n";
 }
 
 }  // namespace
