@@ -31,6 +31,7 @@
 #include "daemon/policy/policy_check.hpp"
 #include "daemon/provision/initializer.hpp"
 #include "daemon/revocation/revocation.hpp"
+#include "daemon/startup/card_split_gate.hpp"
 #include "daemon/startup/card_unseal.hpp"
 #include "daemon/startup/seal.hpp"
 #include "daemon/startup/secret_source.hpp"
@@ -88,7 +89,8 @@ struct Daemon::Impl {
   std::unique_ptr<approvals::PolicyGate> gate;
   std::unique_ptr<admins::AdminService> admins;
   std::unique_ptr<enroll::KeyExport> key_export;
-  std::unique_ptr<audit::OutageLog> outages;  // key-token outages until they are audited
+  std::unique_ptr<audit::OutageLog> outages;           // key-token outages until they are audited
+  std::unique_ptr<startup::CardSplitGate> card_split;  // kmsctl card split while unsealed
 
   // The worker pool while run() runs (outage records are written there, not on token threads).
   std::mutex pool_mu;
@@ -263,6 +265,8 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
   topts.call_timeout = std::chrono::milliseconds(cfg.token.call_timeout_milliseconds);
   topts.probe_interval = std::chrono::milliseconds(cfg.token.probe_interval_milliseconds);
   KMSD_ASSIGN_OR_RETURN(impl->token, hsm::Token::open(topts));
+  if (const auto& w = impl->token->wrap_choice(); !w.note.empty())
+    spdlog::warn("token: {}", w.note);
   startup::SealOptions sopts;
   sopts.tls_names = cfg.server.tls_names;
   sopts.digest = cfg.ca.digest;
@@ -298,6 +302,8 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
         return d->audit->append("operator", action, {{"detail", detail}});
       });
   impl->approvals = std::make_unique<approvals::Approvals>(*impl->store, *impl->audit);
+  impl->card_split = std::make_unique<startup::CardSplitGate>(
+      *impl->store, *impl->audit, *impl->approvals, std::chrono::hours(cfg.approvals.ttl_hours));
   impl->gate =
       std::make_unique<approvals::PolicyGate>(*impl->store, *impl->audit, *impl->approvals);
   KMSD_TRY(impl->gate->load(approval_rules(cfg.approvals)));
@@ -452,7 +458,8 @@ int Daemon::run() {
     spdlog::critical("{}", adm.error().message);
     return 1;
   }
-  auto sock = startup::UnsealSocket::listen(cfg->server.unseal_socket, *d.seal, d.cards.get());
+  auto sock = startup::UnsealSocket::listen(cfg->server.unseal_socket, *d.seal, d.cards.get(),
+                                            d.card_split.get());
   if (!sock.ok()) {
     spdlog::critical("{}", sock.error().message);
     return 1;

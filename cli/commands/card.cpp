@@ -1,12 +1,19 @@
 // kmsctl card provision | split: write the startup secret, or Shamir shares of it, to operator
-// cards (any PKCS#11 token; OpenSC for smart cards). Local operations: they talk to the cards,
-// never to kmsd. The secret is read without echo or from a 0600 file and never printed.
+// cards (any PKCS#11 token; OpenSC for smart cards). They talk to the cards, and kmsd never
+// sees the secret; but a re-split while a kmsd of this configuration is unsealed needs that
+// kmsd's approval ("card_split", asked for and spent over its unseal socket; see
+// daemon/startup/card_split_gate.hpp). The secret is read without echo or from a 0600 file
+// and never printed.
 #include <iostream>
 
+#include <nlohmann/json.hpp>
+
 #include "cli/commands/common.hpp"
+#include "daemon/startup/card_split_gate.hpp"
 #include "daemon/startup/operator_card.hpp"
 #include "daemon/startup/quorum.hpp"
 #include "daemon/startup/secret_source.hpp"
+#include "daemon/startup/unseal_socket.hpp"
 
 namespace kmsd::cli {
 
@@ -20,15 +27,17 @@ struct CardTarget {
   std::string config;
   std::string module;
   std::string label;
+  std::string socket;  // kmsd's unseal socket (--socket, else server.unseal_socket of --config)
 };
 
-// Fills module and label from --config's [startup] when the flags do not give them.
+// Fills module, label and socket from --config when the flags do not give them.
 Status resolve_target(CardTarget& t) {
-  if (!t.config.empty() && (t.module.empty() || t.label.empty())) {
+  if (!t.config.empty() && (t.module.empty() || t.label.empty() || t.socket.empty())) {
     auto cfg = load_config(t.config);
     if (!cfg) return make_error(ErrorCode::kConfig, "cannot read " + t.config);
     if (t.module.empty()) t.module = cfg->startup.card_module.string();
     if (t.label.empty()) t.label = cfg->startup.card_label;
+    if (t.socket.empty()) t.socket = cfg->server.unseal_socket.string();
   }
   if (t.label.empty()) t.label = config::StartupConfig{}.card_label;
   if (t.module.empty())
@@ -91,6 +100,7 @@ int run_provision(ProvisionArgs a) {
 
 struct SplitArgs {
   CardTarget target;
+  std::string request;  // an approved card_split request of the running kmsd
   unsigned k = 0;
   std::vector<std::string> cards;
   std::vector<std::string> pin_files;
@@ -121,7 +131,49 @@ Result<SecretBytes> secret_from_cards(const SplitArgs& a) {
   auto p = shares.progress();
   return make_error(ErrorCode::kInvalidArgument, "the current cards gave " +
                                                      (p ? p->text() : std::string("no shares")) +
+
                                                      "; name at least k of them with --from-cards");
+}
+
+// ---- the approval gate ----
+
+// One request over kmsd's unseal socket; the reply, or its error with the daemon's code.
+Result<nlohmann::json> ask_kmsd(const std::string& socket, const std::string& op,
+                                const nlohmann::json& fields) {
+  KMSD_ASSIGN_OR_RETURN(auto line, startup::unseal_request(socket, op, nullptr, fields.dump()));
+  auto j = nlohmann::json::parse(line, nullptr, false);
+  if (!j.is_object()) return make_error(ErrorCode::kInternal, "kmsd sent an unreadable reply");
+  if (j.value("ok", false)) return j;
+  ErrorCode code = ErrorCode::kFailedPrecondition;
+  for (ErrorCode c : {ErrorCode::kInvalidArgument, ErrorCode::kNotFound,
+                      ErrorCode::kPermissionDenied, ErrorCode::kFailedPrecondition,
+                      ErrorCode::kUnavailable, ErrorCode::kStore, ErrorCode::kInternal}) {
+    if (j.value("code", std::string()) == to_string(c)) code = c;
+  }
+  return make_error(code, "kmsd: " + j.value("error", std::string("request refused")));
+}
+
+// Whether a running kmsd of this configuration is unsealed, so that the split needs its
+// approval. Nobody answering on the socket, or a sealed kmsd: a local split, as always.
+bool split_needs_approval(const SplitArgs& a) {
+  if (a.target.socket.empty()) {
+    std::cerr << "kmsctl: note: no --config or --socket: cannot check whether a running kmsd "
+                 "must approve this split\n";
+    return false;
+  }
+  auto status = startup::unseal_request(a.target.socket, "status");
+  if (!status.ok()) {
+    std::cerr << "kmsctl: note: no kmsd answers on " << a.target.socket
+              << ": a local split, no approval needed\n";
+    return false;
+  }
+  auto j = nlohmann::json::parse(*status, nullptr, false);
+  const std::string state = j.is_object() ? j.value("state", std::string()) : "";
+  if (state == "sealed") {
+    std::cerr << "kmsctl: note: kmsd is sealed: no approval needed\n";
+    return false;
+  }
+  return true;
 }
 
 int run_split(SplitArgs a) {
@@ -134,22 +186,65 @@ int run_split(SplitArgs a) {
   if (!a.pin_files.empty() && a.pin_files.size() != n)
     return fail(make_error(ErrorCode::kInvalidArgument,
                            "--pin-files needs one file per card, in the order of --cards"));
+  const startup::SplitPlan plan{a.k, a.cards, a.target.module, a.target.label};
+  const bool gated = split_needs_approval(a);
+  if (gated && a.request.empty()) {
+    auto r = ask_kmsd(a.target.socket, "card_split_request", {{"plan", plan.to_json()}});
+    if (!r.ok()) return fail(r.error());
+    const std::string id = r->value("request", std::string());
+    std::cout << "kmsd is unsealed: re-splitting the startup secret needs the approval of "
+              << r->value("required", 1) << " administrator(s) (card_split).\n"
+              << "Request " << id << " is waiting. Administrators approve it with\n"
+              << "  kmsctl request approve " << id << "\n"
+              << "then run this command again with --request " << id
+              << " (same cards, same --quorum-k). No card was written.\n";
+    return kAuth;
+  }
+  if (!gated && !a.request.empty())
+    std::cerr << "kmsctl: note: --request " << a.request << " is not used\n";
   Result<SecretBytes> secret =
       a.from_cards.empty() ? new_secret(a.secret_file) : secret_from_cards(a);
   if (!secret.ok()) return fail(secret.error());
+  if (gated) {
+    // Spent now, just before the first card is written.
+    auto begun = ask_kmsd(a.target.socket, "card_split_begin",
+                          {{"request", a.request}, {"plan", plan.to_json()}});
+    if (!begun.ok()) {
+      if (begun.error().code == ErrorCode::kPermissionDenied) {
+        std::cerr << "kmsctl: " << begun.error().message << "\n";
+        return kAuth;
+      }
+      return fail(begun.error());
+    }
+  }
+  auto report_end = [&](bool ok, const std::string& quorum, const std::string& why) {
+    if (!gated) return true;
+    auto done = ask_kmsd(a.target.socket, "card_split_done",
+                         {{"request", a.request}, {"ok", ok}, {"quorum", quorum}, {"error", why}});
+    if (!done.ok())
+      std::cerr << "kmsctl: kmsd did not record the end of the split: " << done.error().message
+                << "\n";
+    return done.ok();
+  };
   if (secret->size() < kShortSecret)
     std::cerr << "kmsctl: warning: the startup secret is " << secret->size()
               << " bytes; with a quorum, whoever holds k-1 cards could test guesses of a short "
                  "secret. Give the key token a long random user PIN (16 characters or more).\n";
   auto shares = startup::split_secret(*secret, a.k, n);
-  if (!shares.ok()) return fail(shares.error());
+  if (!shares.ok()) {
+    report_end(false, "", shares.error().message);
+    return fail(shares.error());
+  }
   const std::string id = shares->front().quorum_id_hex();
   std::vector<startup::ForbiddenToken> written;
   for (unsigned i = 0; i < n; ++i) {
     const std::string what = "operator card " + std::to_string(i + 1) + " of " + std::to_string(n) +
                              " (" + a.cards[i] + ")";
     auto pin = card_pin(a.pin_files, i, what);
-    if (!pin.ok()) return fail(pin.error());
+    if (!pin.ok()) {
+      report_end(false, "", what + ": " + pin.error().message);
+      return fail(pin.error());
+    }
     startup::CardReport report;
     auto blob = startup::encode_share((*shares)[i]);
     auto st = startup::write_card_object({a.target.module, a.cards[i]}, *pin, a.target.label, blob,
@@ -160,6 +255,7 @@ int run_split(SplitArgs a) {
         std::cerr << "kmsctl: cards 1.." << i << " already hold shares of the new quorum "
                   << id.substr(0, 8) << ", which is incomplete and unusable; run the split "
                   << "again (with --force) once every card is at hand\n";
+      report_end(false, "", what + ": " + st.error().message);
       return exit_for(st.error());
     }
     written.push_back({report.label, report.serial});
@@ -170,7 +266,7 @@ int run_split(SplitArgs a) {
             << " cards rebuild the startup secret.\n"
             << "kmsd reads them with startup.source = \"quorum\"; operators present their cards "
                "one at a time with `kmsctl unseal --card URI`.\n";
-  return kOk;
+  return report_end(true, id, "") ? kOk : kFailed;
 }
 
 void add_target_options(CLI::App* cmd, CardTarget& t) {
@@ -213,6 +309,12 @@ void add_card_commands(CLI::App& app, Commands& commands) {
                    "single reader)")
       ->required();
   add_target_options(split, s.target);
+  split->add_option("--socket", s.target.socket,
+                    "kmsd's unseal socket (default: server.unseal_socket of --config); a kmsd "
+                    "unsealed there must approve the split");
+  split->add_option("--request", s.request,
+                    "the approved card_split request (kmsctl prints its id when kmsd is "
+                    "unsealed and asks for approval)");
   split->add_option("--pin-files", s.pin_files,
                     "0600 files holding each new card's PIN, in the order of --cards (default: "
                     "prompt per card)");

@@ -114,7 +114,8 @@ std::string status_json(const SealStatus& s) {
 }
 
 Result<std::unique_ptr<UnsealSocket>> UnsealSocket::listen(const fs::path& path, Seal& seal,
-                                                           CardUnseal* cards) {
+                                                           CardUnseal* cards,
+                                                           CardSplitGate* split) {
   std::error_code ec;
   if (!path.parent_path().empty() && !fs::exists(path.parent_path())) {
     fs::create_directories(path.parent_path(), ec);
@@ -140,11 +141,12 @@ Result<std::unique_ptr<UnsealSocket>> UnsealSocket::listen(const fs::path& path,
   if (r != 0) return sys_error("binding the unseal socket " + path.string());
   ::chmod(path.c_str(), 0600);
   if (::listen(fd.get(), 8) != 0) return sys_error("listening on " + path.string());
-  return std::unique_ptr<UnsealSocket>(new UnsealSocket(path, std::move(fd), seal, cards));
+  return std::unique_ptr<UnsealSocket>(new UnsealSocket(path, std::move(fd), seal, cards, split));
 }
 
-UnsealSocket::UnsealSocket(fs::path path, UniqueFd fd, Seal& seal, CardUnseal* cards)
-    : path_(std::move(path)), fd_(std::move(fd)), seal_(seal), cards_(cards) {
+UnsealSocket::UnsealSocket(fs::path path, UniqueFd fd, Seal& seal, CardUnseal* cards,
+                           CardSplitGate* split)
+    : path_(std::move(path)), fd_(std::move(fd)), seal_(seal), cards_(cards), split_(split) {
   thread_ = std::thread([this] { serve(); });
 }
 
@@ -180,8 +182,10 @@ void UnsealSocket::handle(int client) {
     return;
   }
   auto reply = [&](bool ok, const std::string& error, const std::string& message = "",
-                   std::optional<ErrorCode> code = std::nullopt) {
+                   std::optional<ErrorCode> code = std::nullopt, const json& extra = nullptr) {
     json j = json::parse(status_json(seal_.status()));
+    if (extra.is_object())
+      for (const auto& [k, v] : extra.items()) j[k] = v;
     j["ok"] = ok;
     if (!error.empty()) j["error"] = error;
     if (!message.empty()) j["message"] = message;
@@ -234,7 +238,58 @@ void UnsealSocket::handle(int client) {
     return reply(st.ok(), st.ok() ? "" : st.error().message, "",
                  st.ok() ? std::nullopt : std::optional<ErrorCode>(st.error().code));
   }
-  reply(false, "unknown op '" + op + "'; expected status, seal, unseal or cancel");
+  if (op.rfind("card_split_", 0) == 0) {
+    auto r = card_split(op, req, "operator (uid " + std::to_string(cred.uid) + ")");
+    if (!r.ok()) return reply(false, r.error().message, "", r.error().code);
+    return reply(true, "", r->value("message", std::string()), std::nullopt, *r);
+  }
+  reply(false, "unknown op '" + op + "'; expected status, seal, unseal, cancel or card_split_*");
+}
+
+Result<json> UnsealSocket::card_split(const std::string& op, const json& req,
+                                      const std::string& who) {
+  if (split_ == nullptr)
+    return make_error(ErrorCode::kFailedPrecondition,
+                      "this kmsd has no card split gate (an older version?)");
+  if (!seal_.material())
+    return make_error(ErrorCode::kFailedPrecondition,
+                      "kmsd is sealed: a card split needs no approval now (the operators are at "
+                      "the machine); run kmsctl card split without --request");
+  auto plan = [&]() -> Result<SplitPlan> {
+    if (!req.contains("plan")) return make_error(ErrorCode::kInvalidArgument, "no \"plan\"");
+    return SplitPlan::from_json(req["plan"]);
+  };
+  auto id = [&]() -> Result<std::string> {
+    if (!req.contains("request") || !req["request"].is_string())
+      return make_error(ErrorCode::kInvalidArgument, "no \"request\" id");
+    return req["request"].get<std::string>();
+  };
+  if (op == "card_split_request") {
+    KMSD_ASSIGN_OR_RETURN(auto p, plan());
+    KMSD_ASSIGN_OR_RETURN(auto out, split_->request(p, who));
+    spdlog::info("card split requested over the unseal socket by {}: request {}", who,
+                 out.request_id);
+    return json{{"request", out.request_id},
+                {"approvals", out.approvals},
+                {"required", out.required},
+                {"message", out.message}};
+  }
+  if (op == "card_split_begin") {
+    KMSD_ASSIGN_OR_RETURN(auto p, plan());
+    KMSD_ASSIGN_OR_RETURN(auto rid, id());
+    KMSD_TRY(split_->begin(rid, p, who));
+    spdlog::info("card split {} started by {}", rid, who);
+    return json{{"request", rid}, {"message", "approved split started"}};
+  }
+  if (op == "card_split_done") {
+    KMSD_ASSIGN_OR_RETURN(auto rid, id());
+    const bool ok = req.value("ok", false);
+    KMSD_TRY(split_->finish(rid, ok, req.value("quorum", std::string()),
+                            req.value("error", std::string()), who));
+    spdlog::info("card split {} {}", rid, ok ? "finished" : "failed");
+    return json{{"request", rid}, {"message", ok ? "recorded" : "failure recorded"}};
+  }
+  return make_error(ErrorCode::kInvalidArgument, "unknown op '" + op + "'");
 }
 
 Result<std::string> unseal_request(const fs::path& socket, const std::string& op,

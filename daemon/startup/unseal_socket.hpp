@@ -8,6 +8,10 @@
 //                 {"v":1,"op":"unseal","secret_length":N}   (1 <= N <= 4096)
 //                 {"v":1,"op":"unseal","secret_length":N,"card":"pkcs11:token=op1"}
 //                 {"v":1,"op":"cancel"}
+//                 {"v":1,"op":"card_split_request","plan":{k,cards,module,label}}
+//                 {"v":1,"op":"card_split_begin","request":ID,"plan":{...}}
+//                 {"v":1,"op":"card_split_done","request":ID,"ok":true,"quorum":HEX}
+//                 {"v":1,"op":"card_split_done","request":ID,"ok":false,"error":TEXT}
 //   secret   = exactly N raw bytes (only for "unseal"); never JSON, so the secret lands
 //              straight in a wiping buffer and in no string or log. With the "card" and
 //              "quorum" startup sources these bytes are the operator card's PIN (and "card",
@@ -19,6 +23,8 @@
 //              ..."), "source", "quorum" {id,k,n,held,shares,expires_in_seconds,progress} and
 //              "card" {label,serial,pin_count_low,pin_final_try,pin_locked}.
 //   "cancel" drops pending quorum shares; "seal" drops them too.
+//   card_split_*: the approval gate of `kmsctl card split` while kmsd is unsealed (see
+//   card_split_gate.hpp); replies add "request", "approvals", "required" and "message".
 #pragma once
 
 #include <atomic>
@@ -30,6 +36,7 @@
 #include "common/fd.hpp"
 #include "common/result.hpp"
 #include "common/secret.hpp"
+#include "daemon/startup/card_split_gate.hpp"
 #include "daemon/startup/card_unseal.hpp"
 #include "daemon/startup/seal.hpp"
 
@@ -38,20 +45,27 @@ namespace kmsd::startup {
 class UnsealSocket {
  public:
   // Binds PATH (removing a stale socket, creating the parent directory 0700 if missing).
-  // CARDS, when given, takes the unseal requests (card PINs) instead of the seal.
+  // CARDS, when given, takes the unseal requests (card PINs) instead of the seal. SPLIT, when
+  // given, answers the card_split_* requests.
   static Result<std::unique_ptr<UnsealSocket>> listen(const std::filesystem::path& path, Seal& seal,
-                                                      CardUnseal* cards = nullptr);
+                                                      CardUnseal* cards = nullptr,
+                                                      CardSplitGate* split = nullptr);
   ~UnsealSocket();  // stops the thread, removes the socket file
 
  private:
-  UnsealSocket(std::filesystem::path path, UniqueFd fd, Seal& seal, CardUnseal* cards);
+  UnsealSocket(std::filesystem::path path, UniqueFd fd, Seal& seal, CardUnseal* cards,
+               CardSplitGate* split);
   void serve();
   void handle(int client);
+  // The card_split_* ops: the reply's extra fields, or the error.
+  Result<nlohmann::json> card_split(const std::string& op, const nlohmann::json& req,
+                                    const std::string& who);
 
   std::filesystem::path path_;
   UniqueFd fd_;
   Seal& seal_;
   CardUnseal* cards_;
+  CardSplitGate* split_;
   std::atomic<bool> stopping_{false};
   std::thread thread_;
 };

@@ -195,5 +195,83 @@ TEST_F(CardE2eTest, ResplitFromTheOldCardsToNewOnesWithoutTheSecretAtHand) {
   EXPECT_EQ(stop(), 0);
 }
 
+// While kmsd is unsealed, re-splitting needs an approved card_split request: kmsctl asks for
+// one over the unseal socket and writes nothing; an administrator approves it; the split then
+// runs once, for exactly the approved cards, and the audit chain records it.
+TEST_F(CardE2eTest, ResplitWhileUnsealedNeedsAnApprovedCardSplitRequestUsedOnce) {
+  write_card_config("quorum", "");
+  ASSERT_EQ(init().status, 0);
+  const std::string p = shell_quote(card_pin_path());
+  const std::string conf = " --config " + shell_quote(conf_path());
+  // kmsd not running yet: a local split, no approval needed.
+  auto first = kmsctl("card split -k 2 --cards pkcs11:token=op1 pkcs11:token=op2 pkcs11:token=op3" +
+                      conf + " --secret-file " + shell_quote(secret_path()) + " --pin-files " + p +
+                      " " + p + " " + p);
+  ASSERT_EQ(first.status, 0) << first.output;
+  EXPECT_THAT(first.output, HasSubstr("no approval needed"));
+  fs::remove(secret_path());
+  start();
+  ASSERT_TRUE(wait_ready(503));
+  const std::string pin = " --pin-file " + p;
+  ASSERT_EQ(unseal("--card pkcs11:token=op1" + pin).status, 0);
+  ASSERT_EQ(unseal("--card pkcs11:token=op2" + pin).status, 0);
+  ASSERT_TRUE(wait_ready(200)) << log_text();
+  fetch_ca();
+
+  // op3's operator leaves: re-split from op1 and op2 to other1 and other2.
+  const std::string resplit = "card split -k 2 --cards pkcs11:token=other1 pkcs11:token=other2" +
+                              conf + " --pin-files " + p + " " + p +
+                              " --from-cards pkcs11:token=op1 pkcs11:token=op2 --from-pin-files " +
+                              p + " " + p;
+  auto asked = kmsctl(resplit);
+  EXPECT_EQ(asked.status, 4) << asked.output;
+  EXPECT_THAT(asked.output, HasSubstr("needs the approval of 1 administrator(s)"));
+  EXPECT_THAT(asked.output, HasSubstr("No card was written"));
+  const auto at = asked.output.find("--request ");
+  ASSERT_NE(at, std::string::npos) << asked.output;
+  std::string id = asked.output.substr(at + 10);
+  id = id.substr(0, id.find_first_of(" \n"));
+  ASSERT_FALSE(id.empty());
+
+  auto early = kmsctl(resplit + " --request " + id);
+  EXPECT_EQ(early.status, 4) << early.output;
+  EXPECT_THAT(early.output, HasSubstr("still waits for approvals (0 of 1)"));
+
+  auto approve = kmsctl("request approve " + id + kmsctl_admin_options());
+  ASSERT_EQ(approve.status, 0) << approve.output;
+
+  // Approved for other1 and other2, not for another set of cards.
+  auto other_plan = kmsctl("card split -k 2 --cards pkcs11:token=other1 pkcs11:token=op3" + conf +
+                           " --pin-files " + p + " " + p +
+                           " --from-cards pkcs11:token=op1 pkcs11:token=op2 --from-pin-files " + p +
+                           " " + p + " --request " + id);
+  EXPECT_NE(other_plan.status, 0) << other_plan.output;
+  EXPECT_THAT(other_plan.output, HasSubstr("approved another split"));
+
+  auto done = kmsctl(resplit + " --request " + id);
+  ASSERT_EQ(done.status, 0) << done.output;
+  EXPECT_THAT(done.output, HasSubstr("any 2 of these 2 cards"));
+  auto again = kmsctl(resplit + " --request " + id + " --force");
+  EXPECT_NE(again.status, 0) << again.output;
+  EXPECT_THAT(again.output, HasSubstr("was already used"));
+
+  // The audit chain shows the request, the approval, the start and the new quorum.
+  auto exported = kmsctl("audit export" + kmsctl_admin_options());
+  ASSERT_EQ(exported.status, 0) << exported.output;
+  EXPECT_THAT(exported.output, HasSubstr("\"action\":\"card.split.start\""));
+  EXPECT_THAT(exported.output, HasSubstr("\"action\":\"card.split\""));
+  EXPECT_THAT(exported.output, HasSubstr("\"operation\":\"card_split\""));
+  EXPECT_EQ(kmsctl("audit verify" + kmsctl_admin_options()).status, 0);
+
+  // The new cards unseal; the old quorum's are refused.
+  ASSERT_EQ(kmsctl("seal --socket " + shell_quote(socket_path())).status, 0);
+  EXPECT_EQ(unseal("--card pkcs11:token=other1" + pin).status, 0);
+  EXPECT_EQ(unseal("--card pkcs11:token=op1" + pin).status, 2);
+  EXPECT_EQ(unseal("--card pkcs11:token=other2" + pin).status, 0);
+  ASSERT_TRUE(wait_ready(200)) << log_text();
+  expect_no_secret_anywhere();
+  EXPECT_EQ(stop(), 0);
+}
+
 }  // namespace
 }  // namespace kmsd::testing
