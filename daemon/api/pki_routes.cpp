@@ -211,7 +211,8 @@ Result<json> enrollment_json(const enroll::Enrollment& e) {
 
 Response answer(const Request& req, const Result<json>& r) {
   if (!r.ok()) return error_from(req, r.error());
-  auto res = json_response(req, http::status::ok, r->dump());
+  auto res = json_response(req, http::status::ok,
+                           r->dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
   res.set(http::field::cache_control, "no-store");
   return res;
 }

@@ -161,16 +161,20 @@ Response outcome_response(const Request& req, const approvals::Outcome& o) {
   switch (o.state) {
     case RequestState::kExecuted:
       j["result"] = o.result;
-      return json_response(req, http::status::ok, j.dump());
+      return json_response(req, http::status::ok,
+                           j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
     case RequestState::kPending:
       j["approvals"] = o.approvals;
       j["required"] = o.required;
-      return json_response(req, http::status::accepted, j.dump());
+      return json_response(req, http::status::accepted,
+                           j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
     case RequestState::kFailed:
       j["error"] = o.message;
-      return json_response(req, http::status::conflict, j.dump());
+      return json_response(req, http::status::conflict,
+                           j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
     default:
-      return json_response(req, http::status::ok, j.dump());
+      return json_response(req, http::status::ok,
+                           j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
   }
 }
 
@@ -232,7 +236,8 @@ Response error_from(const Request& req, const Error& e) {
   }
   json j{{"error", e.message}};
   if (auto reason = users::refusal_reason(e); !reason.empty()) j["reason"] = reason;
-  auto res = json_response(req, st, j.dump());
+  auto res =
+      json_response(req, st, j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
   if (st == http::status::service_unavailable) res.set(http::field::retry_after, "5");
   return res;
 }
@@ -286,7 +291,9 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
   };
   auto respond = [&](const auto& result, http::status ok_status, auto to_json) -> Response {
     if (!result.ok()) return error_from(req, result.error());
-    return json_response(req, ok_status, to_json(*result).dump());
+    return json_response(
+        req, ok_status,
+        to_json(*result).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
   };
 
   if (seg.size() == 2 && seg[1] == "whoami" && verb == http::verb::get)
@@ -294,7 +301,7 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
                          json{{"name", who.name},
                               {"role", store::to_string(who.role)},
                               {"certificate_serial", who.cert_serial}}
-                             .dump());
+                             .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
   if (seg.size() == 2 && seg[1] == "status" && verb == http::verb::get)
     return json_response(req, http::status::ok, startup::status_json(s_.seal.status()));
 
@@ -346,7 +353,9 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
         }
         results.push_back(std::move(r));
       }
-      return json_response(req, http::status::ok, json{{"results", results}}.dump());
+      return json_response(req, http::status::ok,
+                           json{{"results", results}}.dump(
+                               -1, ' ', false, nlohmann::json::error_handler_t::replace));
     }
     if (seg.size() == 3 && verb == http::verb::get)
       return respond(s_.users.show(seg[2]), http::status::ok, [](const json& j) { return j; });
@@ -448,7 +457,9 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
         if (r.result) j["result"] = json::parse(*r.result, nullptr, false);
         arr.push_back(std::move(j));
       }
-      return json_response(req, http::status::ok, json{{"requests", arr}}.dump());
+      return json_response(
+          req, http::status::ok,
+          json{{"requests", arr}}.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
     }
     if (seg.size() == 4 && verb == http::verb::post && seg[3] == "collect" &&
         s_.key_export != nullptr) {
@@ -456,7 +467,8 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
       if (!keys.ok()) return error_from(req, keys.error());
       auto j = exported_keys_json(*keys);
       if (!j.ok()) return error_from(req, j.error());
-      auto res = json_response(req, http::status::ok, j->dump());
+      auto res = json_response(req, http::status::ok,
+                               j->dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
       res.set(http::field::cache_control, "no-store");
       return res;
     }
@@ -474,12 +486,13 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
       json j{{"ok", rep->ok()}, {"records", rep->records}};
       if (rep->first_bad) j["first_bad"] = *rep->first_bad;
       if (!rep->problem.empty()) j["problem"] = rep->problem;
-      return json_response(req, http::status::ok, j.dump());
+      return json_response(req, http::status::ok,
+                           j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
     }
     if (seg[2] == "export") {
       std::string out;
       auto st = s_.audit.export_records([&](const json& j) {
-        out += j.dump() + "\n";
+        out += j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
         return Status{};
       });
       if (!st.ok()) return error_from(req, st.error());
