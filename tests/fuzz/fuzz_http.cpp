@@ -48,12 +48,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     beast::error_code ec;
     std::size_t used = 0;
     while (!parser.is_done()) {
-      const std::size_t n =
+      const std::size_t got =
           parser.put(boost::asio::buffer(rest.data() + used, rest.size() - used), ec);
-      used += n;
-      if (ec == http::error::need_more) {
+      used += got;
+      if (ec == http::error::need_more || (!ec && got == 0)) {
         ec = {};
-        if (used < rest.size() && n > 0) continue;
+        if (used < rest.size() && got > 0) continue;
         parser.put_eof(ec);  // the client closed the connection
         break;
       }
