@@ -55,6 +55,23 @@ Fault classify(CK_RV rv) noexcept {
   }
 }
 
+bool token_gone(CK_RV rv) noexcept {
+  switch (rv) {
+    case CKR_DEVICE_REMOVED:
+    case CKR_TOKEN_NOT_PRESENT:
+    case CKR_TOKEN_NOT_RECOGNIZED:
+    case CKR_SLOT_ID_INVALID:
+    case CKR_CRYPTOKI_NOT_INITIALIZED:
+      return true;
+    default:
+      return false;
+  }
+}
+
+bool session_gone(CK_RV rv) noexcept {
+  return token_gone(rv) || rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED;
+}
+
 void fail(ErrorCode code, std::string message) {
   throw TokenError(Error{code, std::move(message)}, Fault::kCallerError);
 }

@@ -25,6 +25,15 @@ std::string rv_name(CK_RV rv);
 // worth a reopen + re-login + retry.
 Fault classify(CK_RV rv) noexcept;
 
+// Whether a session that got RV is gone on the token (closed, or the device went away), so
+// its handle must be forgotten, never closed (a stale number may be a fresh session by now).
+// USER_NOT_LOGGED_IN, DEVICE_ERROR and the *_HANDLE_INVALID of objects leave the session
+// open: close it, or every such fault leaks a session on the token.
+bool session_gone(CK_RV rv) noexcept;
+// Whether RV means every session of the token is gone (removed, not present, finalized):
+// forget them all. Otherwise the other sessions are still open and are closed.
+bool token_gone(CK_RV rv) noexcept;
+
 // Failures inside hsm/ travel as this exception (STYLE: exceptions inside a module, results
 // across modules); Token catches it at its public boundary and returns the Error.
 struct TokenError : std::exception {

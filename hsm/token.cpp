@@ -210,16 +210,21 @@ class SessionPool {
         : pool_(pool), s_(std::move(s)), gen_(gen) {}
     Lease(const Lease&) = delete;
     Lease& operator=(const Lease&) = delete;
-    ~Lease() { pool_->give_back(std::move(s_), gen_, broken_); }
+    ~Lease() { pool_->give_back(std::move(s_), gen_, broken_, alive_); }
     Session& session() { return s_; }
-    // The token closed this session already: forget its handle instead of closing it.
-    void mark_broken() { broken_ = true; }
+    // The session met RV: not given back to the pool. Forgotten when the token closed it
+    // already (p11::session_gone), closed otherwise (a lost login leaves the session open).
+    void mark_broken(CK_RV rv) {
+      broken_ = true;
+      alive_ = !p11::session_gone(rv);
+    }
 
    private:
     SessionPool* pool_;
     Session s_;
     std::uint64_t gen_;
     bool broken_ = false;
+    bool alive_ = false;
   };
 
   // Waits (at most MAX_WAIT) while all MAX sessions are leased. Throws TokenError if
@@ -281,13 +286,13 @@ class SessionPool {
   }
 
  private:
-  void give_back(Session s, std::uint64_t gen, bool broken) {
+  void give_back(Session s, std::uint64_t gen, bool broken, bool alive) {
     std::unique_lock lock(mu_);
     if (gen == gen_ && !broken) {
       idle_.push_back(std::move(s));
     } else {
       --open_;
-      if (broken) s.forget();
+      if (broken && !alive) s.forget();
       lock.unlock();
       s = Session();  // closes outside the lock
     }
@@ -330,6 +335,9 @@ struct Token::Impl {
   // The outage in progress (from the failure that degraded the token until it serves again).
   std::optional<TokenOutage> outage;
   Clock::time_point outage_since;
+  // The fault that degraded the token left our sessions open (a lost login): the probe closes
+  // them instead of forgetting them.
+  std::atomic<bool> outage_sessions_alive{false};
 
   // Told of outages, outside every other lock. Held while telling, so that once
   // set_health_observer returns the old observer is never called again.
@@ -471,6 +479,10 @@ struct Token::Impl {
   // "stalled"); SEALED: the retained PIN was refused.
   void mark_degraded(const std::string& why, Fault fault = Fault::kTokenGone,
                      const std::string& code = "", bool sealed = false) {
+    // A stall keeps its sessions forgotten: closing them could hang the prober too.
+    outage_sessions_alive = code != "stalled" && code != "CKR_DEVICE_REMOVED" &&
+                            code != "CKR_TOKEN_NOT_PRESENT" && code != "CKR_TOKEN_NOT_RECOGNIZED" &&
+                            code != "CKR_SLOT_ID_INVALID" && code != "CKR_CRYPTOKI_NOT_INITIALIZED";
     std::optional<TokenOutage> began;
     {
       std::lock_guard lock(state_mu);
@@ -587,7 +599,7 @@ struct Token::Impl {
     if (stalled()) return;  // calls still hanging: do not pile more on the token
     const std::uint64_t seen_health = health_gen.load();
     CallTimer timer(*this, true);
-    Status st = recover(epoch.load());
+    Status st = recover(epoch.load(), outage_sessions_alive.load());
     std::optional<TokenOutage> ended;
     {
       std::lock_guard lock(state_mu);
@@ -717,7 +729,10 @@ struct Token::Impl {
   // ---- recovery ----
   // Re-finds the token (slot ids may change after a re-insert), re-opens the pool, re-logs in
   // with the retained PIN. Runs once per fault even when many threads hit it together.
-  Status recover(std::uint64_t seen_epoch) {
+  // SESSIONS_ALIVE: the fault left the pooled sessions open on the token (a lost login, one
+  // invalid session, a device error), so they are closed; otherwise (the token is gone) they
+  // are forgotten (see p11::token_gone).
+  Status recover(std::uint64_t seen_epoch, bool sessions_alive = false) {
     std::unique_lock rlock(recover_mu, std::defer_lock);
     if (!rlock.try_lock_for(opts.call_timeout)) {
       return make_error(ErrorCode::kUnavailable,
@@ -727,7 +742,7 @@ struct Token::Impl {
     if (epoch.load() != seen_epoch) return {};  // another thread already recovered
     reset_libp11();
     drop_caches();
-    pool.reset(pool.slot(), /*forget=*/true);
+    pool.reset(pool.slot(), /*forget=*/!sessions_alive);
     try {
       check_rv(module->initialize(), "C_Initialize");
       std::vector<SlotInfo> slots = p11::slots_with_tokens(*module);
@@ -828,7 +843,8 @@ struct Token::Impl {
         try {
           return op(lease->session());
         } catch (const TokenError& e) {
-          if (e.fault == Fault::kSessionLost || e.fault == Fault::kTokenGone) lease->mark_broken();
+          if (e.fault == Fault::kSessionLost || e.fault == Fault::kTokenGone)
+            lease->mark_broken(e.rv);
           throw;
         }
       } catch (const TokenError& e) {
@@ -836,7 +852,7 @@ struct Token::Impl {
           return with_context(e.error);
         }
         if (attempt > 0) return with_context(unavailable(e.error.message, e.fault, e.rv));
-        Status st = recover(seen);
+        Status st = recover(seen, !p11::token_gone(e.rv));
         if (!st.ok()) {
           if (st.error().code == ErrorCode::kUnauthenticated ||
               st.error().code == ErrorCode::kPinLocked) {
@@ -1186,11 +1202,11 @@ Status Token::login(const SecretBytes& pin) {
       }
       Fault fault = p11::classify(rv);
       if (fault == Fault::kSessionLost || fault == Fault::kTokenGone) {
-        lease->mark_broken();
+        lease->mark_broken(rv);
         if (attempt > 0) check_rv(rv, "C_Login");
         lease.reset();
         d.forget_pin();
-        Status st = d.recover(seen);
+        Status st = d.recover(seen, !p11::token_gone(rv));
         if (!st.ok()) return d.unavailable(st.error().message, fault, rv);
         continue;
       }

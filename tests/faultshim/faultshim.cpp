@@ -9,8 +9,10 @@
 //                            stat() per call), so a test changes faults by rewriting it
 //   KMSD_FAULTSHIM_FAULT     fault while no control file exists (same words as `fault =`)
 //   KMSD_FAULTSHIM_DELAY_MS  delay while no control file exists
-//   KMSD_FAULTSHIM_STATS     file rewritten after every injected fault or delay with
-//                            "injected N\ndelayed M\n" (so a test can see the shim was hit)
+//   KMSD_FAULTSHIM_STATS     file rewritten after every injected fault or delay and every
+//                            session opened or closed, with "injected N\ndelayed M\n
+//                            open_sessions S\n" (so a test can see the shim was hit, and count
+//                            the sessions open on the real token through the shim)
 //   KMSD_FAULTSHIM_HIDE_MECHANISMS  hide_mechanisms while no control file exists
 //
 // Control file: "key = value" lines, '#' starts a comment, unknown keys are ignored.
@@ -31,8 +33,11 @@
 //   device-removed   all sessions are really closed (C_CloseAllSessions, once, when the fault
 //                    starts: the login is gone too); slots report no token; session calls
 //                    return CKR_DEVICE_REMOVED, slot calls CKR_TOKEN_NOT_PRESENT
-//   session-invalid  session calls return CKR_SESSION_HANDLE_INVALID
-//   device-error     slot and session calls return CKR_DEVICE_ERROR
+//   session-invalid  session calls return CKR_SESSION_HANDLE_INVALID, and the session they
+//                    named is really closed (a token that says so has no such session)
+//   device-error     slot and session calls return CKR_DEVICE_ERROR; the sessions are really
+//                    closed when the fault starts (an erring device loses its state; the slot
+//                    still shows the token)
 //   not-logged-in    the token is really logged out (once, when the fault starts); calls that
 //                    need a login return CKR_USER_NOT_LOGGED_IN, C_GetSessionInfo reports a
 //                    public session
@@ -155,6 +160,8 @@ struct Shim {
   std::atomic<unsigned long> injected{0};
   std::atomic<unsigned long> delayed{0};
   std::mutex stats_mu;
+  std::mutex sessions_mu;
+  std::set<CK_SESSION_HANDLE> sessions;  // open on the real module, opened through the shim
 };
 
 Shim& shim() {
@@ -225,8 +232,14 @@ void write_stats() {
   const char* path = env("KMSD_FAULTSHIM_STATS");
   if (path == nullptr) return;
   std::lock_guard lock(s.stats_mu);
+  std::size_t open_sessions = 0;
+  {
+    std::lock_guard sl(s.sessions_mu);
+    open_sessions = s.sessions.size();
+  }
   std::string text = "injected " + std::to_string(s.injected.load()) + "\ndelayed " +
-                     std::to_string(s.delayed.load()) + "\n";
+                     std::to_string(s.delayed.load()) + "\nopen_sessions " +
+                     std::to_string(open_sessions) + "\n";
   std::string tmp = std::string(path) + ".tmp";
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
   if (fd < 0) return;
@@ -256,7 +269,12 @@ void apply_side_effects(const Plan& p) {
   CK_FUNCTION_LIST* r = s.real;
   switch (p.fault) {
     case Fault::kDeviceRemoved:
+    case Fault::kDeviceError:
       for (CK_SLOT_ID id : real_token_slots()) r->C_CloseAllSessions(id);
+      {
+        std::lock_guard sl(s.sessions_mu);
+        s.sessions.clear();
+      }
       break;
     case Fault::kNotLoggedIn:
     case Fault::kPinIncorrect:
@@ -339,6 +357,58 @@ Decision before(const char* fn, Kind kind) {
   return d;
 }
 
+// ---- sessions on the real module ----
+
+// Really closes session H (the shim told the caller it is invalid: make it so).
+template <typename... Rest>
+void close_real(CK_SESSION_HANDLE h, Rest...) {
+  Shim& s = shim();
+  if (s.real->C_CloseSession(h) == CKR_OK) {
+    std::lock_guard sl(s.sessions_mu);
+    s.sessions.erase(h);
+  }
+  write_stats();
+}
+inline void close_real() {}
+
+CK_RV shim_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, void* app, CK_NOTIFY notify,
+                       CK_SESSION_HANDLE_PTR out) {
+  Decision d = before("C_OpenSession", Kind::kSlot);
+  if (d.rv != CKR_OK) return d.rv;
+  CK_RV rv = shim().real->C_OpenSession(slot, flags, app, notify, out);
+  if (rv == CKR_OK && out != nullptr) {
+    std::lock_guard sl(shim().sessions_mu);
+    shim().sessions.insert(*out);
+  }
+  write_stats();
+  return rv;
+}
+
+CK_RV shim_CloseSession(CK_SESSION_HANDLE h) {
+  Decision d = before("C_CloseSession", Kind::kSession);
+  if (d.rv == CKR_SESSION_HANDLE_INVALID) close_real(h);
+  if (d.rv != CKR_OK) return d.rv;
+  CK_RV rv = shim().real->C_CloseSession(h);
+  if (rv == CKR_OK) {
+    std::lock_guard sl(shim().sessions_mu);
+    shim().sessions.erase(h);
+  }
+  write_stats();
+  return rv;
+}
+
+CK_RV shim_CloseAllSessions(CK_SLOT_ID slot) {
+  Decision d = before("C_CloseAllSessions", Kind::kSlot);
+  if (d.rv != CKR_OK) return d.rv;
+  CK_RV rv = shim().real->C_CloseAllSessions(slot);
+  if (rv == CKR_OK) {
+    std::lock_guard sl(shim().sessions_mu);
+    shim().sessions.clear();  // the tests have one token behind the shim
+  }
+  write_stats();
+  return rv;
+}
+
 // ---- the generic forwarder: one instantiation per CK_FUNCTION_LIST member ----
 
 template <auto M>
@@ -350,6 +420,7 @@ struct Forward<M> {
   static inline Kind kind = Kind::kSession;
   static CK_RV call(A... a) {
     Decision d = before(name, kind);
+    if (d.rv == CKR_SESSION_HANDLE_INVALID && kind == Kind::kSession) close_real(a...);
     if (d.rv != CKR_OK) return d.rv;
     return (shim().real->*M)(a...);
   }
@@ -386,6 +457,7 @@ CK_RV shim_GetTokenInfo(CK_SLOT_ID id, CK_TOKEN_INFO_PTR info) {
 
 CK_RV shim_GetSessionInfo(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR info) {
   Decision d = before("C_GetSessionInfo", Kind::kSession);
+  if (d.rv == CKR_SESSION_HANDLE_INVALID) close_real(h);
   if (d.rv != CKR_OK) return d.rv;
   CK_RV rv = shim().real->C_GetSessionInfo(h, info);
   if (rv == CKR_OK && d.fault == Fault::kNotLoggedIn) {
@@ -441,6 +513,7 @@ CK_RV shim_GetMechanismInfo(CK_SLOT_ID slot, CK_MECHANISM_TYPE type, CK_MECHANIS
 
 CK_RV shim_EncryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
   Decision d = before("C_EncryptInit", Kind::kSession);
+  if (d.rv == CKR_SESSION_HANDLE_INVALID) close_real(h);
   if (d.rv != CKR_OK) return d.rv;
   if (hidden(m)) return CKR_MECHANISM_INVALID;
   return shim().real->C_EncryptInit(h, m, k);
@@ -448,6 +521,7 @@ CK_RV shim_EncryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE
 
 CK_RV shim_DecryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
   Decision d = before("C_DecryptInit", Kind::kSession);
+  if (d.rv == CKR_SESSION_HANDLE_INVALID) close_real(h);
   if (d.rv != CKR_OK) return d.rv;
   if (hidden(m)) return CKR_MECHANISM_INVALID;
   return shim().real->C_DecryptInit(h, m, k);
@@ -455,6 +529,7 @@ CK_RV shim_DecryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE
 
 CK_RV shim_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
   Decision d = before("C_SignInit", Kind::kSession);
+  if (d.rv == CKR_SESSION_HANDLE_INVALID) close_real(h);
   if (d.rv != CKR_OK) return d.rv;
   if (hidden(m)) return CKR_MECHANISM_INVALID;
   return shim().real->C_SignInit(h, m, k);
@@ -463,6 +538,7 @@ CK_RV shim_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k)
 CK_RV shim_WrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE wrapping,
                    CK_OBJECT_HANDLE key, CK_BYTE_PTR out, CK_ULONG_PTR out_len) {
   Decision d = before("C_WrapKey", Kind::kSession);
+  if (d.rv == CKR_SESSION_HANDLE_INVALID) close_real(h);
   if (d.rv != CKR_OK) return d.rv;
   if (hidden(m)) return CKR_MECHANISM_INVALID;
   return shim().real->C_WrapKey(h, m, wrapping, key, out, out_len);
@@ -472,6 +548,7 @@ CK_RV shim_UnwrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE u
                      CK_BYTE_PTR in, CK_ULONG in_len, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n,
                      CK_OBJECT_HANDLE_PTR key) {
   Decision d = before("C_UnwrapKey", Kind::kSession);
+  if (d.rv == CKR_SESSION_HANDLE_INVALID) close_real(h);
   if (d.rv != CKR_OK) return d.rv;
   if (hidden(m)) return CKR_MECHANISM_INVALID;
   return shim().real->C_UnwrapKey(h, m, unwrapping, in, in_len, tmpl, n, key);
@@ -580,6 +657,9 @@ CK_RV load() {
     KMSD_SHIM_FORWARD(C_GetFunctionStatus, kSess);
     KMSD_SHIM_FORWARD(C_CancelFunction, kSess);
     KMSD_SHIM_FORWARD(C_WaitForSlotEvent, kSlot);
+    s.list.C_OpenSession = &shim_OpenSession;
+    s.list.C_CloseSession = &shim_CloseSession;
+    s.list.C_CloseAllSessions = &shim_CloseAllSessions;
     s.list.C_GetMechanismList = &shim_GetMechanismList;
     s.list.C_GetMechanismInfo = &shim_GetMechanismInfo;
     s.list.C_EncryptInit = &shim_EncryptInit;

@@ -43,6 +43,8 @@ class ShimControl {
   // Calls answered with an injected fault so far.
   unsigned long injected() const { return stat("injected"); }
   unsigned long delayed() const { return stat("delayed"); }
+  // Sessions open on the real token that were opened through the shim (and not closed).
+  unsigned long open_sessions() const { return stat("open_sessions"); }
 
  private:
   unsigned long stat(const std::string& key) const {

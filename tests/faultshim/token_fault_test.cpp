@@ -7,6 +7,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <iostream>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -444,6 +446,37 @@ TEST_F(TokenFaultTest, HiddenMechanismIsRefusedByTheToken) {
   auto opened = t->open(*blob, bytes("user-1"));
   ASSERT_TRUE(opened.ok()) << opened.error().message;
   EXPECT_EQ(opened->view(), "escrowed key");
+}
+
+// Repeated outages do not leak sessions on the token: a session the token closed is
+// forgotten, one a lost login left open is closed, so the shim never counts more sessions
+// open than the pool holds.
+TEST_P(EveryOutage, RepeatedOutagesLeaveNoSessionOpenBeyondThePool) {
+  auto o = options();
+  auto t = provisioned(o);
+  ASSERT_TRUE(t);
+  auto expected = t->hmac_sha256(bytes("audit record"));
+  ASSERT_TRUE(expected.ok());
+  for (int round = 0; round < 6; ++round) {
+    const auto before = shim_->open_sessions();
+    shim_->fault(GetParam());
+    for (int i = 0; i < 3; ++i) EXPECT_FALSE(t->hmac_sha256(bytes("audit record")).ok());
+    const auto during = shim_->open_sessions();
+    std::this_thread::sleep_for(150ms);  // a few probes meet the fault too
+    const auto later = shim_->open_sessions();
+    shim_->clear();
+    ASSERT_TRUE(eventually([&] { return !t->status().degraded; }, 2s)) << "round " << round;
+    for (int i = 0; i < 3; ++i) {
+      auto mac = t->hmac_sha256(bytes("audit record"));
+      ASSERT_TRUE(mac.ok()) << mac.error().message;
+      EXPECT_EQ(*mac, *expected);
+    }
+    EXPECT_LE(shim_->open_sessions(), o.pool_size)
+        << "round " << round << ": open before the fault " << before << ", after the refused calls "
+        << during << ", after probing " << later;
+  }
+  std::cout << "[ measured ] " << GetParam() << ": " << shim_->open_sessions()
+            << " session(s) open after 6 outages (pool " << o.pool_size << ")\n";
 }
 
 }  // namespace
