@@ -92,19 +92,30 @@ void OutageLog::observe(const hsm::TokenOutage& o) {
       o.duration.count(), hsm::to_string(o.fault), o.code, o.refused);
 }
 
-Status OutageLog::persist_locked() {
+std::optional<std::string> OutageLog::take_dirty_locked() {
+  if (!dirty_) return std::nullopt;
   json list = json::array();
   for (const auto& e : pending_) list.push_back(e);
-  KMSD_TRY(store_.put_setting(kPendingSetting, list.dump()));
   dirty_ = false;
-  return {};
+  return list.dump();
 }
 
 Result<std::size_t> OutageLog::flush() {
   std::lock_guard serial(flush_mu_);
+  // The store is written without mu_ held: a store transaction may be waiting on a hung token
+  // call, and observe() (called on the token's threads while requests fail fast) must never
+  // wait behind it.
+  std::optional<std::string> snapshot;
   {
     std::lock_guard lock(mu_);
-    if (dirty_) KMSD_TRY(persist_locked());
+    snapshot = take_dirty_locked();
+  }
+  if (snapshot) {
+    if (Status st = store_.put_setting(kPendingSetting, *snapshot); !st.ok()) {
+      std::lock_guard lock(mu_);
+      dirty_ = true;
+      return st.error();
+    }
   }
   std::size_t written = 0;
   for (;;) {

@@ -20,6 +20,8 @@
 
 #include <cstddef>
 #include <mutex>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -53,7 +55,8 @@ class OutageLog {
   std::size_t pending() const;
 
  private:
-  Status persist_locked();
+  // With mu_ held: the pending list as JSON text if it changed since the last write.
+  std::optional<std::string> take_dirty_locked();
 
   store::Store& store_;
   AuditLog& audit_;
