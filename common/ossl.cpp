@@ -86,6 +86,25 @@ Result<EvpPkeyPtr> pubkey_from_der(std::span<const std::uint8_t> spki_der) {
   return key;
 }
 
+Result<std::string> csr_pem(EVP_PKEY* key, const std::string& cn) {
+  X509ReqPtr req(X509_REQ_new());
+  X509NamePtr name(X509_NAME_new());
+  if (!req || !name ||
+      X509_NAME_add_entry_by_NID(name.get(), NID_commonName, MBSTRING_UTF8,
+                                 reinterpret_cast<const unsigned char*>(cn.data()),
+                                 static_cast<int>(cn.size()), -1, 0) != 1 ||
+      X509_REQ_set_version(req.get(), X509_REQ_VERSION_1) != 1 ||
+      X509_REQ_set_subject_name(req.get(), name.get()) != 1 ||
+      X509_REQ_set_pubkey(req.get(), key) != 1 || X509_REQ_sign(req.get(), key, EVP_sha256()) <= 0)
+    return crypto_error("making the certificate request");
+  BioPtr bio(BIO_new(BIO_s_mem()));
+  if (!bio || PEM_write_bio_X509_REQ(bio.get(), req.get()) != 1)
+    return crypto_error("writing the certificate request");
+  char* p = nullptr;
+  long n = BIO_get_mem_data(bio.get(), &p);
+  return std::string(p, static_cast<std::size_t>(n));
+}
+
 std::string sha256_fingerprint(X509* cert) {
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int n = 0;

@@ -4,6 +4,7 @@
 
 #include <openssl/bio.h>
 #include <openssl/evp.h>
+#include <openssl/ocsp.h>
 #include <openssl/pkcs12.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
@@ -41,6 +42,10 @@ using BioPtr = std::unique_ptr<BIO, Deleter<BIO_free_all>>;
 using Pkcs12Ptr = std::unique_ptr<PKCS12, Deleter<PKCS12_free>>;
 using BignumPtr = std::unique_ptr<BIGNUM, Deleter<BN_free>>;
 using Asn1IntegerPtr = std::unique_ptr<ASN1_INTEGER, Deleter<ASN1_INTEGER_free>>;
+using OcspRequestPtr = std::unique_ptr<OCSP_REQUEST, Deleter<OCSP_REQUEST_free>>;
+using OcspResponsePtr = std::unique_ptr<OCSP_RESPONSE, Deleter<OCSP_RESPONSE_free>>;
+using OcspBasicRespPtr = std::unique_ptr<OCSP_BASICRESP, Deleter<OCSP_BASICRESP_free>>;
+using OcspCertIdPtr = std::unique_ptr<OCSP_CERTID, Deleter<OCSP_CERTID_free>>;
 // Owns the stack and the certificates in it.
 struct X509StackDeleter {
   void operator()(STACK_OF(X509) * s) const noexcept { sk_X509_pop_free(s, X509_free); }
@@ -64,6 +69,9 @@ Result<std::string> pubkey_to_pem(EVP_PKEY* key);
 // Private key as unencrypted PKCS#8 PEM — secret, hence SecretBytes.
 Result<SecretBytes> privkey_to_pem(EVP_PKEY* key);
 Result<EvpPkeyPtr> pubkey_from_der(std::span<const std::uint8_t> spki_der);
+// A PKCS#10 request for KEY with subject CN=CN, signed with KEY (SHA-256), as PEM: what a
+// client sends to be certified (the server decides the subject it certifies).
+Result<std::string> csr_pem(EVP_PKEY* key, const std::string& cn);
 
 // Hex of bytes, lower case (for serials, fingerprints, digests — never secrets).
 std::string hex(std::span<const std::uint8_t> bytes);

@@ -63,27 +63,6 @@ Result<hsm::KeyType> key_type_of(const AdminsArgs& a) {
   return cfg->admin.key_type;
 }
 
-// A PKCS#10 request for KEY, signed with it (the server checks the signature and takes only
-// the key: the subject it certifies is its own OU=kmsd administrators, CN=NAME).
-Result<std::string> make_csr(const std::string& name, EVP_PKEY* key) {
-  ossl::X509ReqPtr req(X509_REQ_new());
-  ossl::X509NamePtr subject(X509_NAME_new());
-  if (!req || !subject) return ossl::crypto_error("making the certificate request");
-  if (X509_NAME_add_entry_by_NID(subject.get(), NID_commonName, MBSTRING_UTF8,
-                                 reinterpret_cast<const unsigned char*>(name.c_str()), -1, -1,
-                                 0) != 1 ||
-      X509_REQ_set_version(req.get(), X509_REQ_VERSION_1) != 1 ||
-      X509_REQ_set_subject_name(req.get(), subject.get()) != 1 ||
-      X509_REQ_set_pubkey(req.get(), key) != 1 || X509_REQ_sign(req.get(), key, EVP_sha256()) <= 0)
-    return ossl::crypto_error("making the certificate request");
-  ossl::BioPtr bio(BIO_new(BIO_s_mem()));
-  if (!bio || PEM_write_bio_X509_REQ(bio.get(), req.get()) != 1)
-    return ossl::crypto_error("writing the certificate request");
-  char* p = nullptr;
-  long n = BIO_get_mem_data(bio.get(), &p);
-  return std::string(p, static_cast<std::size_t>(n));
-}
-
 int passphrase_callback(char* buf, int size, int, void* u) {
   const auto* pass = static_cast<const SecretBytes*>(u);
   if (pass->size() > static_cast<std::size_t>(size)) return -1;
@@ -164,7 +143,9 @@ int run_add(const AdminsArgs& a) {
   if (!client.ok()) return fail(client.error());
   auto key = ca::generate_key(*type);
   if (!key.ok()) return fail(key.error());
-  auto csr = make_csr(a.name, key->get());
+  // The server checks the signature and takes only the key: the subject it certifies is its
+  // own OU=kmsd administrators, CN=NAME.
+  auto csr = ossl::csr_pem(key->get(), a.name);
   if (!csr.ok()) return fail(csr.error());
   // The key is saved (encrypted) before the request goes out, so that a request which ends up
   // waiting for approvals never lacks its key, whatever happens to this process.

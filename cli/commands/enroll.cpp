@@ -81,24 +81,6 @@ Result<SecretBytes> new_passphrase(const std::string& out, const std::string& pa
   return first;
 }
 
-Result<std::string> make_csr(EVP_PKEY* key, const std::string& cn) {
-  ossl::X509ReqPtr req(X509_REQ_new());
-  ossl::X509NamePtr name(X509_NAME_new());
-  if (!req || !name ||
-      X509_NAME_add_entry_by_txt(name.get(), "CN", MBSTRING_UTF8,
-                                 reinterpret_cast<const unsigned char*>(cn.data()),
-                                 static_cast<int>(cn.size()), -1, 0) != 1 ||
-      X509_REQ_set_subject_name(req.get(), name.get()) != 1 ||
-      X509_REQ_set_pubkey(req.get(), key) != 1 || X509_REQ_sign(req.get(), key, EVP_sha256()) <= 0)
-    return ossl::crypto_error("making the certificate request");
-  ossl::BioPtr bio(BIO_new(BIO_s_mem()));
-  if (PEM_write_bio_X509_REQ(bio.get(), req.get()) != 1)
-    return ossl::crypto_error("encoding the certificate request");
-  char* p = nullptr;
-  long n = BIO_get_mem_data(bio.get(), &p);
-  return std::string(p, static_cast<std::size_t>(n));
-}
-
 Result<ossl::EvpPkeyPtr> private_key_from_pem(const std::string& pem) {
   ossl::BioPtr bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
   ossl::EvpPkeyPtr key(PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr));
@@ -219,7 +201,7 @@ int run_enroll(const UserSideArgs& a) {
   auto type = hsm::parse_key_type(a.key_type);
   auto key = ca::generate_key(*type);
   if (!key.ok()) return fail(key.error());
-  auto csr = make_csr(key->get(), a.user);
+  auto csr = ossl::csr_pem(key->get(), a.user);
   if (!csr.ok()) return fail(csr.error());
   auto client = connect(a, nullptr, nullptr);
   if (!client.ok()) return fail(client.error());
@@ -250,7 +232,7 @@ int run_renew(const UserSideArgs& a) {
   auto type = hsm::parse_key_type(a.key_type);
   auto key = ca::generate_key(*type);
   if (!key.ok()) return fail(key.error());
-  auto csr = make_csr(key->get(), "renewal");
+  auto csr = ossl::csr_pem(key->get(), "renewal");
   if (!csr.ok()) return fail(csr.error());
   auto client = connect(a, std::move(holder->second), std::move(holder->first));
   if (!client.ok()) return fail(client.error());
