@@ -542,26 +542,25 @@ int Daemon::run() {
   crl_timer.async_wait(on_crl_tick);
 
   // systemd (Type=notify): READY=1 once unsealed, STATUS= while sealed or degraded. Polled on
-  // the I/O thread (status() never waits on the token).
-  net::steady_timer notify_timer(ioc);
-  std::function<void(const boost::system::error_code&)> on_notify_tick =
-      [&](const boost::system::error_code& ec) {
-        if (ec || d.stopping) return;
-        const auto st = d.seal->status();
-        std::string text;
-        if (st.state == startup::State::kUnsealed) {
-          text = "unsealed: serving";
-        } else if (st.state == startup::State::kDegraded) {
-          text = "degraded: the key token is failing; kmsd retries in the background";
-        } else {
-          text = "sealed: waiting for the startup secret (kmsctl unseal --socket " +
-                 cfg->server.unseal_socket.string() + ")";
-        }
-        notifier.update(st.state != startup::State::kSealed, text);
-        notify_timer.expires_after(std::chrono::milliseconds(250));
-        notify_timer.async_wait(on_notify_tick);
-      };
-  net::post(ioc, [&] { on_notify_tick({}); });
+  // a thread of its own: Seal::status() may ask the token (C_GetTokenInfo), and a slow token
+  // must never hold the I/O thread (request deadlines run there).
+  std::thread notify_thread([&] {
+    while (!d.stopping) {
+      const auto st = d.seal->status();
+      std::string text;
+      if (st.state == startup::State::kUnsealed) {
+        text = "unsealed: serving";
+      } else if (st.state == startup::State::kDegraded) {
+        text = "degraded: the key token is failing; kmsd retries in the background";
+      } else {
+        text = "sealed: waiting for the startup secret (kmsctl unseal --socket " +
+               cfg->server.unseal_socket.string() + ")";
+      }
+      if (!d.stopping) notifier.update(st.state != startup::State::kSealed, text);
+      for (int i = 0; i < 5 && !d.stopping; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  });
   if (metrics::ServiceNotifier::under_systemd())
     spdlog::info("systemd notify socket present: READY=1 will be sent once kmsd is unsealed");
 
@@ -626,6 +625,7 @@ int Daemon::run() {
   ioc.run();
   for (auto& t : io) t.join();
   d.stopping = true;
+  notify_thread.join();
   if (prompt_thread.joinable()) prompt_thread.join();
   {
     std::lock_guard lk(d.pool_mu);
