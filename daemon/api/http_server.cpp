@@ -556,7 +556,9 @@ Response json_response(const Request& req, http::status status, std::string body
 }
 
 Response error_response(const Request& req, http::status status, const std::string& message) {
-  return json_response(req, status, nlohmann::json{{"error", message}}.dump());
+  return json_response(req, status,
+                       nlohmann::json{{"error", message}}.dump(
+                           -1, ' ', false, nlohmann::json::error_handler_t::replace));
 }
 
 Result<std::shared_ptr<net::ssl::context>> make_mtls_context(X509* server_cert,
