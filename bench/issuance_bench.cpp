@@ -59,12 +59,9 @@
 #include <thread>
 #include <vector>
 
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/beast/core.hpp>
-#include <boost/beast/http.hpp>
 #include <nlohmann/json.hpp>
 
+#include "bench/bench_kmsd.hpp"
 #include "bench/bench_sandbox.hpp"
 #include "cli/client/admin_client.hpp"
 #include "common/ossl.hpp"
@@ -80,16 +77,17 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 using json = nlohmann::json;
 
+using bench::g_stop;
 using bench::kModule;
 using bench::kPin;
+using bench::percentile;
+using bench::read_text;
+using bench::run;
+using bench::since;
+using bench::tail_lines;
+using bench::write_private;
 
 constexpr const char* kCaLabel = "kms-ca";  // kmsd's default [token.labels] ca
-constexpr const char* kP12Pass = "bench admin pass phrase";
-
-std::atomic<bool> g_stop{false};
-extern "C" void on_signal(int) {
-  g_stop = true;
-}
 
 struct Options {
   long users = 2000;
@@ -99,161 +97,6 @@ struct Options {
   bool quick = false;
   fs::path build_dir;
   fs::path keep_log;
-};
-
-double since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-std::string read_text(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-void write_private(const fs::path& p, const std::string& text) {
-  std::ofstream(p, std::ios::binary | std::ios::trunc) << text;
-  fs::permissions(p, fs::perms::owner_read | fs::perms::owner_write);
-}
-
-// The last LINES lines of TEXT, for failure reports.
-std::string tail_lines(const std::string& text, int lines) {
-  std::size_t pos = text.size();
-  for (int i = 0; i <= lines && pos != std::string::npos && pos > 0; ++i)
-    pos = text.rfind('\n', pos - 1);
-  return pos == std::string::npos ? text : text.substr(pos + 1);
-}
-
-std::uint16_t free_port() {
-  namespace net = boost::asio;
-  net::io_context ioc;
-  net::ip::tcp::acceptor a(ioc, {net::ip::make_address("127.0.0.1"), 0});
-  return a.local_endpoint().port();
-}
-
-// GET http://127.0.0.1:PORT TARGET over plain HTTP; status 0 when nothing answered.
-std::pair<int, std::string> http_get(std::uint16_t port, const std::string& target) {
-  namespace beast = boost::beast;
-  namespace http = beast::http;
-  namespace net = boost::asio;
-  net::io_context ioc;
-  beast::tcp_stream stream(ioc);
-  beast::error_code ec;
-  stream.expires_after(std::chrono::seconds(5));
-  stream.connect(net::ip::tcp::endpoint(net::ip::make_address("127.0.0.1"), port), ec);
-  if (ec) return {0, ""};
-  http::request<http::empty_body> req{http::verb::get, target, 11};
-  req.set(http::field::host, "127.0.0.1");
-  http::write(stream, req, ec);
-  if (ec) return {0, ""};
-  beast::flat_buffer buf;
-  http::response<http::string_body> res;
-  http::read(stream, buf, res, ec);
-  if (ec) return {0, ""};
-  stream.socket().shutdown(net::ip::tcp::socket::shutdown_both, ec);
-  return {static_cast<int>(res.result_int()), res.body()};
-}
-
-// Runs ARGV (no shell; argv[0] looked up in PATH) with ENV (nullptr: this process's), stdin
-// from /dev/null, stdout and stderr to OUT_FILE, and waits. The exit status; 128 + signal when
-// killed; -1 when it could not be started. Safe to call from several threads.
-int run(const std::vector<std::string>& argv, const fs::path& out_file,
-        char* const* env = nullptr) {
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, out_file.c_str(),
-                                   O_WRONLY | O_CREAT | O_TRUNC, 0600);
-  posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
-  std::vector<char*> args;
-  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-  args.push_back(nullptr);
-  pid_t pid = -1;
-  int rc = posix_spawnp(&pid, args[0], &fa, nullptr, args.data(), env != nullptr ? env : environ);
-  posix_spawn_file_actions_destroy(&fa);
-  if (rc != 0) return -1;
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0) {
-    if (errno != EINTR) return -1;
-  }
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
-
-// The kmsd child process: its own process group, killed if this process dies, stopped
-// (SIGTERM, then SIGKILL to the group) when this object goes.
-class Daemon {
- public:
-  Daemon() = default;
-  Daemon(const Daemon&) = delete;
-  Daemon& operator=(const Daemon&) = delete;
-  ~Daemon() { stop(); }
-
-  // Forks and execs BIN --config CONF with output to OUT. Call before any thread is started.
-  bool start(const fs::path& bin, const fs::path& conf, const fs::path& out) {
-    const std::string b = bin.string(), c = conf.string(), o = out.string();
-    const pid_t parent = ::getpid();
-    pid_ = ::fork();
-    if (pid_ < 0) return false;
-    if (pid_ == 0) {
-      ::setpgid(0, 0);
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (::getppid() != parent) ::_exit(127);
-      int in = ::open("/dev/null", O_RDONLY);
-      int err = ::open(o.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-      ::dup2(in, STDIN_FILENO);
-      ::dup2(err, STDOUT_FILENO);
-      ::dup2(err, STDERR_FILENO);
-      const char* argv[] = {b.c_str(), "--config", c.c_str(), nullptr};
-      ::execv(argv[0], const_cast<char* const*>(argv));
-      ::_exit(127);
-    }
-    ::setpgid(pid_, pid_);
-    return true;
-  }
-
-  // False once the process has exited.
-  bool alive() {
-    if (pid_ <= 0) return false;
-    int status = 0;
-    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
-      pid_ = -1;
-      return false;
-    }
-    return true;
-  }
-
-  void stop() {
-    if (pid_ <= 0) return;
-    ::kill(pid_, SIGTERM);
-    int status = 0;
-    for (int i = 0; i < 200; ++i) {
-      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    ::kill(-pid_, SIGKILL);
-    ::waitpid(pid_, &status, 0);
-    pid_ = -1;
-  }
-
- private:
-  pid_t pid_ = -1;
-};
-
-// Copies the kmsd log out of the sandbox before it is removed, when --keep-log asks for it.
-struct LogKeeper {
-  fs::path from, to;
-  ~LogKeeper() {
-    if (to.empty()) return;
-    std::error_code ec;
-    fs::copy_file(from, to, fs::copy_options::overwrite_existing, ec);
-    if (ec)
-      std::fprintf(stderr, "issuance_bench: could not keep the kmsd log: %s\n",
-                   ec.message().c_str());
-  }
 };
 
 // Runs OP(thread index) on THREADS threads for SECONDS; operations per second, or -1 when an
@@ -286,31 +129,6 @@ bool sign_once(EVP_PKEY* key) {
   size_t len = sizeof sig;
   return EVP_DigestSignInit(ctx.get(), nullptr, EVP_sha256(), nullptr, key) == 1 &&
          EVP_DigestSign(ctx.get(), sig, &len, data, sizeof data) == 1;
-}
-
-// A P-256 CSR for KEY with CN=CN, PEM (what kmsctl enroll sends).
-std::string make_csr(EVP_PKEY* key, const std::string& cn) {
-  ossl::X509ReqPtr req(X509_REQ_new());
-  ossl::X509NamePtr name(X509_NAME_new());
-  if (!req || !name ||
-      X509_NAME_add_entry_by_txt(name.get(), "CN", MBSTRING_UTF8,
-                                 reinterpret_cast<const unsigned char*>(cn.data()),
-                                 static_cast<int>(cn.size()), -1, 0) != 1 ||
-      X509_REQ_set_subject_name(req.get(), name.get()) != 1 ||
-      X509_REQ_set_pubkey(req.get(), key) != 1 || X509_REQ_sign(req.get(), key, EVP_sha256()) <= 0)
-    return "";
-  ossl::BioPtr bio(BIO_new(BIO_s_mem()));
-  if (PEM_write_bio_X509_REQ(bio.get(), req.get()) != 1) return "";
-  char* p = nullptr;
-  long n = BIO_get_mem_data(bio.get(), &p);
-  return std::string(p, static_cast<std::size_t>(n));
-}
-
-// Nearest-rank percentile P (0..1) of SORTED.
-double percentile(const std::vector<double>& sorted, double p) {
-  if (sorted.empty()) return 0;
-  auto rank = static_cast<std::size_t>(std::ceil(p * static_cast<double>(sorted.size())));
-  return sorted[std::clamp<std::size_t>(rank, 1, sorted.size()) - 1];
 }
 
 bool signed_by_ca(const std::string& pem, EVP_PKEY* ca_pub, EVP_PKEY* subject_key = nullptr) {
@@ -453,18 +271,9 @@ int fail(const std::string& what) {
 }
 
 int run_bench(const Options& opt) {
-  const fs::path kmsd = opt.build_dir / "daemon" / "kmsd";
-  const fs::path kmsctl = opt.build_dir / "cli" / "kmsctl";
-  for (const auto& bin : {kmsd, kmsctl})
-    if (::access(bin.c_str(), X_OK) != 0)
-      return fail(bin.string() +
-                  " is not there; build it (cmake --build BUILD --target kmsd kmsctl) or give "
-                  "--build-dir");
-
   bench::Sandbox sandbox;
   const fs::path& dir = sandbox.dir;
-  LogKeeper keep{dir / "kmsd.log", opt.keep_log};
-  Daemon daemon;  // declared last: stopped first, before the log is kept and the sandbox goes
+  bench::LogKeeper keep{dir / "kmsd.log", opt.keep_log};
 
   double load[1] = {0};
   ::getloadavg(load, 1);
@@ -474,44 +283,15 @@ int run_bench(const Options& opt) {
       opt.users, opt.clients, opt.workers, std::thread::hardware_concurrency(), load[0]);
   std::fflush(stdout);
 
-  // 1. Configuration, kmsctl init, kmsd.
-  const std::uint16_t public_port = free_port();
-  std::uint16_t admin_port = free_port();
-  while (admin_port == public_port) admin_port = free_port();
-  write_private(dir / "startup.secret", std::string(kPin) + "\n");
-  write_private(dir / "p12.pass", std::string(kP12Pass) + "\n");
-  {
-    std::ofstream f(dir / "kmsd.toml");
-    f << "[server]\n"
-      << "public_listen = \"127.0.0.1:" << public_port << "\"\n"
-      << "admin_listen = \"127.0.0.1:" << admin_port << "\"\n"
-      << "tls_names = [\"localhost\", \"127.0.0.1\"]\n"
-      << "unseal_socket = \"" << (dir / "unseal.sock").string() << "\"\n"
-      << "worker_threads = " << opt.workers << "\n"
-      << "[token]\n"
-      << "module = \"" << kModule << "\"\n"
-      << "uri = \"" << bench::kTokenUri << "\"\n"
-      << "pool_size = " << std::max(4, opt.workers) << "\n"
-      << "wrap_mechanism = \"aes-gcm\"\n"  // SoftHSM2 2.6.1: see config/kmsd.toml
-      << "[ca]\n"
-      << "key_type = \"ec-p256\"\n"
-      << "subject = \"/O=kmsd bench/CN=kmsd bench CA\"\n"
-      << "[store]\n"
-      << "path = \"" << (dir / "kmsd.db").string() << "\"\n"
-      << "[startup]\n"
-      << "source = \"file\"\n"
-      << "file = \"" << (dir / "startup.secret").string() << "\"\n"
-      << "[log]\n"
-      << "level = \"info\"\n"
-      << "file = \"" << (dir / "kmsd.log").string() << "\"\n";
-  }
+  // 1. Configuration, kmsctl init, kmsd. Declared last: kmsd is stopped first, before the log
+  // is kept and the sandbox goes.
+  bench::Kmsd k;
+  k.dir = dir;
+  k.build_dir = opt.build_dir;
   auto t_setup = Clock::now();
-  int rc = run({kmsctl.string(), "init", "--config", (dir / "kmsd.toml").string(), "--admin",
-                "bench-admin", "--admin-p12", (dir / "admin.p12").string(), "--passphrase-file",
-                (dir / "p12.pass").string(), "--pin-file", (dir / "startup.secret").string()},
-               dir / "init.out");
-  if (rc != 0)
-    return fail("kmsctl init failed (" + std::to_string(rc) + "):\n" + read_text(dir / "init.out"));
+  if (auto st = k.configure(opt.workers); !st.ok()) return fail(st.error().message);
+  const std::uint16_t public_port = k.public_port;
+  const std::uint16_t admin_port = k.admin_port;
   // This process's own session pool on the token, for the raw rate, logged in before kmsd
   // starts: SoftHSM2 2.6.1 rewrites token.object at every C_Login, so no login may happen
   // while the other process is busy on the token.
@@ -524,22 +304,9 @@ int run_bench(const Options& opt) {
   if (!token.ok()) return fail("opening the token: " + token.error().message);
   if (auto st = (*token)->login(SecretBytes::from_string(kPin)); !st.ok())
     return fail("logging in to the token: " + st.error().message);
-  if (!daemon.start(kmsd, dir / "kmsd.toml", dir / "kmsd.out")) return fail("cannot fork kmsd");
-  bool ready = false;
-  for (int i = 0; i < 600 && !ready && !g_stop; ++i) {
-    if (!daemon.alive())
-      return fail("kmsd exited during startup:\n" + read_text(dir / "kmsd.out") +
-                  tail_lines(read_text(dir / "kmsd.log"), 20));
-    ready = http_get(public_port, "/readyz").first == 200;
-    if (!ready) std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  if (!ready)
-    return fail("kmsd did not become ready (/readyz 200) within 30 s:\n" +
-                tail_lines(read_text(dir / "kmsd.log"), 20));
-  auto ca_pem = http_get(public_port, "/ca.pem");
-  auto ca_cert = ossl::x509_from_pem(ca_pem.second);
-  if (ca_pem.first != 200 || !ca_cert.ok()) return fail("GET /ca.pem gave no CA certificate");
-  write_private(dir / "ca.pem", ca_pem.second);
+  if (auto st = k.start(); !st.ok()) return fail(st.error().message);
+  auto ca_cert = ossl::x509_from_pem(k.ca_pem);
+  if (!ca_cert.ok()) return fail("GET /ca.pem gave no CA certificate");
   EVP_PKEY* ca_pub = X509_get0_pubkey(ca_cert->get());
   std::printf("  setup: kmsctl init + kmsd ready in %.1f s\n", since(t_setup));
   std::fflush(stdout);
@@ -550,7 +317,7 @@ int run_bench(const Options& opt) {
     client::ClientOptions co;
     co.server = "https://localhost:" + std::to_string(admin_port);
     co.p12 = dir / "admin.p12";
-    co.p12_passphrase = SecretBytes::from_string(kP12Pass);
+    co.p12_passphrase = SecretBytes::from_string(bench::Kmsd::kAdminPassphrase);
     co.ca_file = dir / "ca.pem";
     co.timeout = std::chrono::seconds(300);
     auto admin = client::AdminClient::connect(std::move(co));
@@ -590,8 +357,9 @@ int run_bench(const Options& opt) {
       auto key = ca::generate_key(hsm::KeyType::kEcP256);
       if (!key.ok()) return fail("generating a user key: " + key.error().message);
       u.key = std::move(*key);
-      u.csr = make_csr(u.key.get(), u.id);
-      if (u.csr.empty()) return fail("making a CSR: " + ossl::drain_errors());
+      auto csr = ossl::csr_pem(u.key.get(), u.id);
+      if (!csr.ok()) return fail(csr.error().message);
+      u.csr = std::move(*csr);
     }
     std::printf("  made %zu P-256 key pairs and CSRs in %.1f s (not timed below)\n", users.size(),
                 since(t1));
@@ -711,7 +479,7 @@ int run_bench(const Options& opt) {
 
   // 5. The scripted alternative, kmsd stopped: each openssl process logs in to the token, and
   // SoftHSM2 2.6.1 rewrites token.object at every login.
-  daemon.stop();
+  k.daemon.stop();
   std::vector<Scripted> scripted;
   std::vector<int> widths{1};  // an administrator's loop, and as many loops as API clients
   if (opt.clients > 1) widths.push_back(opt.clients);
@@ -828,12 +596,7 @@ int main(int argc, char** argv) {
     std::error_code ec;
     opt.build_dir = fs::read_symlink("/proc/self/exe", ec).parent_path().parent_path();
   }
-  struct sigaction sa {};
-  sa.sa_handler = on_signal;
-  ::sigaction(SIGINT, &sa, nullptr);
-  ::sigaction(SIGTERM, &sa, nullptr);
-  ::sigaction(SIGHUP, &sa, nullptr);
-  ::signal(SIGPIPE, SIG_IGN);
+  bench::install_stop_signals();
   try {
     return run_bench(opt);
   } catch (const std::exception& e) {
