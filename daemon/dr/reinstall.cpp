@@ -361,7 +361,9 @@ Result<FinishSummary> finish(store::Store& store, hsm::Token& token, audit::Audi
     for (const auto& r : staged)
       if (!done.contains(r.path)) ++sum.staged_waiting;
   }
-  if (sum.staged_waiting > 0 && !o.force)
+  // After a finish (forced or not) the material is gone: running it again only reports that.
+  KMSD_ASSIGN_OR_RETURN(auto finished_before, store.get_setting(kSettingFinishedAt));
+  if (sum.staged_waiting > 0 && !o.force && !finished_before)
     return make_error(ErrorCode::kFailedPrecondition,
                       std::to_string(sum.staged_waiting) +
                           " staged message(s) are not re-encrypted yet (kmsctl dr status "
