@@ -331,14 +331,15 @@ int run_load(const Options& opt) {
     }
   };
 
-  // Memory: after a warm-up of a tenth of the run (at most 5 s), then every 5 s.
+  // Memory: after a warm-up of a quarter of the run (at most 15 s: threads, TLS sessions and
+  // SQLite's cache settle), then every 5 s.
   const pid_t pid = k.daemon.pid();
   const long rss_start = proc_kib(pid, "VmRSS");
   long rss_warm = 0;
   std::vector<long> samples;
   std::thread sampler([&] {
     const auto warm =
-        t0 + std::chrono::milliseconds(static_cast<long>(std::min(5.0, opt.seconds / 10) * 1000));
+        t0 + std::chrono::milliseconds(static_cast<long>(std::min(15.0, opt.seconds / 4) * 1000));
     auto next_sample = warm;
     while (running && Clock::now() < end && !g_stop) {
       if (Clock::now() >= next_sample) {

@@ -1,5 +1,7 @@
 #include "cli/client/admin_client.hpp"
 
+#include <poll.h>
+
 #include <openssl/pem.h>
 #include <openssl/pkcs12.h>
 
@@ -10,6 +12,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
+#include <chrono>
 #include <optional>
 
 #include "common/files.hpp"
@@ -68,7 +71,20 @@ struct AdminClient::Impl {
     return {};
   }
 
+  // A kept-alive connection the server has closed while it sat idle (kmsd drops idle
+  // connections after [server] header_timeout_seconds, at least 1 s) reads as readable: EOF
+  // or a TLS close_notify. Such a connection is not reused: a request sent on it would be
+  // lost before reaching kmsd, and a POST must not be retried blindly. Only a connection idle
+  // for a second is looked at: TLS 1.3 session tickets may also wait unread on a fresh one.
+  std::chrono::steady_clock::time_point last_used{};
+  bool closed_by_server() {
+    if (std::chrono::steady_clock::now() - last_used < std::chrono::seconds(1)) return false;
+    pollfd p{beast::get_lowest_layer(*stream).socket().native_handle(), POLLIN, 0};
+    return ::poll(&p, 1, 0) != 0;
+  }
+
   Result<Reply> once(http::verb verb, const std::string& target, const std::string& body) {
+    if (stream && closed_by_server()) stream.reset();
     if (!stream) KMSD_TRY(open());
     http::request<http::string_body> req{verb, target, 11};
     req.set(http::field::host, host);
@@ -91,6 +107,7 @@ struct AdminClient::Impl {
                         "request to " + opts.server + target + " failed: " + ec.message());
     }
     auto res = parser.release();
+    last_used = std::chrono::steady_clock::now();
     if (!res.keep_alive()) stream.reset();
     return Reply{static_cast<int>(res.result_int()), std::move(res.body())};
   }
