@@ -541,22 +541,17 @@ int Daemon::run() {
   crl_timer.expires_after(std::chrono::milliseconds(200));
   crl_timer.async_wait(on_crl_tick);
 
-  // systemd (Type=notify): READY=1 once unsealed, STATUS= while sealed or degraded. Polled on
-  // a thread of its own: Seal::status() may ask the token (C_GetTokenInfo), and a slow token
-  // must never hold the I/O thread (request deadlines run there).
+  // systemd (Type=notify): READY=1 once unsealed, STATUS= while sealed. Polled on a thread of
+  // its own, from the seal alone: never a token call (Seal::status() may make one), which a
+  // slow token would hold and which would count in the token's stall watchdog.
   std::thread notify_thread([&] {
     while (!d.stopping) {
-      const auto st = d.seal->status();
-      std::string text;
-      if (st.state == startup::State::kUnsealed) {
-        text = "unsealed: serving";
-      } else if (st.state == startup::State::kDegraded) {
-        text = "degraded: the key token is failing; kmsd retries in the background";
-      } else {
-        text = "sealed: waiting for the startup secret (kmsctl unseal --socket " +
-               cfg->server.unseal_socket.string() + ")";
-      }
-      if (!d.stopping) notifier.update(st.state != startup::State::kSealed, text);
+      const bool unsealed = d.seal->material() != nullptr;
+      const std::string text =
+          unsealed ? std::string("unsealed: serving (GET /readyz for the token's health)")
+                   : "sealed: waiting for the startup secret (kmsctl unseal --socket " +
+                         cfg->server.unseal_socket.string() + ")";
+      if (!d.stopping) notifier.update(unsealed, text);
       for (int i = 0; i < 5 && !d.stopping; ++i)
         std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
