@@ -28,7 +28,7 @@ using ::testing::Not;
 namespace fs = std::filesystem;
 
 fs::path source_dir() {
-  return fs::path(__FILE__).parent_path().parent_path().parent_path();
+  return fs::path(KMSD_SOURCE_DIR);
 }
 fs::path kmsd_binary() {
   const char* b = std::getenv("KMSD_BUILD_DIR");
