@@ -379,7 +379,10 @@ TEST_F(CmpTest, AReloadedDigestSignsTheNextResponsesWithoutARestart) {
     OSSL_CMP_CTX_set_option(ctx.get(), OSSL_CMP_OPT_IMPLICIT_CONFIRM, 1);
     ossl::X509Ptr renewed = ref(OSSL_CMP_exec_KUR_ses(ctx.get()));
     EXPECT_NE(renewed, nullptr) << status_text(ctx.get());
-    if (renewed) cert = std::move(renewed);
+    if (renewed) {  // the next renewal is signed with the renewed pair
+      cert = std::move(renewed);
+      key = std::move(new_k);
+    }
     std::lock_guard lk(mu_);
     return last_body_;
   };
