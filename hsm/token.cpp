@@ -522,6 +522,7 @@ struct Token::Impl {
    public:
     CallTimer(Impl& d, bool track) : d_(d), start_(Clock::now()), track_(track) {
       if (!track_) return;
+      d_.ensure_watchdog();
       std::lock_guard lock(d_.inflight_mu);
       it_ = d_.inflight.insert(start_);
     }
@@ -553,11 +554,7 @@ struct Token::Impl {
   // Error to fail fast with, without touching the token, when it is degraded or stalled.
   // COUNT: an operation is refused (not a status query), for the outage record.
   std::optional<Error> fail_fast(bool count = true) {
-    if (auto age = stalled()) {
-      mark_degraded("a call to the key token has not returned for " + millis(*age) +
-                        " (call timeout " + millis(opts.call_timeout) + ")",
-                    Fault::kNone, "stalled");
-    }
+    if (!is_degraded()) check_stall();
     std::string why;
     {
       std::lock_guard lock(state_mu);
@@ -571,6 +568,21 @@ struct Token::Impl {
   }
 
   // ---- background probe ----
+  // The background thread also watches calls in progress: a call that hangs past
+  // call_timeout degrades the token even when no other request comes to notice it (every
+  // worker may be stuck in such a call), so the outage begins, and is recorded, on time.
+  std::atomic<bool> watchdog_started{false};
+  void ensure_watchdog() {
+    if (watchdog_started.exchange(true)) return;
+    wake_prober();
+  }
+  void check_stall() {
+    if (auto age = stalled())
+      mark_degraded("a call to the key token has not returned for " + millis(*age) +
+                        " (call timeout " + millis(opts.call_timeout) + ")",
+                    Fault::kNone, "stalled");
+  }
+
   void wake_prober() {
     std::lock_guard lock(probe_mu);
     if (probe_stop) return;
@@ -582,13 +594,19 @@ struct Token::Impl {
     std::unique_lock lock(probe_mu);
     while (!probe_stop) {
       lock.unlock();
-      if (is_degraded()) probe_once();
+      if (is_degraded())
+        probe_once();
+      else
+        check_stall();
       lock.lock();
       if (probe_stop) break;
       if (is_degraded()) {
         probe_cv.wait_for(lock, opts.probe_interval, [&] { return probe_stop; });
       } else {
-        probe_cv.wait(lock, [&] { return probe_stop || is_degraded(); });
+        // Watching: often enough to notice a stall within half a call timeout of it.
+        const auto watch =
+            std::max<Clock::duration>(opts.call_timeout / 2, std::chrono::milliseconds(10));
+        probe_cv.wait_for(lock, watch, [&] { return probe_stop || is_degraded(); });
       }
     }
   }
