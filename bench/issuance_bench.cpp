@@ -59,6 +59,7 @@
 #include <thread>
 #include <vector>
 
+#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "bench/bench_kmsd.hpp"
@@ -545,52 +546,25 @@ int run_bench(const Options& opt) {
 
 int main(int argc, char** argv) {
   Options opt;
-  bool users_set = false, clients_set = false, seconds_set = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> const char* {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "issuance_bench: %s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (a == "--users") {
-      opt.users = std::atol(value());
-      users_set = true;
-    } else if (a == "--clients") {
-      opt.clients = std::atoi(value());
-      clients_set = true;
-    } else if (a == "--seconds") {
-      opt.seconds = std::atof(value());
-      seconds_set = true;
-    } else if (a == "--workers") {
-      opt.workers = std::atoi(value());
-    } else if (a == "--quick") {
-      opt.quick = true;
-    } else if (a == "--build-dir") {
-      opt.build_dir = value();
-    } else if (a == "--keep-log") {
-      opt.keep_log = fs::absolute(value());
-    } else {
-      std::fprintf(stderr,
-                   "usage: issuance_bench [--users N] [--clients C] [--seconds S] [--workers W] "
-                   "[--quick] [--build-dir DIR] [--keep-log FILE]\n");
-      return 2;
-    }
-  }
+  CLI::App app{"enrollment throughput over kmsd's real API beside the raw token signing rate"};
+  auto* users =
+      app.add_option("--users", opt.users, "users to enroll")->check(CLI::Range(1L, 10000000L));
+  auto* clients =
+      app.add_option("--clients", opt.clients, "concurrent API clients")->check(CLI::Range(1, 64));
+  auto* seconds =
+      app.add_option("--seconds", opt.seconds, "length of each raw/scripted measurement")
+          ->check(CLI::PositiveNumber);
+  app.add_option("--workers", opt.workers, "kmsd worker_threads")->check(CLI::Range(1, 64));
+  app.add_flag("--quick", opt.quick, "the ctest smoke run: 6 users, 2 clients, 0.3 s");
+  app.add_option("--build-dir", opt.build_dir, "build tree holding daemon/kmsd and cli/kmsctl");
+  app.add_option("--keep-log", opt.keep_log, "copy kmsd's log here at the end");
+  CLI11_PARSE(app, argc, argv);
   if (opt.quick) {
-    if (!users_set) opt.users = 6;
-    if (!clients_set) opt.clients = 2;
-    if (!seconds_set) opt.seconds = 0.3;
+    if (users->count() == 0) opt.users = 6;
+    if (clients->count() == 0) opt.clients = 2;
+    if (seconds->count() == 0) opt.seconds = 0.3;
   }
-  if (opt.users < 1 || opt.clients < 1 || opt.clients > 64 || opt.seconds <= 0 || opt.workers < 1 ||
-      opt.workers > 64) {
-    std::fprintf(stderr,
-                 "issuance_bench: --users >= 1, --clients 1-64, --seconds > 0, "
-                 "--workers 1-64\n");
-    return 2;
-  }
+  if (!opt.keep_log.empty()) opt.keep_log = fs::absolute(opt.keep_log);
   // The build tree: --build-dir, else the one this executable was built in (BUILD/bench/).
   if (opt.build_dir.empty()) {
     std::error_code ec;

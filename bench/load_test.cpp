@@ -39,6 +39,7 @@
 #include <thread>
 #include <vector>
 
+#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "bench/bench_kmsd.hpp"
@@ -402,45 +403,22 @@ int run_load(const Options& opt) {
 
 int main(int argc, char** argv) {
   Options opt;
-  bool quick = false, clients_set = false, seconds_set = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> const char* {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "load_test: %s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (a == "--clients") {
-      opt.clients = std::atoi(value());
-      clients_set = true;
-    } else if (a == "--seconds") {
-      opt.seconds = std::atof(value());
-      seconds_set = true;
-    } else if (a == "--workers") {
-      opt.workers = std::atoi(value());
-    } else if (a == "--whole-report-every") {
-      opt.whole_report_every = std::atoi(value());
-    } else if (a == "--quick") {
-      quick = true;
-    } else if (a == "--build-dir") {
-      opt.build_dir = value();
-    } else {
-      std::fprintf(stderr,
-                   "usage: load_test [--clients C] [--seconds S] [--workers W] "
-                   "[--whole-report-every N] [--quick] [--build-dir DIR]\n");
-      return 2;
-    }
-  }
+  bool quick = false;
+  CLI::App app{"concurrent clients enrolling, asking OCSP and reading reports against kmsd"};
+  auto* clients =
+      app.add_option("--clients", opt.clients, "concurrent clients")->check(CLI::Range(1, 512));
+  auto* seconds = app.add_option("--seconds", opt.seconds, "length of the load")
+                      ->check(CLI::Range(0.1, 3600.0));
+  app.add_option("--workers", opt.workers, "kmsd worker_threads")->check(CLI::Range(1, 64));
+  app.add_option("--whole-report-every", opt.whole_report_every,
+                 "one report read in N is the whole usage report (0: never)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_flag("--quick", quick, "the ctest smoke run: 8 clients, 3 s");
+  app.add_option("--build-dir", opt.build_dir, "build tree holding daemon/kmsd and cli/kmsctl");
+  CLI11_PARSE(app, argc, argv);
   if (quick) {
-    if (!clients_set) opt.clients = 8;
-    if (!seconds_set) opt.seconds = 3;
-  }
-  if (opt.clients < 1 || opt.clients > 512 || opt.seconds <= 0 || opt.seconds > 3600 ||
-      opt.workers < 1 || opt.workers > 64) {
-    std::fprintf(stderr, "load_test: --clients 1-512, --seconds 0-3600, --workers 1-64\n");
-    return 2;
+    if (clients->count() == 0) opt.clients = 8;
+    if (seconds->count() == 0) opt.seconds = 3;
   }
   if (opt.build_dir.empty()) {
     std::error_code ec;
