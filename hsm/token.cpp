@@ -1197,6 +1197,10 @@ Status Token::login(const SecretBytes& pin) {
   for (int attempt = 0;; ++attempt) {
     std::uint64_t seen = d.epoch.load();
     try {
+      // No background recovery runs while we log in: one that reset the module, the pool and
+      // the caches in the middle of a login would leave kmsd "logged in" on sessions that are
+      // not (a sealed daemon's probe racing the operator's unseal).
+      std::unique_lock rlock(d.recover_mu);
       auto lease = d.pool.acquire();
       CK_SESSION_HANDLE h = lease->session().handle();
       auto do_login = [&] {
@@ -1224,6 +1228,7 @@ Status Token::login(const SecretBytes& pin) {
         if (attempt > 0) check_rv(rv, "C_Login");
         lease.reset();
         d.forget_pin();
+        rlock.unlock();
         Status st = d.recover(seen, !p11::token_gone(rv));
         if (!st.ok()) return d.unavailable(st.error().message, fault, rv);
         continue;

@@ -655,7 +655,8 @@ TEST_F(TokenTest, PinChangedBehindOurBackLogsOutInsteadOfRetrying) {
   EXPECT_EQ(again.error().code, ErrorCode::kUnavailable);
   EXPECT_NE(again.error().message.find("no longer accepts the startup secret"), std::string::npos);
   ASSERT_TRUE(t->login(pin("11223344")).ok());
-  EXPECT_TRUE(t->seal(bytes("x"), bytes("y")).ok());
+  auto after = t->seal(bytes("x"), bytes("y"));
+  EXPECT_TRUE(after.ok()) << after.error().message;
   EXPECT_FALSE(t->status().degraded);
 }
 
