@@ -189,22 +189,26 @@ int show_summary(const DrArgs& a, const std::string& command, const dr::RunSumma
   return failed ? kFailed : kOk;
 }
 
-int run_predecrypt(const DrArgs& a) {
-  auto custody = read_cert(a.custody_cert);
-  if (!custody.ok()) return fail(custody.error());
+// The old keys: the users' PKCS#12 files in --keys, each opened with USER.pass, else the
+// --passphrase-file passphrase, else one asked for on the terminal.
+Result<dr::KeyRing> load_keys(const DrArgs& a) {
   SecretBytes default_pass;
   dr::KeyDirOptions ko;
   ko.dir = a.keys;
   if (!a.passphrase_file.empty()) {
-    auto p = files::read_secret_file(a.passphrase_file);
-    if (!p.ok()) return fail(p.error());
-    default_pass = std::move(*p);
+    KMSD_ASSIGN_OR_RETURN(default_pass, files::read_secret_file(a.passphrase_file));
     ko.default_passphrase = &default_pass;
   }
   ko.ask = [](const fs::path& p12) {
     return secret_from("", "Passphrase for " + p12.string() + ": ");
   };
-  auto ring = dr::load_key_dir(ko);
+  return dr::load_key_dir(ko);
+}
+
+int run_predecrypt(const DrArgs& a) {
+  auto custody = read_cert(a.custody_cert);
+  if (!custody.ok()) return fail(custody.error());
+  auto ring = load_keys(a);
   if (!ring.ok()) return fail(ring.error());
   if (a.output != "json")
     std::cerr << "keys: " << ring->key_count() << " key(s) of " << ring->users().size()
@@ -844,9 +848,9 @@ int run_drill(const DrArgs& a) {
            {"--store", a.store}, {"--db", a.db}, {"--keys", a.keys}})
     if (!fs::exists(p, ec))
       return fail(make_error(ErrorCode::kInvalidArgument, what + " " + p + " does not exist"));
-  const fs::path work = fs::absolute(
-      a.work.empty() ? fs::temp_directory_path() / ("kmsd-dr-drill-" + random_hex(6))
-                     : fs::path(a.work));
+  const fs::path work =
+      fs::absolute(a.work.empty() ? fs::temp_directory_path() / ("kmsd-dr-drill-" + random_hex(6))
+                                  : fs::path(a.work));
   if (fs::exists(work, ec) && !fs::is_empty(work, ec))
     return fail(
         make_error(ErrorCode::kAlreadyExists,
@@ -962,19 +966,7 @@ int run_drill(const DrArgs& a) {
 
   // 3. predecrypt (the PKCS#12 key source)
   t0 = SteadyClock::now();
-  SecretBytes default_pass;
-  dr::KeyDirOptions ko;
-  ko.dir = a.keys;
-  if (!a.passphrase_file.empty()) {
-    auto p = files::read_secret_file(a.passphrase_file);
-    if (!p.ok()) return fail(p.error());
-    default_pass = std::move(*p);
-    ko.default_passphrase = &default_pass;
-  }
-  ko.ask = [](const fs::path& p12) {
-    return secret_from("", "Passphrase for " + p12.string() + ": ");
-  };
-  auto ring = dr::load_key_dir(ko);
+  auto ring = load_keys(a);
   if (!ring.ok()) return fail(ring.error());
   dr::PredecryptOptions po;
   po.store = work / "store";
