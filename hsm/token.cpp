@@ -573,7 +573,10 @@ struct Token::Impl {
   // worker may be stuck in such a call), so the outage begins, and is recorded, on time.
   std::atomic<bool> watchdog_started{false};
   void ensure_watchdog() {
-    if (watchdog_started.exchange(true)) return;
+    // Every token call passes here: a plain load keeps the common case a shared read instead
+    // of a contended read-modify-write on one cache line.
+    if (watchdog_started.load(std::memory_order_acquire) || watchdog_started.exchange(true))
+      return;
     wake_prober();
   }
   void check_stall() {
