@@ -363,6 +363,9 @@ int Daemon::run() {
       std::max<std::size_t>(4u << 20, std::size_t{cfg->server.worker_threads} * (256u << 10))));
   net::io_context ioc(static_cast<int>(cfg->server.io_threads));
   net::thread_pool workers(cfg->server.worker_threads);
+  // Long administrator calls (whole reports, bulk enable, audit verify) run on their own few
+  // workers: administrators reading reports queue behind each other, not OCSP and enrollment.
+  net::thread_pool long_workers(std::max(1u, cfg->server.worker_threads / 2));
   metrics::Registry registry;
   metrics::ServiceNotifier notifier;
   {
@@ -424,12 +427,11 @@ int Daemon::run() {
   popts.header_timeout = std::chrono::seconds(cfg->server.header_timeout_seconds);
   popts.body_timeout = std::chrono::seconds(cfg->server.body_timeout_seconds);
   popts.max_connections_per_source = cfg->server.max_connections_per_source;
-  popts.deadline_for = [long_deadline = std::chrono::milliseconds(std::chrono::seconds(
-                            cfg->server.long_request_timeout_seconds))](const api::Request& req) {
-    return metrics::is_long_admin_call(std::string(req.method_string()), std::string(req.target()))
-               ? long_deadline
-               : std::chrono::milliseconds(0);
+  popts.is_long = [](const api::Request& req) {
+    return metrics::is_long_admin_call(std::string(req.method_string()), std::string(req.target()));
   };
+  popts.long_deadline = std::chrono::seconds(cfg->server.long_request_timeout_seconds);
+  popts.long_workers = &long_workers;
   auto admission = std::make_shared<metrics::EnrollmentAdmission>(
       cfg->server.enroll_rate_per_source, cfg->server.enroll_rate_per_identity);
   popts.admit = [admission](const api::Request& req, const api::Peer& peer) {
@@ -627,6 +629,7 @@ int Daemon::run() {
     d.pool = nullptr;
   }
   workers.join();
+  long_workers.join();
   d.token->set_observer(nullptr);  // the registry dies with this frame
   sock->reset();
   if (d.cards) d.cards->cancel();

@@ -802,6 +802,10 @@ int Store::schema_version() const {
   return impl_->version;
 }
 
+// --- backup (daemon/backup) ------------------------------------------------------------
+
+const fs::path& Store::path() const { return impl_->path; }
+
 Status Store::transaction(const std::function<Status()>& fn) {
   std::lock_guard lock(impl_->mu);
   Impl& d = *impl_;

@@ -156,6 +156,11 @@ class Store {
 
   int schema_version() const;
 
+  // ---- backup (daemon/backup) ----
+  // The database file this store was opened on (daemon/backup reads a consistent snapshot of
+  // it through a second, read-only connection).
+  const std::filesystem::path& path() const;
+
   // Runs FN inside BEGIN IMMEDIATE ... COMMIT; rolls back if FN returns an error or throws.
   // Nested calls join the outer transaction.
   Status transaction(const std::function<Status()>& fn);
