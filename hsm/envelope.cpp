@@ -30,7 +30,7 @@ std::optional<Parsed> parse(std::span<const std::uint8_t> blob) {
   if (blob.size() < kFixedHeaderLen) return std::nullopt;
   Parsed p;
   p.version = blob[0];
-  if (p.version != kVersion) return std::nullopt;
+  if (p.version != kVersion && p.version != kVersion1) return std::nullopt;
   p.mechanism = blob[1];
   p.master_version = static_cast<std::uint32_t>(get_be(blob.subspan(2, 4)));
   std::size_t w = static_cast<std::size_t>(get_be(blob.subspan(6, 2)));
@@ -54,6 +54,22 @@ std::vector<std::uint8_t> key_header(WrapMechanism m, std::uint32_t master_versi
   out.push_back(kVersion);
   out.push_back(static_cast<std::uint8_t>(m));
   put_be(out, master_version, 4);
+  return out;
+}
+
+std::vector<std::uint8_t> key_binding(std::span<const std::uint8_t> key_header,
+                                      std::span<const std::uint8_t> nonce) {
+  std::vector<std::uint8_t> out(key_header.begin(), key_header.end());
+  out.insert(out.end(), nonce.begin(), nonce.end());
+  return out;
+}
+
+std::vector<std::uint8_t> payload_aad(std::span<const std::uint8_t> nonce,
+                                      std::span<const std::uint8_t> aad) {
+  std::vector<std::uint8_t> out{kVersion};
+  out.insert(out.end(), nonce.begin(), nonce.end());
+  put_be(out, aad.size(), 8);
+  out.insert(out.end(), aad.begin(), aad.end());
   return out;
 }
 

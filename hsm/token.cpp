@@ -575,8 +575,7 @@ struct Token::Impl {
   void ensure_watchdog() {
     // Every token call passes here: a plain load keeps the common case a shared read instead
     // of a contended read-modify-write on one cache line.
-    if (watchdog_started.load(std::memory_order_acquire) || watchdog_started.exchange(true))
-      return;
+    if (watchdog_started.load(std::memory_order_acquire) || watchdog_started.exchange(true)) return;
     wake_prober();
   }
   void check_stall() {
@@ -1035,6 +1034,21 @@ struct Token::Impl {
     open_failed();
   }
 
+  // The data key of parsed blob P under master key MK: unprotect() with every failure that is
+  // not a token outage turned into the one uniform open failure.
+  SecretBytes unprotect_checked(const Session& s, const envelope::Parsed& p, CK_OBJECT_HANDLE mk,
+                                std::span<const std::uint8_t> binding) {
+    SecretBytes dk;
+    try {
+      dk = unprotect(s, p.mechanism, p.master_version, mk, p.wrapped, binding);
+    } catch (const TokenError& e) {
+      if (e.fault == Fault::kSessionLost || e.fault == Fault::kTokenGone) throw;
+      open_failed();
+    }
+    if (dk.size() != envelope::kDataKeyLen) open_failed();
+    return dk;
+  }
+
   Bytes hmac(const Session& s, CK_OBJECT_HANDLE key, std::span<const std::uint8_t> data) {
     CK_MECHANISM m{CKM_SHA256_HMAC, nullptr, 0};
     check_rv(f()->C_SignInit(s.handle(), &m, key), "C_SignInit");
@@ -1489,6 +1503,18 @@ bool Token::has_audit_key() {
 
 Result<Bytes> Token::seal(std::span<const std::uint8_t> plaintext,
                           std::span<const std::uint8_t> aad, std::uint32_t master_version) {
+  return seal_format(plaintext, aad, master_version, false);
+}
+
+Result<Bytes> Token::seal_format1_for_test(std::span<const std::uint8_t> plaintext,
+                                           std::span<const std::uint8_t> aad,
+                                           std::uint32_t master_version) {
+  return seal_format(plaintext, aad, master_version, true);
+}
+
+Result<Bytes> Token::seal_format(std::span<const std::uint8_t> plaintext,
+                                 std::span<const std::uint8_t> aad, std::uint32_t master_version,
+                                 bool format1) {
   Impl& d = *impl_;
   const auto t0 = Clock::now();
   const WrapMechanism mech = d.opts.wrap;
@@ -1508,10 +1534,15 @@ Result<Bytes> Token::seal(std::span<const std::uint8_t> plaintext,
       fail(ErrorCode::kNotFound, "master key '" + d.master_label(v) + "' is not on the token");
     SecretBytes dk = fresh_secret(envelope::kDataKeyLen);
     Bytes nonce = fresh_bytes(envelope::kNonceLen);
-    Bytes binding = envelope::bind(envelope::key_header(mech, v), aad);
+    Bytes header = envelope::key_header(mech, v);
+    if (format1) header[0] = envelope::kVersion1;
+    Bytes binding = format1 ? envelope::bind(header, aad) : envelope::key_binding(header, nonce);
     Bytes wrapped = d.protect(s, mech, v, *mk, dk, binding);
     Bytes blob = envelope::prefix(mech, v, wrapped, nonce);
-    auto ct = envelope::gcm_seal(dk, nonce, plaintext, envelope::bind(blob, aad));
+    if (format1) blob[0] = envelope::kVersion1;
+    auto ct =
+        envelope::gcm_seal(dk, nonce, plaintext,
+                           format1 ? envelope::bind(blob, aad) : envelope::payload_aad(nonce, aad));
     if (!ct.ok()) throw TokenError(ct.error(), Fault::kCallerError);
     append(blob, *ct);
     return blob;
@@ -1527,20 +1558,81 @@ Result<SecretBytes> Token::open(std::span<const std::uint8_t> blob,
     if (!p || p->master_version == 0 || p->mechanism < 1 || p->mechanism > 3) open_failed();
     auto mk = d.find_secret(s, d.master_label(p->master_version), CKK_AES);
     if (!mk) open_failed();
-    SecretBytes dk;
-    try {
-      dk = d.unprotect(s, p->mechanism, p->master_version, *mk, p->wrapped,
-                       envelope::bind(p->key_header, aad));
-    } catch (const TokenError& e) {
-      if (e.fault == Fault::kSessionLost || e.fault == Fault::kTokenGone) throw;
-      open_failed();
-    }
-    if (dk.size() != envelope::kDataKeyLen) open_failed();
-    auto pt =
-        envelope::gcm_open(dk, p->nonce, p->ciphertext, envelope::bind(p->authenticated, aad));
+    const bool v1 = p->version == envelope::kVersion1;
+    SecretBytes dk = d.unprotect_checked(
+        s, *p, *mk,
+        v1 ? envelope::bind(p->key_header, aad) : envelope::key_binding(p->key_header, p->nonce));
+    auto pt = envelope::gcm_open(
+        dk, p->nonce, p->ciphertext,
+        v1 ? envelope::bind(p->authenticated, aad) : envelope::payload_aad(p->nonce, aad));
     if (!pt.ok()) open_failed();
     return std::move(pt).value();
   }));
+}
+
+Result<Bytes> Token::rewrap(std::span<const std::uint8_t> blob, std::uint32_t master_version) {
+  Impl& d = *impl_;
+  if (master_version == 0)
+    return make_error(ErrorCode::kInvalidArgument, "master key versions start at 1");
+  auto p = envelope::parse(blob);
+  if (!p || p->master_version == 0 || p->mechanism < 1 || p->mechanism > 3)
+    return make_error(ErrorCode::kCrypto, envelope::kOpenFailed);
+  if (p->version == envelope::kVersion1)
+    return make_error(ErrorCode::kFailedPrecondition,
+                      "a format-1 sealed record binds its master version into the payload and "
+                      "cannot be re-wrapped: open it with its AAD and seal it again");
+  const WrapMechanism mech = d.opts.wrap;
+  if (p->master_version == master_version && p->mechanism == static_cast<std::uint8_t>(mech))
+    return Bytes(blob.begin(), blob.end());
+  return d.run("re-wrapping a sealed record under master key " + d.master_label(master_version),
+               true, [&](Session& s) -> Bytes {
+                 auto old_mk = d.find_secret(s, d.master_label(p->master_version), CKK_AES);
+                 if (!old_mk) open_failed();
+                 auto new_mk = d.find_secret(s, d.master_label(master_version), CKK_AES);
+                 if (!new_mk)
+                   fail(ErrorCode::kNotFound,
+                        "master key '" + d.master_label(master_version) + "' is not on the token");
+                 SecretBytes dk = d.unprotect_checked(
+                     s, *p, *old_mk, envelope::key_binding(p->key_header, p->nonce));
+                 Bytes binding =
+                     envelope::key_binding(envelope::key_header(mech, master_version), p->nonce);
+                 Bytes wrapped = d.protect(s, mech, master_version, *new_mk, dk, binding);
+                 Bytes out = envelope::prefix(mech, master_version, wrapped, p->nonce);
+                 append(out, p->ciphertext);
+                 return out;
+               });
+}
+
+Result<std::size_t> Token::destroy_master_key(std::uint32_t version) {
+  Impl& d = *impl_;
+  KMSD_ASSIGN_OR_RETURN(auto versions, master_key_versions());
+  if (std::find(versions.begin(), versions.end(), version) == versions.end())
+    return make_error(ErrorCode::kNotFound,
+                      "master key '" + d.master_label(version) + "' is not on the token");
+  if (version == versions.back())
+    return make_error(ErrorCode::kFailedPrecondition,
+                      "master key '" + d.master_label(version) +
+                          "' is the newest on the token (new records are sealed under it); "
+                          "rotate to a newer version first");
+  auto r = d.run("destroying master key " + d.master_label(version), true, [&](Session& s) {
+    std::size_t n = 0;
+    std::lock_guard lock(d.object_mu);
+    static const CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    for (const std::string& label : {d.master_label(version), d.master_mac_label(version)}) {
+      CK_ATTRIBUTE find[] = {attr(CKA_CLASS, &cls), attr_str(CKA_LABEL, label)};
+      for (CK_OBJECT_HANDLE h : s.find(find, 2)) {
+        check_rv(d.f()->C_DestroyObject(s.handle(), h), "C_DestroyObject");
+        ++n;
+      }
+    }
+    return n;
+  });
+  {
+    std::lock_guard lock(d.cache_mu);
+    d.handles.clear();
+    d.versions.reset();
+  }
+  return r;
 }
 
 // ---- signing ----

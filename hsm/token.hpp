@@ -197,6 +197,18 @@ class Token {
   // Opens a blob sealed by seal() under any master-key version still on the token.
   // Any tampering, a wrong AAD or a missing key gives kCrypto with one uniform message.
   Result<SecretBytes> open(std::span<const std::uint8_t> blob, std::span<const std::uint8_t> aad);
+  // Master-key rotation: BLOB (format 2) with its data key protected by master key
+  // MASTER_VERSION and the configured mechanism instead; nonce, payload and tag unchanged, so
+  // the caller's AAD is not needed and the result opens with the same AAD. The data key passes
+  // through this process's memory (a cleansing buffer), as in open(). A blob already under
+  // MASTER_VERSION with the configured mechanism is returned as it is. A format-1 blob is
+  // kFailedPrecondition (open and seal it again); a blob that does not unwrap is kCrypto with
+  // the uniform open-failure message; kNotFound when MASTER_VERSION is not on the token.
+  Result<Bytes> rewrap(std::span<const std::uint8_t> blob, std::uint32_t master_version);
+  // Destroys master key VERSION (and its MAC key) on the token; the number of objects destroyed.
+  // kNotFound when it is not there; kFailedPrecondition for the newest version (the one new
+  // records are sealed under). Records still sealed under it no longer open: callers check.
+  Result<std::size_t> destroy_master_key(std::uint32_t version);
 
   // ---- signing ----
   // An EVP_PKEY whose private operations run on the token (libp11), for X509_sign,
@@ -221,6 +233,10 @@ class Token {
   // For tests and fault drills: close every session of the application on this token
   // (C_CloseAllSessions). The next operation must recover by itself.
   void close_all_sessions_for_test();
+  // For tests of old stores: seals in envelope format 1, as kmsd did before format 2.
+  Result<Bytes> seal_format1_for_test(std::span<const std::uint8_t> plaintext,
+                                      std::span<const std::uint8_t> aad,
+                                      std::uint32_t master_version = 0);
 
   // ---- decryption key pairs (the DR custody key) ----
   // An RSA key pair (kRsa2048 or kRsa3072; EC is kInvalidArgument) labelled LABEL on both
@@ -234,6 +250,9 @@ class Token {
  private:
   struct Impl;
   explicit Token(std::unique_ptr<Impl> impl);
+  Result<Bytes> seal_format(std::span<const std::uint8_t> plaintext,
+                            std::span<const std::uint8_t> aad, std::uint32_t master_version,
+                            bool format1);
   std::unique_ptr<Impl> impl_;
 };
 
