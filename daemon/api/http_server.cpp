@@ -218,16 +218,17 @@ class Session {
     auto deadline = server_->opts.deadline.count() > 0
                         ? server_->opts.deadline
                         : std::chrono::milliseconds(server_->opts.timeout);
-    if (server_->opts.deadline_for) {
-      if (auto d = server_->opts.deadline_for(*req); d.count() > 0) deadline = d;
-    }
+    const bool is_long = server_->opts.is_long && server_->opts.is_long(*req);
+    if (is_long && server_->opts.long_deadline.count() > 0) deadline = server_->opts.long_deadline;
     auto timer = std::make_shared<net::steady_timer>(derived().stream().get_executor());
     timer->expires_after(deadline);
     timer->async_wait([self, clock, req, deadline, t0](beast::error_code tec) {
       if (tec) return;  // cancelled: answered in time
       self->on_deadline(*clock, req, deadline, t0);
     });
-    net::post(server_->workers, [self, clock, req, timer, t0]() {
+    auto& workers =
+        is_long && server_->opts.long_workers ? *server_->opts.long_workers : server_->workers;
+    net::post(workers, [self, clock, req, timer, t0]() {
       if (!clock->start()) return;  // the deadline answered it while it waited: never run
       Response res = run_handler(*self->server_, *req, self->peer_);
       res.keep_alive(req->keep_alive() && res.keep_alive());

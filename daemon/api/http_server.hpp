@@ -72,8 +72,13 @@ struct ServerOptions {
   // running gets 504 (its outcome is unknown) and the connection is closed. Both carry
   // Retry-After.
   std::chrono::milliseconds deadline{0};
-  // A longer (or shorter) deadline for some requests (long administrator calls); 0 = DEADLINE.
-  std::function<std::chrono::milliseconds(const Request&)> deadline_for{};
+  // Long administrator calls (bulk enable, whole reports, audit verify): IS_LONG picks them;
+  // they get LONG_DEADLINE (0 = DEADLINE) and, when LONG_WORKERS is set, run there instead of
+  // on the shared workers, so a few administrators reading reports cannot hold every worker
+  // while OCSP and enrollment wait.
+  std::function<bool(const Request&)> is_long{};
+  std::chrono::milliseconds long_deadline{0};
+  boost::asio::thread_pool* long_workers = nullptr;
   // Time to send the whole header, from the moment the server waits for it (after connecting
   // or after the previous answer), and then the body. A client slower than that is dropped.
   std::chrono::seconds header_timeout{10};

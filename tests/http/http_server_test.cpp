@@ -125,6 +125,7 @@ class HttpServerTest : public ::testing::Test {
     ioc_.stop();
     if (io_.joinable()) io_.join();
     workers_.join();
+    long_workers_.join();
   }
   std::uint16_t port() const { return server_->port(); }
   int count(Refusal r) {
@@ -147,6 +148,7 @@ class HttpServerTest : public ::testing::Test {
 
   boost::asio::io_context ioc_;
   boost::asio::thread_pool workers_{2};
+  boost::asio::thread_pool long_workers_{1};
   std::shared_ptr<HttpServer> server_;
   std::thread io_;
   std::atomic<int> handled_{0};
@@ -285,9 +287,8 @@ TEST_F(HttpServerTest, AdmissionRefusesBeforeAWorkerIsTaken) {
 TEST_F(HttpServerTest, LongCallsGetTheirOwnDeadline) {
   auto o = small_options();
   o.deadline = 500ms;
-  o.deadline_for = [](const Request& req) {
-    return req.target() == "/sleep" && req[http::field::user_agent] == "long" ? 10000ms : 0ms;
-  };
+  o.is_long = [](const Request& req) { return req[http::field::user_agent] == "long"; };
+  o.long_deadline = 10000ms;
   start(o);
   RawClient short_call(port());
   short_call.send("GET /sleep HTTP/1.1\r\nHost: x\r\nUser-Agent: short\r\n\r\n");
@@ -295,6 +296,30 @@ TEST_F(HttpServerTest, LongCallsGetTheirOwnDeadline) {
   RawClient long_call(port());
   long_call.send("GET /sleep HTTP/1.1\r\nHost: x\r\nUser-Agent: long\r\n\r\n");
   EXPECT_THAT(long_call.read_response(), HasSubstr("hello /sleep"));
+}
+
+TEST_F(HttpServerTest, LongCallsRunOnTheirOwnWorkersAndCannotStarveOthers) {
+  auto o = small_options();
+  o.deadline = 500ms;  // a short call not started within 0.5 s is answered 503
+  o.is_long = [](const Request& req) { return req[http::field::user_agent] == "long"; };
+  o.long_deadline = 10000ms;
+  o.long_workers = &long_workers_;
+  start(o);
+  // Two long calls of 1.5 s each: on the shared pool they would hold both workers.
+  const std::string long_sleep = "GET /sleep HTTP/1.1\r\nHost: x\r\nUser-Agent: long\r\n\r\n";
+  RawClient first(port()), second(port());
+  first.send(long_sleep);
+  second.send(long_sleep);
+  std::this_thread::sleep_for(200ms);  // both read and queued on the long pool
+  RawClient other(port());
+  other.send(get("/free"));
+  auto res = other.read_response();
+  EXPECT_THAT(res, HasSubstr("HTTP/1.1 200"));
+  EXPECT_THAT(res, HasSubstr("hello /free"));
+  // The long pool has one worker: the calls ran one after the other, and both finished.
+  EXPECT_THAT(first.read_response(), HasSubstr("hello /sleep"));
+  EXPECT_THAT(second.read_response(), HasSubstr("hello /sleep"));
+  EXPECT_EQ(count(Refusal::kDeadlineQueued), 0);
 }
 
 TEST(RateLimiter, BurstThenRefusedWithTheWaitPerKey) {
