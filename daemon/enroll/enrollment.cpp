@@ -11,6 +11,7 @@
 #include "daemon/ca/issuer.hpp"
 #include "daemon/lifecycle/state_machine.hpp"
 #include "daemon/provision/initializer.hpp"
+#include "hsm/envelope.hpp"
 
 namespace kmsd::enroll {
 
@@ -149,21 +150,59 @@ Result<ossl::X509Ptr> certificate_for_key(store::Store& store, const std::string
 
 }  // namespace
 
+namespace {
+
+// Length-prefixed fields, so no two different tuples give the same bytes.
+void escrow_field(std::string& aad, const std::string& s) {
+  aad += '\0';
+  aad += std::to_string(s.size());
+  aad += ':';
+  aad += s;
+}
+
+std::span<const std::uint8_t> aad_bytes(const std::string& s) {
+  return {reinterpret_cast<const std::uint8_t*>(s.data()), s.size()};
+}
+
+}  // namespace
+
+std::string escrow_aad(const std::string& user_id, const std::string& key_id, int version) {
+  std::string aad = "kmsd-escrow-v2";
+  escrow_field(aad, user_id);
+  escrow_field(aad, key_id);
+  escrow_field(aad, std::to_string(version));
+  return aad;
+}
+
 std::string escrow_aad(const std::string& user_id, const std::string& key_id, int version,
                        std::uint32_t master_version) {
-  // Length-prefixed fields, so no two different tuples give the same bytes.
   std::string aad = "kmsd-escrow-v1";
-  auto field = [&aad](const std::string& s) {
-    aad += '\0';
-    aad += std::to_string(s.size());
-    aad += ':';
-    aad += s;
-  };
-  field(user_id);
-  field(key_id);
-  field(std::to_string(version));
-  field(std::to_string(master_version));
+  escrow_field(aad, user_id);
+  escrow_field(aad, key_id);
+  escrow_field(aad, std::to_string(version));
+  escrow_field(aad, std::to_string(master_version));
   return aad;
+}
+
+Result<SecretBytes> open_escrowed(hsm::Token& token, const store::KeyHistoryRecord& rec) {
+  auto p = hsm::envelope::parse(rec.sealed_key);
+  if (!p || p->master_version != rec.master_version)
+    return make_error(ErrorCode::kCrypto, hsm::envelope::kOpenFailed);
+  if (p->version == hsm::envelope::kVersion1)
+    return token.open(rec.sealed_key, aad_bytes(escrow_aad(rec.user_id, rec.key_id, rec.version,
+                                                           rec.master_version)));
+  return token.open(rec.sealed_key, aad_bytes(escrow_aad(rec.user_id, rec.key_id, rec.version)));
+}
+
+Result<store::Bytes> rewrap_escrowed(hsm::Token& token, const store::KeyHistoryRecord& rec,
+                                     std::uint32_t master_version) {
+  auto p = hsm::envelope::parse(rec.sealed_key);
+  if (!p || p->master_version != rec.master_version)
+    return make_error(ErrorCode::kCrypto, hsm::envelope::kOpenFailed);
+  if (p->version != hsm::envelope::kVersion1) return token.rewrap(rec.sealed_key, master_version);
+  KMSD_ASSIGN_OR_RETURN(auto der, open_escrowed(token, rec));
+  return token.seal(der.span(), aad_bytes(escrow_aad(rec.user_id, rec.key_id, rec.version)),
+                    master_version);
 }
 
 EnrollmentService::EnrollmentService(store::Store& store, hsm::Token& token, audit::AuditLog& audit,
@@ -285,9 +324,7 @@ struct Issuing {
     if (reuse_current_key && depth > 0) {
       KMSD_ASSIGN_OR_RETURN(auto history, store.key_history(user.id));
       const auto& rec = history.back();
-      KMSD_ASSIGN_OR_RETURN(
-          auto der, token.open(rec.sealed_key, as_bytes(escrow_aad(user.id, rec.key_id, rec.version,
-                                                                   rec.master_version))));
+      KMSD_ASSIGN_OR_RETURN(auto der, open_escrowed(token, rec));
       KMSD_ASSIGN_OR_RETURN(p.encryption_key, key_from_pkcs8(der));
       p.encryption_pkcs8 = std::move(der);
       p.key_version = rec.version;
@@ -304,8 +341,7 @@ struct Issuing {
       KMSD_ASSIGN_OR_RETURN(
           p.sealed_key,
           token.seal(p.encryption_pkcs8.span(),
-                     as_bytes(escrow_aad(user.id, p.key_id, p.key_version, p.master_version)),
-                     p.master_version));
+                     as_bytes(escrow_aad(user.id, p.key_id, p.key_version)), p.master_version));
     }
     KMSD_ASSIGN_OR_RETURN(auto enc_spki, ca::subject_public_key_info(p.encryption_key.get()));
     KMSD_ASSIGN_OR_RETURN(
@@ -351,10 +387,7 @@ struct Issuing {
       k.version = rec.version;
       k.key_id = rec.key_id;
       k.algorithm = rec.algorithm;
-      KMSD_ASSIGN_OR_RETURN(
-          k.pkcs8_der,
-          token.open(rec.sealed_key,
-                     as_bytes(escrow_aad(user_id, rec.key_id, rec.version, rec.master_version))));
+      KMSD_ASSIGN_OR_RETURN(k.pkcs8_der, open_escrowed(token, rec));
       KMSD_ASSIGN_OR_RETURN(auto key, key_from_pkcs8(k.pkcs8_der));
       KMSD_ASSIGN_OR_RETURN(k.certificate, certificate_for_key(store, user_id, key.get()));
       out.push_back(std::move(k));

@@ -167,7 +167,19 @@ extern const char* const kTokenNotValid;
 
 // The AAD that binds an escrowed key to its place in the key history (DESIGN.md, "The
 // token"): a blob moved to another user's row, version or key id fails to open.
+// Envelope format 2 (every key sealed now): "kmsd-escrow-v2" with user, key id and version, no
+// master version (master-key rotation changes it; the row's master_version is checked against
+// the blob's header instead, see open_escrowed).
+std::string escrow_aad(const std::string& user_id, const std::string& key_id, int version);
+// Envelope format 1 (keys sealed before format 2): "kmsd-escrow-v1", the master version too.
 std::string escrow_aad(const std::string& user_id, const std::string& key_id, int version,
                        std::uint32_t master_version);
+// The PKCS#8 DER escrowed in REC: its master_version must be the blob's; opened with the AAD of
+// the blob's envelope format. kCrypto (the uniform open failure) otherwise.
+Result<SecretBytes> open_escrowed(hsm::Token& token, const store::KeyHistoryRecord& rec);
+// REC's sealed key protected by master key MASTER_VERSION instead, as format 2: re-wrapped
+// (payload untouched), or for a format-1 blob opened and sealed again once.
+Result<store::Bytes> rewrap_escrowed(hsm::Token& token, const store::KeyHistoryRecord& rec,
+                                     std::uint32_t master_version);
 
 }  // namespace kmsd::enroll

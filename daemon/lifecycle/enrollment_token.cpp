@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "common/clock.hpp"
+#include "hsm/envelope.hpp"
 
 namespace kmsd::lifecycle {
 
@@ -165,6 +166,35 @@ Result<SecretBytes> EnrollmentTokens::reveal(const SealedToken& sealed, std::str
   if (value.size() != kTokenBytes)
     return make_error(ErrorCode::kCrypto, "the stored token record has the wrong length");
   return encode_token(value.span());
+}
+
+Result<std::vector<std::uint8_t>> EnrollmentTokens::rewrap(std::span<const std::uint8_t> rec,
+                                                           std::string_view user_id,
+                                                           std::uint32_t master_version) {
+  if (rec.size() <= kSealedTokenHeaderLen || rec[0] != kSealedTokenVersion)
+    return make_error(ErrorCode::kCrypto, "the stored token record is not a version 1 record");
+  auto blob = rec.subspan(kSealedTokenHeaderLen);
+  auto parsed = hsm::envelope::parse(blob);
+  if (!parsed) return make_error(ErrorCode::kCrypto, hsm::envelope::kOpenFailed);
+  hsm::Bytes moved;
+  if (parsed->version == hsm::envelope::kVersion1) {
+    const auto aad = token_aad(user_id, get_u64(rec.subspan(1, 8)));
+    KMSD_ASSIGN_OR_RETURN(auto value, token_.open(blob, aad));
+    KMSD_ASSIGN_OR_RETURN(moved, token_.seal(value.span(), aad, master_version));
+  } else {
+    KMSD_ASSIGN_OR_RETURN(moved, token_.rewrap(blob, master_version));
+  }
+  std::vector<std::uint8_t> out(rec.begin(), rec.begin() + kSealedTokenHeaderLen);
+  out.insert(out.end(), moved.begin(), moved.end());
+  return out;
+}
+
+std::optional<std::uint32_t> EnrollmentTokens::master_version_of(
+    std::span<const std::uint8_t> rec) {
+  if (rec.size() <= kSealedTokenHeaderLen || rec[0] != kSealedTokenVersion) return std::nullopt;
+  auto parsed = hsm::envelope::parse(rec.subspan(kSealedTokenHeaderLen));
+  if (!parsed) return std::nullopt;
+  return parsed->master_version;
 }
 
 Result<TokenCheck> EnrollmentTokens::check(const SecretBytes& presented, const SealedToken& sealed,

@@ -125,6 +125,14 @@ class EnrollmentTokens {
   // anyone else. kCrypto when the record does not open for this user.
   Result<SecretBytes> reveal(const SealedToken& sealed, std::string_view user_id);
 
+  // Master-key rotation: RECORD (the sealed token record of USER_ID) with its blob protected
+  // by master key MASTER_VERSION, as envelope format 2: re-wrapped (the sealed token itself is
+  // unchanged), or a format-1 blob opened and sealed again. kCrypto when it does not open.
+  Result<std::vector<std::uint8_t>> rewrap(std::span<const std::uint8_t> record,
+                                           std::string_view user_id, std::uint32_t master_version);
+  // The master-key version RECORD's blob is sealed under; nullopt for an unreadable record.
+  static std::optional<std::uint32_t> master_version_of(std::span<const std::uint8_t> record);
+
  private:
   hsm::Token& token_;
 };

@@ -1462,6 +1462,89 @@ Result<std::vector<KeyHistoryRecord>> Store::key_history(const std::string& user
   return out;
 }
 
+Result<std::vector<KeyHistoryRecord>> Store::key_history_not_under(std::uint32_t master_version,
+                                                                   const std::string& after_user,
+                                                                   int after_version,
+                                                                   std::size_t limit) {
+  std::lock_guard lock(impl_->mu);
+  KMSD_ASSIGN_OR_RETURN(
+      Lease st, impl_->stmt(std::string("SELECT ") + kKeyHistoryColumns +
+                            " FROM key_history WHERE master_version <> ?1 AND (user_id, version) "
+                            "> (?2, ?3) ORDER BY user_id, version LIMIT ?4"));
+  st->bind(1, static_cast<std::int64_t>(master_version))
+      .bind(2, after_user)
+      .bind(3, static_cast<std::int64_t>(after_version))
+      .bind(4, static_cast<std::int64_t>(limit));
+  std::vector<KeyHistoryRecord> out;
+  while (true) {
+    KMSD_ASSIGN_OR_RETURN(bool row, st->step("reading key history to re-wrap"));
+    if (!row) break;
+    out.push_back(read_key_history(*st));
+  }
+  return out;
+}
+
+Result<bool> Store::rewrap_key_history(const std::string& user_id, int version,
+                                       const Bytes& old_sealed, std::uint32_t master_version,
+                                       const Bytes& sealed_key) {
+  std::lock_guard lock(impl_->mu);
+  {
+    KMSD_ASSIGN_OR_RETURN(Lease st, impl_->stmt("UPDATE key_history SET sealed_key = ?4, "
+                                                "master_version = ?5 WHERE user_id = ?1 AND "
+                                                "version = ?2 AND sealed_key = ?3"));
+    st->bind(1, user_id)
+        .bind(2, static_cast<std::int64_t>(version))
+        .bind(3, old_sealed)
+        .bind(4, sealed_key)
+        .bind(5, static_cast<std::int64_t>(master_version));
+    KMSD_TRY(st->run("re-wrapping key " + std::to_string(version) + " of user " + user_id));
+  }
+  return impl_->changes() > 0;
+}
+
+Result<std::vector<std::pair<std::uint32_t, std::size_t>>> Store::key_history_master_versions() {
+  std::lock_guard lock(impl_->mu);
+  KMSD_ASSIGN_OR_RETURN(Lease st, impl_->stmt("SELECT master_version, count(*) FROM key_history "
+                                              "GROUP BY master_version ORDER BY master_version"));
+  std::vector<std::pair<std::uint32_t, std::size_t>> out;
+  while (true) {
+    KMSD_ASSIGN_OR_RETURN(bool row, st->step("counting key history by master key version"));
+    if (!row) break;
+    out.emplace_back(static_cast<std::uint32_t>(st->int64(0)),
+                     static_cast<std::size_t>(st->int64(1)));
+  }
+  return out;
+}
+
+Result<std::vector<EnrollmentTokenRecord>> Store::enrollment_tokens_after(
+    const std::string& after_user, std::size_t limit) {
+  std::lock_guard lock(impl_->mu);
+  KMSD_ASSIGN_OR_RETURN(Lease st, impl_->stmt(std::string("SELECT ") + kTokenColumns +
+                                              " FROM enrollment_tokens WHERE user_id > ?1 "
+                                              "ORDER BY user_id LIMIT ?2"));
+  st->bind(1, after_user).bind(2, static_cast<std::int64_t>(limit));
+  std::vector<EnrollmentTokenRecord> out;
+  while (true) {
+    KMSD_ASSIGN_OR_RETURN(bool row, st->step("reading enrollment tokens to re-wrap"));
+    if (!row) break;
+    KMSD_ASSIGN_OR_RETURN(auto rec, read_token(*st));
+    out.push_back(std::move(rec));
+  }
+  return out;
+}
+
+Result<bool> Store::replace_token_sealed(const std::string& user_id, const Bytes& old_sealed,
+                                         const Bytes& sealed) {
+  std::lock_guard lock(impl_->mu);
+  {
+    KMSD_ASSIGN_OR_RETURN(Lease st, impl_->stmt("UPDATE enrollment_tokens SET sealed = ?3 WHERE "
+                                                "user_id = ?1 AND sealed = ?2"));
+    st->bind(1, user_id).bind(2, old_sealed).bind(3, sealed);
+    KMSD_TRY(st->run("re-wrapping the enrollment token of user " + user_id));
+  }
+  return impl_->changes() > 0;
+}
+
 Result<int> Store::key_history_depth(const std::string& user_id) {
   std::lock_guard lock(impl_->mu);
   KMSD_ASSIGN_OR_RETURN(Lease st, impl_->stmt("SELECT coalesce(max(version), 0) FROM "

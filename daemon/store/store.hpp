@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "common/result.hpp"
@@ -217,6 +218,25 @@ class Store {
   Status append_key_history(const KeyHistoryRecord& rec);  // version must be last + 1
   Result<std::vector<KeyHistoryRecord>> key_history(const std::string& user_id);
   Result<int> key_history_depth(const std::string& user_id);
+
+  // ---- master-key rotation (daemon/rotation) ----
+  // Up to LIMIT key-history rows whose master_version is not MASTER_VERSION, in (user_id,
+  // version) order after (AFTER_USER, AFTER_VERSION) exclusive ("" and 0 start at the first).
+  Result<std::vector<KeyHistoryRecord>> key_history_not_under(std::uint32_t master_version,
+                                                              const std::string& after_user,
+                                                              int after_version, std::size_t limit);
+  // Sets the sealed key and master version of row (USER_ID, VERSION) if its sealed key is still
+  // OLD_SEALED; false (nothing changed) when it is not.
+  Result<bool> rewrap_key_history(const std::string& user_id, int version, const Bytes& old_sealed,
+                                  std::uint32_t master_version, const Bytes& sealed_key);
+  // How many key-history rows are sealed under each master version (versions with none absent).
+  Result<std::vector<std::pair<std::uint32_t, std::size_t>>> key_history_master_versions();
+  // Up to LIMIT enrollment tokens in user_id order after AFTER_USER exclusive.
+  Result<std::vector<EnrollmentTokenRecord>> enrollment_tokens_after(const std::string& after_user,
+                                                                     std::size_t limit);
+  // Sets the sealed record of USER_ID's token if it is still OLD_SEALED; false otherwise.
+  Result<bool> replace_token_sealed(const std::string& user_id, const Bytes& old_sealed,
+                                    const Bytes& sealed);
 
   // ---- approvals ----
   Status insert_approval_request(const ApprovalRequestRecord& rec);
