@@ -6,6 +6,7 @@
 //   bulk_enable_bench [--users N] [--wrap aes-key-wrap-pad|aes-gcm|aes-cbc-pad-hmac]
 #include <stdlib.h>
 #include <sys/resource.h>
+#include <CLI/CLI.hpp>
 
 #include <chrono>
 #include <cstdio>
@@ -38,11 +39,11 @@ long peak_rss_kib() {
 int main(int argc, char** argv) {
   long users = 100000;
   std::string wrap = "aes-key-wrap-pad";
-  for (int i = 1; i + 1 < argc; i += 2) {
-    std::string a = argv[i];
-    if (a == "--users") users = std::atol(argv[i + 1]);
-    if (a == "--wrap") wrap = argv[i + 1];
-  }
+  CLI::App app{"bulk enable throughput and peak memory against a throw-away token and store"};
+  app.add_option("--users", users, "users to enable")->check(CLI::Range(1L, 100000000L));
+  app.add_option("--wrap", wrap, "data-key protection on the token")
+      ->check(CLI::IsMember({"aes-key-wrap-pad", "aes-gcm", "aes-cbc-pad-hmac"}));
+  CLI11_PARSE(app, argc, argv);
   bench::Sandbox sandbox;
   const fs::path& dir = sandbox.dir;
 

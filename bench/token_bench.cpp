@@ -9,6 +9,7 @@
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <stdlib.h>
+#include <CLI/CLI.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -93,11 +94,10 @@ void line(const char* what, int threads, double token, double software) {
 int main(int argc, char** argv) {
   double seconds = 2.0;
   int max_threads = 2;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    std::string a = argv[i];
-    if (a == "--seconds") seconds = std::atof(argv[i + 1]);
-    if (a == "--threads") max_threads = std::atoi(argv[i + 1]);
-  }
+  CLI::App app{"token-layer throughput (envelope seal+open, CA signatures) beside software"};
+  app.add_option("--seconds", seconds, "length of each figure")->check(CLI::Range(0.01, 600.0));
+  app.add_option("--threads", max_threads, "most concurrent callers")->check(CLI::Range(1, 64));
+  CLI11_PARSE(app, argc, argv);
   Sandbox sandbox;
   std::printf("kmsd token_bench: SoftHSM2 %s, %.1f s per figure\n", kModule, seconds);
   for (auto mech : {hsm::WrapMechanism::kAesKeyWrapPad, hsm::WrapMechanism::kAesGcm,
