@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   add_enroll_commands(app, commands);
   add_dr_commands(app, commands);
   add_card_commands(app, commands);
+  add_backup_commands(app, commands);
 
   try {
     app.parse(argc, argv);

@@ -21,6 +21,7 @@
 #include "daemon/approvals/approvals.hpp"
 #include "daemon/approvals/policy_gate.hpp"
 #include "daemon/audit/audit_log.hpp"
+#include "daemon/backup/backup_routes.hpp"
 #include "daemon/audit/outage_log.hpp"
 #include "daemon/cmp/cmp_server.hpp"
 #include "daemon/enroll/enrollment.hpp"
@@ -89,6 +90,7 @@ struct Daemon::Impl {
   std::unique_ptr<approvals::PolicyGate> gate;
   std::unique_ptr<admins::AdminService> admins;
   std::unique_ptr<enroll::KeyExport> key_export;
+  std::unique_ptr<backup::BackupService> backup;  // POST /v1/backup, /v1/backup/check
   std::unique_ptr<audit::OutageLog> outages;           // key-token outages until they are audited
   std::unique_ptr<startup::CardSplitGate> card_split;  // kmsctl card split while unsealed
 
@@ -347,6 +349,8 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
   impl->key_export = std::make_unique<enroll::KeyExport>(
       *impl->store, *impl->audit, *impl->approvals, *impl->enrollment,
       std::chrono::hours(cfg.approvals.ttl_hours));
+  impl->backup = std::make_unique<backup::BackupService>(
+      *impl->store, *impl->token, *impl->audit, [d] { return d->ca_certificate(); });
   impl->cmp = std::make_unique<cmp::CmpServer>(
       *impl->enrollment, *impl->token, *impl->store, [d] { return d->ca_certificate(); },
       [d] { return d->config()->ca.digest; });
@@ -378,6 +382,7 @@ int Daemon::run() {
   api::AdminServices admin_services{*d.seal, *d.store, *d.users, *d.approvals, *d.audit};
   admin_services.admins = d.admins.get();
   admin_services.key_export = d.key_export.get();
+  admin_services.more_routes = backup::admin_routes(*d.backup);
   api::AdminRoutes admin_routes(admin_services);
   api::EnrollRoutes enroll_routes(*d.enrollment);
   // One handler per listener: the public one serves the PKI paths and the health/CA paths;
@@ -428,7 +433,9 @@ int Daemon::run() {
   popts.body_timeout = std::chrono::seconds(cfg->server.body_timeout_seconds);
   popts.max_connections_per_source = cfg->server.max_connections_per_source;
   popts.is_long = [](const api::Request& req) {
-    return metrics::is_long_admin_call(std::string(req.method_string()), std::string(req.target()));
+    return metrics::is_long_admin_call(std::string(req.method_string()),
+                                       std::string(req.target())) ||
+           backup::is_long_call(req);
   };
   popts.long_deadline = std::chrono::seconds(cfg->server.long_request_timeout_seconds);
   popts.long_workers = &long_workers;

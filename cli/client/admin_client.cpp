@@ -83,7 +83,8 @@ struct AdminClient::Impl {
     return ::poll(&p, 1, 0) != 0;
   }
 
-  Result<Reply> once(http::verb verb, const std::string& target, const std::string& body) {
+  Result<Reply> once(http::verb verb, const std::string& target, const std::string& body,
+                     const std::string& content_type = "application/json") {
     if (stream && closed_by_server()) stream.reset();
     if (!stream) KMSD_TRY(open());
     http::request<http::string_body> req{verb, target, 11};
@@ -91,7 +92,7 @@ struct AdminClient::Impl {
     req.set(http::field::user_agent, "kmsctl");
     req.keep_alive(true);
     if (!body.empty()) {
-      req.set(http::field::content_type, "application/json");
+      req.set(http::field::content_type, content_type);
       req.body() = body;
     }
     req.prepare_payload();
@@ -112,9 +113,10 @@ struct AdminClient::Impl {
     return Reply{static_cast<int>(res.result_int()), std::move(res.body())};
   }
 
-  Result<Reply> call(http::verb verb, const std::string& target, const std::string& body) {
+  Result<Reply> call(http::verb verb, const std::string& target, const std::string& body,
+                     const std::string& content_type = "application/json") {
     const bool reused = stream.has_value();
-    auto r = once(verb, target, body);
+    auto r = once(verb, target, body, content_type);
     // A kept-alive connection the server closed meanwhile: one fresh attempt, for GET only —
     // a POST may have reached the server, and changes must never be applied twice.
     if (!r.ok() && reused && verb == http::verb::get && r.error().code == ErrorCode::kUnavailable)
@@ -208,6 +210,10 @@ Result<Reply> AdminClient::get(const std::string& target) {
 }
 Result<Reply> AdminClient::post(const std::string& target, const nlohmann::json& body) {
   return impl_->call(http::verb::post, target, body.dump());
+}
+Result<Reply> AdminClient::post_bytes(const std::string& target, const std::string& body,
+                                      const std::string& content_type) {
+  return impl_->call(http::verb::post, target, body, content_type);
 }
 Result<Reply> AdminClient::del(const std::string& target) {
   return impl_->call(http::verb::delete_, target, "");

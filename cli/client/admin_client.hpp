@@ -48,6 +48,9 @@ class AdminClient {
   Result<Reply> get(const std::string& target);
   Result<Reply> post(const std::string& target, const nlohmann::json& body);
   Result<Reply> del(const std::string& target);
+  // A POST whose body is not JSON (a backup file for /v1/backup/check).
+  Result<Reply> post_bytes(const std::string& target, const std::string& body,
+                           const std::string& content_type);
 
   struct Impl;
 

@@ -269,6 +269,8 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
                           "administrator '" + who.name + "' has role " +
                               store::to_string(who.role) + ", which may not " +
                               std::string(req.method_string()) + " " + path);
+  if (s_.more_routes)
+    if (auto answer = s_.more_routes(req, who)) return std::move(*answer);
   json body = json::object();
   if (verb == http::verb::post && !req.body().empty()) {
     body = json::parse(req.body(), nullptr, false);

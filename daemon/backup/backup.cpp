@@ -244,10 +244,11 @@ std::variant<Framed, std::string> unframe(std::string_view file) {
            " bytes); the file is truncated or this length field was changed";
   const std::uint64_t m = get_be(file, after_cms, 8);
   if (after_cms + 8 + m != file.size())
-    return range(after_cms, after_cms + 7) + ": the database image's length (" + std::to_string(m) +
-           ") does not fit the file (" + std::to_string(file.size()) + " bytes, image from byte " +
-           std::to_string(after_cms + 8) +
-           "); the file is truncated, extended or this length field was changed";
+    return "the framing's lengths do not add up to the file's " + std::to_string(file.size()) +
+           " bytes: signed manifest " + std::to_string(n) + " bytes (length at " + range(8, 11) +
+           "), database image " + std::to_string(m) + " bytes (length at " +
+           range(after_cms, after_cms + 7) +
+           "); one of these length fields was changed, or the file was truncated or extended";
   Framed f;
   f.cms_offset = 12;
   f.cms = file.substr(12, n);
@@ -528,8 +529,8 @@ Status check_contents(store::Store& store, hsm::Token& token, CheckReport& rep) 
     for (const auto& rec : history) {
       const std::string where = "key_history row of user " + id + " version " +
                                 std::to_string(rec.version) + " (key id " + rec.key_id + ")";
-      const std::string aad = enroll::escrow_aad(id, rec.key_id, rec.version, rec.master_version);
-      auto der = token.open(rec.sealed_key, bytes_of(aad));
+      // The enrollment module's own opener (AAD per envelope format, master version checked).
+      auto der = enroll::open_escrowed(token, rec);
       if (!der.ok()) {
         if (fatal(der.error())) return der.error();
         rep.problems.push_back(where + ": the sealed key does not open on this token (" +
@@ -797,6 +798,18 @@ Result<Created> BackupService::create(const std::string& actor) {
                           {"bytes", c.file.size()}});
   }));
   return c;
+}
+
+Result<CheckReport> BackupService::check(std::string_view file, const std::string& actor) {
+  fs::path dir = store_.path().parent_path();
+  if (dir.empty()) dir = ".";
+  KMSD_ASSIGN_OR_RETURN(CheckReport rep, backup::check(file, token_, dir));
+  json details{{"ok", rep.ok()}, {"bytes", file.size()}, {"problems", rep.problems.size()}};
+  if (rep.signature_ok) details["image_sha256"] = rep.manifest.value("image_sha256", "");
+  if (!rep.problems.empty()) details["first_problem"] = rep.problems.front();
+  KMSD_TRY(store_.transaction(
+      [&]() -> Status { return audit_.append(actor, "backup.check", details); }));
+  return rep;
 }
 
 }  // namespace kmsd::backup

@@ -23,7 +23,7 @@
 //
 // Checking a backup (check(), restore()) needs the key token logged in: the signer must be
 // the token's CA key; then the image digest and every page; then, on a private copy, every
-// escrowed key opens on the token with its AAD (enroll::escrow_aad) and matches the
+// escrowed key opens on the token (enroll::open_escrowed) and matches the
 // encryption certificate recorded for it, every sealed enrollment token opens, the CA
 // certificate in the image is the token's, the row counts match, and the audit chain
 // verifies (audit::AuditLog::verify).
@@ -113,6 +113,9 @@ class BackupService {
       : store_(store), token_(token), audit_(audit), ca_certificate_(std::move(ca_certificate)) {}
 
   Result<Created> create(const std::string& actor);
+  // POST /v1/backup/check: check() on a copy under the store's directory, audited as
+  // backup.check with the verdict.
+  Result<CheckReport> check(std::string_view file, const std::string& actor);
 
  private:
   store::Store& store_;
