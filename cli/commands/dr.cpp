@@ -150,7 +150,9 @@ json summary_json(const std::string& command, const dr::RunSummary& s) {
           {"seconds", s.seconds},
           {"messages_per_second", s.seconds > 0 ? static_cast<double>(s.processed) / s.seconds : 0},
           {"stopped_early", s.stopped_early},
-          {"problems", problems}};
+          {"waiting", s.waiting},
+          {"problems", problems},
+          {"problems_omitted", s.problems_omitted}};
 }
 
 int show_summary(const DrArgs& a, const std::string& command, const dr::RunSummary& s) {
@@ -170,22 +172,17 @@ int show_summary(const DrArgs& a, const std::string& command, const dr::RunSumma
   for (const auto& [status, n] : s.overall) std::cout << "  " << status << " " << n;
   std::cout << "\n";
   // Waiting messages are expected until every user has enrolled: counted by reason, not listed.
-  std::map<std::string, std::size_t> waiting;
   std::vector<const dr::ManifestRow*> listed;
-  for (const auto& p : s.problems) {
-    if (p.status == dr::kWaiting)
-      ++waiting[p.reason];
-    else
-      listed.push_back(&p);
-  }
-  for (const auto& [reason, n] : waiting)
+  for (const auto& p : s.problems) listed.push_back(&p);
+  for (const auto& [reason, n] : s.waiting)
     std::cout << "  waiting  " << n << " message(s): " << reason << "\n";
   const std::size_t shown = std::min<std::size_t>(listed.size(), 20);
   for (std::size_t i = 0; i < shown; ++i)
     std::cout << "  " << listed[i]->status << "  " << listed[i]->path << ": " << listed[i]->reason
               << "\n";
-  if (listed.size() > shown)
-    std::cout << "  ... and " << listed.size() - shown << " more (-o json lists them all)\n";
+  if (listed.size() + s.problems_omitted > shown)
+    std::cout << "  ... and " << listed.size() + s.problems_omitted - shown
+              << " more (kmsctl dr status --staging DIR -o json lists them all)\n";
   return failed ? kFailed : kOk;
 }
 

@@ -244,4 +244,75 @@ Result<std::map<std::string, std::size_t>> Manifest::counts() {
   return out;
 }
 
+Result<std::size_t> Manifest::reencrypted_count() {
+  KMSD_ASSIGN_OR_RETURN(Stmt s, prepare(db_, "SELECT COUNT(*) FROM reencrypted"));
+  if (sqlite3_step(s.get()) != SQLITE_ROW) return db_error(db_, "counting");
+  return static_cast<std::size_t>(sqlite3_column_int64(s.get(), 0));
+}
+
+Result<std::unique_ptr<ManifestReader>> ManifestReader::open(const std::filesystem::path& file) {
+  sqlite3* raw = nullptr;
+  int rc = sqlite3_open_v2(file.c_str(), &raw, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, nullptr);
+  std::unique_ptr<ManifestReader> r(new ManifestReader(raw));
+  if (rc != SQLITE_OK) return db_error(raw, "cannot open " + file.string());
+  sqlite3_busy_timeout(raw, 5000);
+  if (sqlite3_prepare_v2(raw, "SELECT digest, status FROM messages WHERE path = ?", -1, &r->lookup_,
+                         nullptr) != SQLITE_OK)
+    return db_error(raw, "preparing the lookup");
+  if (sqlite3_prepare_v2(raw,
+                         "SELECT m.path, m.format, m.digest, m.status, m.recipients, m.users, "
+                         "m.reason, r.path IS NOT NULL FROM messages m LEFT JOIN reencrypted r "
+                         "ON r.path = m.path WHERE m.status = 'staged' AND m.path > ? "
+                         "ORDER BY m.path LIMIT ?",
+                         -1, &r->page_, nullptr) != SQLITE_OK)
+    return db_error(raw, "preparing the staged rows");
+  return r;
+}
+
+ManifestReader::~ManifestReader() {
+  sqlite3_finalize(lookup_);
+  sqlite3_finalize(page_);
+  sqlite3_close_v2(db_);
+}
+
+Result<std::optional<std::pair<std::string, std::string>>> ManifestReader::lookup(
+    const std::string& path) {
+  std::lock_guard lock(mu_);
+  sqlite3_reset(lookup_);
+  bind_text(lookup_, 1, path);
+  const int rc = sqlite3_step(lookup_);
+  std::optional<std::pair<std::string, std::string>> out;
+  if (rc == SQLITE_ROW)
+    out.emplace(column(lookup_, 0), column(lookup_, 1));
+  else if (rc != SQLITE_DONE)
+    return db_error(db_, "looking up " + path);
+  sqlite3_reset(lookup_);
+  return out;
+}
+
+Result<std::vector<ManifestReader::StagedRow>> ManifestReader::staged_after(
+    const std::string& after, std::size_t limit) {
+  std::lock_guard lock(mu_);
+  sqlite3_reset(page_);
+  bind_text(page_, 1, after);
+  sqlite3_bind_int64(page_, 2, static_cast<sqlite3_int64>(limit));
+  std::vector<StagedRow> out;
+  int rc;
+  while ((rc = sqlite3_step(page_)) == SQLITE_ROW) {
+    StagedRow r;
+    r.row.path = column(page_, 0);
+    r.row.format = column(page_, 1);
+    r.row.digest = column(page_, 2);
+    r.row.status = column(page_, 3);
+    r.row.recipients = column(page_, 4);
+    r.row.users = column(page_, 5);
+    r.row.reason = column(page_, 6);
+    r.reencrypted = sqlite3_column_int(page_, 7) != 0;
+    out.push_back(std::move(r));
+  }
+  sqlite3_reset(page_);
+  if (rc != SQLITE_DONE) return db_error(db_, "reading the staged messages");
+  return out;
+}
+
 }  // namespace kmsd::dr

@@ -15,6 +15,8 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -70,11 +72,40 @@ class Manifest {
 
   // status -> count.
   Result<std::map<std::string, std::size_t>> counts();
+  // How many messages are re-encrypted.
+  Result<std::size_t> reencrypted_count();
 
  private:
   explicit Manifest(sqlite3* db) : db_(db) {}
   Status exec(const char* sql, const char* what);
   sqlite3* db_;
+};
+
+// A second connection to the manifest for the threads that feed and run the pipeline's
+// workers: per-message lookups and paged reads, so that no run holds the whole manifest in
+// memory. WAL mode: these reads never block the collector's commits.
+// Thread-safety: safe to share (calls serialize on a mutex).
+class ManifestReader {
+ public:
+  static Result<std::unique_ptr<ManifestReader>> open(const std::filesystem::path& file);
+  ~ManifestReader();
+
+  // (digest, status) recorded for PATH, or nullopt.
+  Result<std::optional<std::pair<std::string, std::string>>> lookup(const std::string& path);
+
+  struct StagedRow {
+    ManifestRow row;
+    bool reencrypted = false;
+  };
+  // Up to LIMIT staged rows whose path sorts after AFTER, in path order.
+  Result<std::vector<StagedRow>> staged_after(const std::string& after, std::size_t limit);
+
+ private:
+  explicit ManifestReader(sqlite3* db) : db_(db) {}
+  sqlite3* db_;
+  sqlite3_stmt* lookup_ = nullptr;
+  sqlite3_stmt* page_ = nullptr;
+  std::mutex mu_;
 };
 
 }  // namespace kmsd::dr

@@ -31,25 +31,36 @@ std::string lower(std::string s) {
 
 }  // namespace
 
-Result<std::vector<StoredMessage>> list_messages(const fs::path& root) {
+Result<MessageWalker> MessageWalker::open(const fs::path& root) {
   std::error_code ec;
   if (!fs::is_directory(root, ec))
     return make_error(ErrorCode::kInvalidArgument,
                       "the message store " + root.string() + " is not a directory");
-  std::vector<StoredMessage> out;
-  fs::recursive_directory_iterator it(root, fs::directory_options::none, ec);
+  MessageWalker w;
+  w.root_ = root;
+  w.it_ = fs::recursive_directory_iterator(root, fs::directory_options::none, ec);
   if (ec)
     return make_error(ErrorCode::kIo,
                       "cannot read the message store " + root.string() + ": " + ec.message());
-  for (; it != fs::recursive_directory_iterator(); it.increment(ec)) {
-    if (ec)
-      return make_error(ErrorCode::kIo,
-                        "cannot walk the message store " + root.string() + ": " + ec.message());
-    const auto& entry = *it;
+  return w;
+}
+
+Result<std::optional<StoredMessage>> MessageWalker::next() {
+  std::error_code ec;
+  for (; it_ != fs::recursive_directory_iterator();) {
+    if (started_) {
+      it_.increment(ec);
+      if (ec)
+        return make_error(ErrorCode::kIo,
+                          "cannot walk the message store " + root_.string() + ": " + ec.message());
+      if (it_ == fs::recursive_directory_iterator()) break;
+    }
+    started_ = true;
+    const auto& entry = *it_;
     if (entry.is_symlink(ec)) continue;
     if (entry.is_directory(ec)) {
       if (entry.path().filename() == "tmp" && fs::is_directory(entry.path().parent_path() / "cur"))
-        it.disable_recursion_pending();  // Maildir deliveries still being written
+        it_.disable_recursion_pending();  // Maildir deliveries still being written
       continue;
     }
     if (!entry.is_regular_file(ec)) continue;
@@ -58,7 +69,7 @@ Result<std::vector<StoredMessage>> list_messages(const fs::path& root) {
     const std::string parent = p.parent_path().filename().string();
     const std::string ext = lower(p.extension().string());
     StoredMessage m;
-    m.relative = p.lexically_relative(root);
+    m.relative = p.lexically_relative(root_);
     if (ext == ".p7m" || ext == ".der") {
       m.format = Format::kDer;
     } else if (ext == ".eml" ||
@@ -67,7 +78,18 @@ Result<std::vector<StoredMessage>> list_messages(const fs::path& root) {
     } else {
       continue;
     }
-    out.push_back(std::move(m));
+    return std::optional<StoredMessage>(std::move(m));
+  }
+  return std::optional<StoredMessage>();
+}
+
+Result<std::vector<StoredMessage>> list_messages(const fs::path& root) {
+  KMSD_ASSIGN_OR_RETURN(auto walker, MessageWalker::open(root));
+  std::vector<StoredMessage> out;
+  for (;;) {
+    KMSD_ASSIGN_OR_RETURN(auto m, walker.next());
+    if (!m) break;
+    out.push_back(std::move(*m));
   }
   std::sort(out.begin(), out.end(),
             [](const StoredMessage& a, const StoredMessage& b) { return a.relative < b.relative; });

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -36,6 +37,22 @@ struct StoredMessage {
 // holds deliveries in progress and is skipped), *.eml, and *.p7m / *.der. Other files (index
 // files, dotfiles of mail servers) are not messages. Symbolic links are not followed.
 Result<std::vector<StoredMessage>> list_messages(const std::filesystem::path& root);
+
+// The same messages as list_messages(), one at a time in directory order (not sorted), holding
+// only the directory iterator's state: memory does not grow with the store.
+// Thread-safety: none (one thread walks).
+class MessageWalker {
+ public:
+  static Result<MessageWalker> open(const std::filesystem::path& root);
+  // The next message, or nullopt at the end; an error when the walk cannot go on.
+  Result<std::optional<StoredMessage>> next();
+
+ private:
+  MessageWalker() = default;
+  std::filesystem::path root_;
+  std::filesystem::recursive_directory_iterator it_;
+  bool started_ = false;
+};
 
 enum class Kind {
   kEncrypted,     // EnvelopedData or AuthEnvelopedData

@@ -140,45 +140,81 @@ struct Outcome {
   ReencryptRow re;
 };
 
-// Runs WORK over ITEMS on THREADS workers; the calling thread collects the outcomes into
-// batches and commits each (COMMIT) after syncing SYNC_DIR's file system. The queue between
-// them is bounded, so memory does not grow with the store.
+// Runs WORK over the items SOURCE yields (TOTAL of them, for progress) on THREADS workers. A
+// feeder thread pulls from SOURCE into a bounded queue; the workers take from it; the calling
+// thread collects the outcomes into batches and commits each (COMMIT) after syncing SYNC_DIR's
+// file system. Both queues are bounded, so memory does not grow with the store.
 template <typename Item>
-Result<RunSummary> run_pool(const std::vector<Item>& items, unsigned threads,
+Result<RunSummary> run_pool(const std::function<Result<std::optional<Item>>()>& source,
+                            std::size_t total, unsigned threads,
                             const std::function<Outcome(const Item&)>& work,
                             const std::function<Status(std::vector<Outcome>&)>& commit,
                             const fs::path& sync_dir, const ProgressFn& progress,
                             std::size_t stop_after) {
   RunSummary summary;
-  summary.total = items.size();
+  summary.total = total;
   const auto start = Clock::now();
   if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
-  threads =
-      static_cast<unsigned>(std::min<std::size_t>(threads, std::max<std::size_t>(1, items.size())));
+  threads = static_cast<unsigned>(std::min<std::size_t>(threads, std::max<std::size_t>(1, total)));
   // Outcomes are small (a manifest row, never a message), so the queue can hold what the
   // workers produce while the collector waits for a file-system sync and a durable commit
   // (hundreds of ms on a busy disk) without the workers stalling. Still a constant: memory
   // does not grow with the store.
   const std::size_t capacity = std::max<std::size_t>(2048, 64 * threads);
+  const std::size_t in_capacity = 16 + 4 * static_cast<std::size_t>(threads);
 
   std::mutex mu;
-  std::condition_variable not_full, not_empty;
+  std::condition_variable not_full, not_empty, in_not_full, in_not_empty;
+  std::deque<Item> in;
+  bool fed_all = false;
+  Status feed_failure;
   std::deque<Outcome> queue;
-  std::atomic<std::size_t> next{0};
   std::atomic<bool> stop{false};
   std::size_t finished_workers = 0;
+
+  std::thread feeder([&] {
+    for (;;) {
+      Result<std::optional<Item>> item = make_error(ErrorCode::kInternal, "unset");
+      try {
+        item = source();
+      } catch (const std::exception& e) {
+        item = make_error(ErrorCode::kInternal, std::string("internal error: ") + e.what());
+      }
+      std::unique_lock lock(mu);
+      if (!item.ok() || !item->has_value() || stop.load()) {
+        if (!item.ok()) feed_failure = item.error();
+        fed_all = true;
+        in_not_empty.notify_all();
+        return;
+      }
+      in_not_full.wait(lock, [&] { return in.size() < in_capacity || stop.load(); });
+      if (stop.load()) {
+        fed_all = true;
+        in_not_empty.notify_all();
+        return;
+      }
+      in.push_back(std::move(**item));
+      in_not_empty.notify_one();
+    }
+  });
 
   std::vector<std::thread> pool;
   pool.reserve(threads);
   for (unsigned t = 0; t < threads; ++t) {
     pool.emplace_back([&] {
       for (;;) {
-        if (stop.load()) break;
-        const std::size_t i = next.fetch_add(1);
-        if (i >= items.size()) break;
+        std::optional<Item> item;
+        {
+          std::unique_lock lock(mu);
+          in_not_empty.wait(lock, [&] { return !in.empty() || fed_all || stop.load(); });
+          if (stop.load() || in.empty()) break;
+          item.emplace(std::move(in.front()));
+          in.pop_front();
+          in_not_full.notify_one();
+        }
         Outcome o;
         try {
-          o = work(items[i]);
+          o = work(*item);
         } catch (const std::exception& e) {
           o.row.status = kFailed;
           o.row.reason = std::string("internal error: ") + e.what();
@@ -216,8 +252,14 @@ Result<RunSummary> run_pool(const std::vector<Item>& items, unsigned threads,
       const std::string& status =
           o.record && !o.re.path.empty() ? std::string(kReencrypted) : o.row.status;
       ++summary.this_run[status];
-      if (status != kStaged && status != kReencrypted && status != kNotEncrypted)
-        summary.problems.push_back(std::move(o.row));
+      if (status == kWaiting) {
+        ++summary.waiting[o.row.reason];
+      } else if (status != kStaged && status != kReencrypted && status != kNotEncrypted) {
+        if (summary.problems.size() < kProblemsKept)
+          summary.problems.push_back(std::move(o.row));
+        else
+          ++summary.problems_omitted;
+      }
     }
     batch.clear();
     last_commit = Clock::now();
@@ -245,7 +287,8 @@ Result<RunSummary> run_pool(const std::vector<Item>& items, unsigned threads,
     }
     if (progress && (Clock::now() - last_progress > std::chrono::milliseconds(100) || all_done)) {
       last_progress = Clock::now();
-      progress({done, items.size(), std::chrono::duration<double>(Clock::now() - start).count()});
+      progress({done, std::max(total, done),
+                std::chrono::duration<double>(Clock::now() - start).count()});
     }
     if (limit) {
       summary.stopped_early = true;
@@ -258,22 +301,77 @@ Result<RunSummary> run_pool(const std::vector<Item>& items, unsigned threads,
     stop.store(true);
   }
   not_full.notify_all();
+  in_not_full.notify_all();
+  in_not_empty.notify_all();
   for (auto& t : pool) t.join();
+  feeder.join();
   summary.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   if (!failure.ok()) return failure.error();
+  if (!feed_failure.ok()) return feed_failure.error();
   return summary;
 }
 
 }  // namespace
 
+Rewrapped rewrap_with(const KeyRing& ring, CMS_ContentInfo* cms,
+                      const std::vector<std::string>& recipients, X509* custody_cert) {
+  Rewrapped out;
+  const KeyRing::Entry* chosen = nullptr;
+  std::set<std::string> users;
+  for (const auto& id : recipients) {
+    if (const auto* e = ring.find(id)) {
+      users.insert(e->user);
+      if (chosen == nullptr) chosen = e;
+    }
+  }
+  if (chosen == nullptr) {
+    out.status = kUnknownRecipient;
+    out.reason = recipients.empty()
+                     ? "encrypted to no certificate (password or KEK recipients only)"
+                     : "no key among the key sources for " + join(recipients, ", ");
+    return out;
+  }
+  out.users = join(users, ",");
+  auto content = decrypt(cms, chosen->pair.key.get(), chosen->pair.cert.get());
+  if (!content.ok()) {
+    out.status = kFailed;
+    out.reason = "cannot decrypt with " + chosen->user + "'s key '" + chosen->pair.friendly_name +
+                 "': " + content.error().message;
+    return out;
+  }
+  auto custody = encrypt(content->get(), {custody_cert});
+  content->reset();  // the plaintext buffer is cleansed as it is freed
+  if (!custody.ok()) {
+    out.status = kFailed;
+    out.reason = "cannot encrypt to the custody certificate: " + custody.error().message;
+    return out;
+  }
+  out.status = kStaged;
+  out.cms = std::move(*custody);
+  return out;
+}
+
 Result<RunSummary> predecrypt(const PredecryptOptions& o) {
-  if (o.keys == nullptr || o.custody_cert == nullptr)
+  if ((o.keys == nullptr && o.source == nullptr) || o.custody_cert == nullptr)
     return make_error(ErrorCode::kInvalidArgument,
                       "predecrypt needs keys and a custody certificate");
+  std::optional<KeyRingSource> ring_source;
+  if (o.source == nullptr) ring_source.emplace(*o.keys);
+  const KeySource& source = o.source != nullptr ? *o.source : *ring_source;
   if (inside(o.staging, o.store) || inside(o.store, o.staging))
     return make_error(ErrorCode::kInvalidArgument,
                       "the staging directory and the store must not contain each other");
-  KMSD_ASSIGN_OR_RETURN(auto messages, list_messages(o.store));
+  // A first walk only counts (for the progress bar); the second feeds the workers.
+  std::size_t total = 0;
+  {
+    KMSD_ASSIGN_OR_RETURN(auto counter, MessageWalker::open(o.store));
+    for (;;) {
+      KMSD_ASSIGN_OR_RETURN(auto m, counter.next());
+      if (!m) break;
+      ++total;
+    }
+  }
+  KMSD_ASSIGN_OR_RETURN(auto walker, MessageWalker::open(o.store));
   KMSD_TRY(make_dirs(o.staging));
   ::chmod(o.staging.c_str(), 0700);
   const fs::path staged_root = o.staging / "messages";
@@ -283,7 +381,7 @@ Result<RunSummary> predecrypt(const PredecryptOptions& o) {
   KMSD_TRY(manifest->bind("store", fs::weakly_canonical(o.store).string(), "the store"));
   KMSD_TRY(manifest->bind("custody_certificate", ossl::sha256_fingerprint(o.custody_cert),
                           "the custody certificate"));
-  KMSD_ASSIGN_OR_RETURN(const auto recorded, manifest->recorded());
+  KMSD_ASSIGN_OR_RETURN(auto reader, ManifestReader::open(o.staging / "manifest.db"));
 
   std::function<Outcome(const StoredMessage&)> work = [&](const StoredMessage& m) {
     Outcome out;
@@ -297,9 +395,14 @@ Result<RunSummary> predecrypt(const PredecryptOptions& o) {
       return out;
     }
     row.digest = ossl::hex(ossl::sha256(*bytes));
-    if (auto it = recorded.find(row.path); it != recorded.end() && it->second.first == row.digest &&
-                                           it->second.second != kFailed &&
-                                           it->second.second != kUnknownRecipient) {
+    auto recorded = reader->lookup(row.path);
+    if (!recorded.ok()) {
+      row.status = kFailed;
+      row.reason = recorded.error().message;
+      return out;
+    }
+    if (*recorded && (*recorded)->first == row.digest && (*recorded)->second != kFailed &&
+        (*recorded)->second != kUnknownRecipient) {
       out.skip = true;
       return out;
     }
@@ -310,37 +413,14 @@ Result<RunSummary> predecrypt(const PredecryptOptions& o) {
       return out;
     }
     row.recipients = join(parsed.recipients, "\n");
-    const KeyRing::Entry* chosen = nullptr;
-    std::set<std::string> users;
-    for (const auto& id : parsed.recipients) {
-      if (const auto* e = o.keys->find(id)) {
-        users.insert(e->user);
-        if (chosen == nullptr) chosen = e;
-      }
-    }
-    if (chosen == nullptr) {
-      row.status = kUnknownRecipient;
-      row.reason = parsed.recipients.empty()
-                       ? "encrypted to no certificate (password or KEK recipients only)"
-                       : "no key among the key sources for " + join(parsed.recipients, ", ");
+    Rewrapped custody = source.rewrap(parsed.cms.get(), parsed.recipients, o.custody_cert);
+    row.users = custody.users;
+    if (custody.status != kStaged) {
+      row.status = custody.status;
+      row.reason = custody.reason;
       return out;
     }
-    row.users = join(users, ",");
-    auto content = decrypt(parsed.cms.get(), chosen->pair.key.get(), chosen->pair.cert.get());
-    if (!content.ok()) {
-      row.status = kFailed;
-      row.reason = "cannot decrypt with " + chosen->user + "'s key '" + chosen->pair.friendly_name +
-                   "': " + content.error().message;
-      return out;
-    }
-    auto custody = encrypt(content->get(), {o.custody_cert});
-    content->reset();  // the plaintext buffer is cleansed as it is freed
-    if (!custody.ok()) {
-      row.status = kFailed;
-      row.reason = "cannot encrypt to the custody certificate: " + custody.error().message;
-      return out;
-    }
-    auto text = encode(custody->get(), m.format, parsed.headers, parsed.crlf);
+    auto text = encode(custody.cms.get(), m.format, parsed.headers, parsed.crlf);
     if (!text.ok()) {
       row.status = kFailed;
       row.reason = text.error().message;
@@ -360,7 +440,8 @@ Result<RunSummary> predecrypt(const PredecryptOptions& o) {
       if (!b.skip) rows.push_back(b.row);
     return manifest->record(rows);
   };
-  KMSD_ASSIGN_OR_RETURN(auto summary, run_pool(messages, o.threads, work, commit, o.staging,
+  std::function<Result<std::optional<StoredMessage>>()> next = [&] { return walker.next(); };
+  KMSD_ASSIGN_OR_RETURN(auto summary, run_pool(next, total, o.threads, work, commit, o.staging,
                                                o.progress, o.stop_after));
   KMSD_ASSIGN_OR_RETURN(summary.overall, manifest->counts());
   return summary;
@@ -385,71 +466,95 @@ Result<RunSummary> reencrypt(const ReencryptOptions& o) {
   KMSD_TRY(make_dirs(o.out));
   ::chmod(o.out.c_str(), 0700);
   remove_leftovers(o.out);
-  KMSD_ASSIGN_OR_RETURN(const auto staged, manifest->staged());
-  KMSD_ASSIGN_OR_RETURN(const auto done, manifest->reencrypted());
+  KMSD_ASSIGN_OR_RETURN(const auto counts, manifest->counts());
+  const std::size_t staged = counts.count(kStaged) != 0 ? counts.at(kStaged) : 0;
+  KMSD_ASSIGN_OR_RETURN(auto reader, ManifestReader::open(o.staging / "manifest.db"));
   const fs::path staged_root = o.staging / "messages";
 
-  std::function<Outcome(const ManifestRow&)> work = [&](const ManifestRow& r) {
-    Outcome out;
-    out.row = r;
-    if (done.count(r.path) != 0) {
-      out.skip = true;
-      return out;
+  // Staged rows in path order, a page at a time.
+  std::deque<ManifestReader::StagedRow> page;
+  std::string after;
+  bool last_page = false;
+  std::function<Result<std::optional<ManifestReader::StagedRow>>()> next =
+      [&]() -> Result<std::optional<ManifestReader::StagedRow>> {
+    if (page.empty() && !last_page) {
+      constexpr std::size_t kPage = 512;
+      KMSD_ASSIGN_OR_RETURN(auto rows, reader->staged_after(after, kPage));
+      last_page = rows.size() < kPage;
+      if (!rows.empty()) after = rows.back().row.path;
+      for (auto& r : rows) page.push_back(std::move(r));
     }
-    std::vector<X509*> to;
-    std::vector<std::string> missing;
-    for (const auto& user : split(r.users, ',')) {
-      auto it = o.new_certs.find(user);
-      if (it == o.new_certs.end())
-        missing.push_back(user);
-      else
-        to.push_back(it->second);
-    }
-    out.record = false;
-    if (to.empty() || !missing.empty()) {
-      out.row.status = kWaiting;
-      out.row.reason = "no new encryption certificate yet for " + join(missing, ", ");
-      return out;
-    }
-    auto fail = [&](const std::string& why) {
-      out.row.status = kFailed;
-      out.row.reason = why;
-      return out;
-    };
-    auto format = parse_format(r.format);
-    if (!format.ok()) return fail(format.error().message);
-    auto bytes = read_file(staged_root / r.path);
-    if (!bytes.ok()) return fail(bytes.error().message);
-    ParsedMessage parsed = parse_message(*bytes, *format);
-    if (parsed.kind != Kind::kEncrypted)
-      return fail("the staged copy is " + parsed.what + "; run predecrypt again for it");
-    auto content = decrypt(parsed.cms.get(), o.custody_key, o.custody_cert);
-    if (!content.ok())
-      return fail("cannot decrypt the staged copy with the custody key: " +
-                  content.error().message);
-    auto cms = encrypt(content->get(), to);
-    content->reset();
-    if (!cms.ok()) return fail("cannot encrypt to the new certificates: " + cms.error().message);
-    auto text = encode(cms->get(), *format, parsed.headers, parsed.crlf);
-    if (!text.ok()) return fail(text.error().message);
-    if (auto st = write_replace(o.out / r.path, *text); !st.ok()) return fail(st.error().message);
-    out.record = true;
-    out.re.path = r.path;
-    out.re.users = r.users;
-    out.re.out_digest = ossl::hex(
-        ossl::sha256({reinterpret_cast<const std::uint8_t*>(text->data()), text->size()}));
-    return out;
+    if (page.empty()) return std::optional<ManifestReader::StagedRow>();
+    auto r = std::move(page.front());
+    page.pop_front();
+    return std::optional<ManifestReader::StagedRow>(std::move(r));
   };
+
+  std::function<Outcome(const ManifestReader::StagedRow&)> work =
+      [&](const ManifestReader::StagedRow& staged_row) {
+        const ManifestRow& r = staged_row.row;
+        Outcome out;
+        out.row = r;
+        if (staged_row.reencrypted) {
+          out.skip = true;
+          return out;
+        }
+        std::vector<X509*> to;
+        std::vector<std::string> missing;
+        for (const auto& user : split(r.users, ',')) {
+          auto it = o.new_certs.find(user);
+          if (it == o.new_certs.end())
+            missing.push_back(user);
+          else
+            to.push_back(it->second);
+        }
+        out.record = false;
+        if (to.empty() || !missing.empty()) {
+          out.row.status = kWaiting;
+          out.row.reason = "no new encryption certificate yet for " + join(missing, ", ");
+          return out;
+        }
+        auto fail = [&](const std::string& why) {
+          out.row.status = kFailed;
+          out.row.reason = why;
+          return out;
+        };
+        auto format = parse_format(r.format);
+        if (!format.ok()) return fail(format.error().message);
+        auto bytes = read_file(staged_root / r.path);
+        if (!bytes.ok()) return fail(bytes.error().message);
+        ParsedMessage parsed = parse_message(*bytes, *format);
+        if (parsed.kind != Kind::kEncrypted)
+          return fail("the staged copy is " + parsed.what + "; run predecrypt again for it");
+        auto content = decrypt(parsed.cms.get(), o.custody_key, o.custody_cert);
+        if (!content.ok())
+          return fail("cannot decrypt the staged copy with the custody key: " +
+                      content.error().message);
+        auto cms = encrypt(content->get(), to);
+        content->reset();
+        if (!cms.ok())
+          return fail("cannot encrypt to the new certificates: " + cms.error().message);
+        auto text = encode(cms->get(), *format, parsed.headers, parsed.crlf);
+        if (!text.ok()) return fail(text.error().message);
+        if (auto st = write_replace(o.out / r.path, *text); !st.ok())
+          return fail(st.error().message);
+        out.record = true;
+        out.re.path = r.path;
+        out.re.users = r.users;
+        out.re.out_digest = ossl::hex(
+            ossl::sha256({reinterpret_cast<const std::uint8_t*>(text->data()), text->size()}));
+        return out;
+      };
   std::function<Status(std::vector<Outcome>&)> commit = [&](std::vector<Outcome>& batch) {
     std::vector<ReencryptRow> rows;
     for (const auto& b : batch)
       if (!b.skip && b.record) rows.push_back(b.re);
     return manifest->record_reencrypted(rows);
   };
-  KMSD_ASSIGN_OR_RETURN(auto summary,
-                        run_pool(staged, o.threads, work, commit, o.out, o.progress, o.stop_after));
-  KMSD_ASSIGN_OR_RETURN(const auto now_done, manifest->reencrypted());
-  summary.overall = {{kStaged, staged.size()}, {kReencrypted, now_done.size()}};
+  KMSD_ASSIGN_OR_RETURN(auto summary, run_pool(next, staged, o.threads, work, commit, o.out,
+                                               o.progress, o.stop_after));
+  KMSD_ASSIGN_OR_RETURN(const auto now_done, manifest->reencrypted_count());
+  summary.overall = {{kStaged, staged}, {kReencrypted, now_done}};
   return summary;
 }
 

@@ -22,6 +22,7 @@
 #include "common/result.hpp"
 #include "daemon/dr/keyring.hpp"
 #include "daemon/dr/manifest.hpp"
+#include "daemon/dr/message.hpp"
 
 namespace kmsd::dr {
 
@@ -38,15 +39,58 @@ struct RunSummary {
   std::size_t processed = 0;     // handled by this run
   std::map<std::string, std::size_t> this_run;  // status -> count, this run
   std::map<std::string, std::size_t> overall;   // status -> count in the manifest after the run
-  std::vector<ManifestRow> problems;            // this run: not staged / not re-encrypted, why
+  // This run: not staged / not re-encrypted, why (the first kProblemsKept; the manifest has
+  // them all: kmsctl dr status -o json). Waiting messages are counted by reason instead.
+  std::vector<ManifestRow> problems;
+  std::size_t problems_omitted = 0;
+  std::map<std::string, std::size_t> waiting;  // reason -> messages, this run (reencrypt)
   double seconds = 0;
   bool stopped_early = false;  // stop_after reached
+};
+
+// At most this many problem rows are kept in a summary, so memory does not grow with the store.
+inline constexpr std::size_t kProblemsKept = 1000;
+
+// What a key source made of one encrypted message.
+struct Rewrapped {
+  std::string status;  // kStaged, kUnknownRecipient or kFailed
+  std::string reason;  // for every status but kStaged
+  std::string users;   // users whose old key opens it, ","-separated
+  CmsPtr cms;          // kStaged: the content encrypted to the custody certificate only
+};
+
+// Where the old keys are. Opens an encrypted message and encrypts its content to the custody
+// certificate; the plaintext never leaves the source.
+// Thread-safety: rewrap() is called from every worker at once.
+class KeySource {
+ public:
+  virtual ~KeySource() = default;
+  // RECIPIENTS: the message's recipient identifiers (ParsedMessage::recipients).
+  virtual Rewrapped rewrap(CMS_ContentInfo* cms, const std::vector<std::string>& recipients,
+                           X509* custody_cert) const = 0;
+};
+
+// The keys of RING, in this process (the PKCS#12 source, and the daemon's side of its source).
+Rewrapped rewrap_with(const KeyRing& ring, CMS_ContentInfo* cms,
+                      const std::vector<std::string>& recipients, X509* custody_cert);
+
+class KeyRingSource final : public KeySource {
+ public:
+  explicit KeyRingSource(const KeyRing& ring) : ring_(ring) {}
+  Rewrapped rewrap(CMS_ContentInfo* cms, const std::vector<std::string>& recipients,
+                   X509* custody_cert) const override {
+    return rewrap_with(ring_, cms, recipients, custody_cert);
+  }
+
+ private:
+  const KeyRing& ring_;
 };
 
 struct PredecryptOptions {
   std::filesystem::path store;
   std::filesystem::path staging;
-  const KeyRing* keys = nullptr;
+  const KeyRing* keys = nullptr;      // the PKCS#12 source, or:
+  const KeySource* source = nullptr;  // any source (the running daemon's)
   X509* custody_cert = nullptr;
   unsigned threads = 0;  // 0: one per core
   ProgressFn progress;
