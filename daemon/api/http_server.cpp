@@ -1,5 +1,7 @@
 #include "daemon/api/http_server.hpp"
 
+#include "common/secret.hpp"
+
 #include <spdlog/spdlog.h>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
@@ -137,6 +139,7 @@ class Session {
  public:
   Session(std::shared_ptr<HttpServer::Impl> server, std::unique_ptr<ConnectionSlot> slot)
       : server_(std::move(server)), slot_(std::move(slot)) {}
+  ~Session() { wipe_response(); }
 
  protected:
   using Clock = std::chrono::steady_clock;
@@ -231,6 +234,7 @@ class Session {
     net::post(workers, [self, clock, req, timer, t0]() {
       if (!clock->start()) return;  // the deadline answered it while it waited: never run
       Response res = run_handler(*self->server_, *req, self->peer_);
+      secure_wipe(req->body().data(), req->body().size());
       res.keep_alive(req->keep_alive() && res.keep_alive());
       if (!clock->finish()) {
         spdlog::warn(
@@ -291,9 +295,16 @@ class Session {
                                                 res_->need_eof()));
   }
 
-  void on_write(bool close, beast::error_code ec, std::size_t) {
-    if (ec) return;
+  // Bodies may carry secrets (escrowed keys on their way out, one-time tokens and
+  // passphrases on their way in): both are wiped once they are no longer needed.
+  void wipe_response() noexcept {
+    if (res_) secure_wipe(res_->body().data(), res_->body().size());
     res_.reset();
+  }
+
+  void on_write(bool close, beast::error_code ec, std::size_t) {
+    wipe_response();
+    if (ec) return;
     if (close) return derived().do_eof();
     do_read();
   }

@@ -182,25 +182,25 @@ Result<SecretBytes> pkcs8_pem(const SecretBytes& der) {
 
 }  // namespace
 
-Result<json> delivered_keys_json(const std::vector<enroll::DeliveredKey>& keys) {
-  json out = json::array();
+Result<SecretJson> delivered_keys_json(const std::vector<enroll::DeliveredKey>& keys) {
+  SecretJson out = SecretJson::array();
   for (const auto& k : keys) {
     KMSD_ASSIGN_OR_RETURN(auto cert, ossl::x509_to_pem(k.certificate.get()));
     // PKCS#8 PEM of the escrowed key: the client puts it in the user's PKCS#12 at once.
     KMSD_ASSIGN_OR_RETURN(auto pem, pkcs8_pem(k.pkcs8_der));
-    out.push_back(json{{"version", k.version},
-                       {"key_id", k.key_id},
-                       {"algorithm", k.algorithm},
-                       {"certificate", cert},
-                       {"private_key", std::string(pem.view())}});
+    out.push_back(SecretJson{{"version", k.version},
+                             {"key_id", k.key_id},
+                             {"algorithm", k.algorithm},
+                             {"certificate", cert},
+                             {"private_key", SecretString(pem.view())}});
   }
   return out;
 }
 
 namespace {
 
-Result<json> enrollment_json(const enroll::Enrollment& e) {
-  json j{{"user", e.user_id}, {"recovered", e.recovered}};
+Result<SecretJson> enrollment_json(const enroll::Enrollment& e) {
+  SecretJson j{{"user", e.user_id}, {"recovered", e.recovered}};
   KMSD_ASSIGN_OR_RETURN(auto sign, ossl::x509_to_pem(e.signing_certificate.get()));
   KMSD_ASSIGN_OR_RETURN(auto enc, ossl::x509_to_pem(e.encryption_certificate.get()));
   j["signing_certificate"] = sign;
@@ -209,12 +209,9 @@ Result<json> enrollment_json(const enroll::Enrollment& e) {
   return j;
 }
 
-Response answer(const Request& req, const Result<json>& r) {
+Response answer(const Request& req, const Result<SecretJson>& r) {
   if (!r.ok()) return error_from(req, r.error());
-  auto res = json_response(req, http::status::ok,
-                           r->dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
-  res.set(http::field::cache_control, "no-store");
-  return res;
+  return secret_json_response(req, *r);
 }
 
 }  // namespace
@@ -278,7 +275,7 @@ Response EnrollRoutes::handle(const Request& req, const Peer& peer) const {
     if (!keys.ok()) return error_from(req, keys.error());
     auto kj = delivered_keys_json(*keys);
     if (!kj.ok()) return error_from(req, kj.error());
-    return answer(req, json{{"user", holder->user_id}, {"keys", *kj}});
+    return answer(req, SecretJson{{"user", holder->user_id}, {"keys", std::move(*kj)}});
   }
   return error_response(req, http::status::not_found, "no such resource: " + path);
 }

@@ -149,9 +149,9 @@ bool allowed(store::AdminRole role, http::verb verb, bool approval_call, bool ex
 }
 
 // An export: who, which request, and the keys (delivered_keys_json).
-Result<json> exported_keys_json(const enroll::ExportedKeys& e) {
+Result<SecretJson> exported_keys_json(const enroll::ExportedKeys& e) {
   KMSD_ASSIGN_OR_RETURN(auto keys, delivered_keys_json(e.keys));
-  return json{{"user", e.user_id}, {"request_id", e.request_id}, {"keys", std::move(keys)}};
+  return SecretJson{{"user", e.user_id}, {"request_id", e.request_id}, {"keys", std::move(keys)}};
 }
 
 Response outcome_response(const Request& req, const approvals::Outcome& o) {
@@ -469,10 +469,7 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
       if (!keys.ok()) return error_from(req, keys.error());
       auto j = exported_keys_json(*keys);
       if (!j.ok()) return error_from(req, j.error());
-      auto res = json_response(req, http::status::ok,
-                               j->dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
-      res.set(http::field::cache_control, "no-store");
-      return res;
+      return secret_json_response(req, *j);
     }
     if (seg.size() == 4 && verb == http::verb::post && (seg[3] == "approve" || seg[3] == "deny")) {
       auto out = seg[3] == "approve" ? s_.approvals.approve(seg[2], who.name)

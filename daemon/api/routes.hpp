@@ -9,6 +9,7 @@
 #include <string>
 
 #include "daemon/api/http_server.hpp"
+#include "daemon/api/secret_json.hpp"
 #include "daemon/approvals/approvals.hpp"
 #include "daemon/audit/audit_log.hpp"
 #include "daemon/enroll/enrollment.hpp"
@@ -80,6 +81,7 @@ Response error_from(const Request& req, const Error& e);
 
 // Escrowed keys as kmsctl writes them into a PKCS#12 (enrollment, recovery, key export): per
 // key its history version, id, algorithm, certificate PEM and PKCS#8 private key PEM.
-Result<nlohmann::json> delivered_keys_json(const std::vector<enroll::DeliveredKey>& keys);
+// Wiping JSON (secret_json.hpp): the private keys leave no copy behind.
+Result<SecretJson> delivered_keys_json(const std::vector<enroll::DeliveredKey>& keys);
 
 }  // namespace kmsd::api

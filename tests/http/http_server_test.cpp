@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "daemon/api/http_server.hpp"
+#include "daemon/api/secret_json.hpp"
 
 namespace kmsd::api {
 namespace {
@@ -320,6 +321,30 @@ TEST_F(HttpServerTest, LongCallsRunOnTheirOwnWorkersAndCannotStarveOthers) {
   EXPECT_THAT(first.read_response(), HasSubstr("hello /sleep"));
   EXPECT_THAT(second.read_response(), HasSubstr("hello /sleep"));
   EXPECT_EQ(count(Refusal::kDeadlineQueued), 0);
+}
+
+TEST(SecretJson, KeysAndTheirTextLiveInWipingMemoryAndReadAsPlainJson) {
+  ASSERT_TRUE(init_secure_heap(1 << 20).ready);
+  const std::string pem =
+      "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END "
+      "PRIVATE "
+      "KEY-----\n";
+  SecretJson j{{"user", "alice"}, {"keys", SecretJson::array()}};
+  j["keys"].push_back(SecretJson{{"version", 1}, {"private_key", SecretString(pem)}});
+  // The key's text is allocated by the wiping allocator (here: the secure heap).
+  const auto& stored = j["keys"][0]["private_key"].get_ref<const SecretString&>();
+  EXPECT_TRUE(in_secure_heap(stored.data()));
+
+  http::request<http::string_body> req{http::verb::get, "/enroll/v1/keys", 11};
+  Response res = secret_json_response(req, j);
+  EXPECT_EQ(res.result(), http::status::ok);
+  EXPECT_EQ(res[http::field::cache_control], "no-store");
+  EXPECT_EQ(res[http::field::content_type], "application/json");
+  // Clients read it as any JSON.
+  auto parsed = nlohmann::json::parse(res.body());
+  EXPECT_EQ(parsed["user"], "alice");
+  EXPECT_EQ(parsed["keys"][0]["version"], 1);
+  EXPECT_EQ(parsed["keys"][0]["private_key"], pem);
 }
 
 TEST(RateLimiter, BurstThenRefusedWithTheWaitPerKey) {
