@@ -25,6 +25,7 @@
 #include "daemon/audit/outage_log.hpp"
 #include "daemon/cmp/cmp_server.hpp"
 #include "daemon/enroll/enrollment.hpp"
+#include "daemon/dr/dr_routes.hpp"
 #include "daemon/enroll/key_export.hpp"
 #include "daemon/metrics/admission.hpp"
 #include "daemon/metrics/daemon_metrics.hpp"
@@ -90,6 +91,7 @@ struct Daemon::Impl {
   std::unique_ptr<approvals::PolicyGate> gate;
   std::unique_ptr<admins::AdminService> admins;
   std::unique_ptr<enroll::KeyExport> key_export;
+  std::unique_ptr<dr::PredecryptService> dr_predecrypt;  // /v1/dr/: the daemon key source
   std::unique_ptr<backup::BackupService> backup;  // POST /v1/backup, /v1/backup/check
   std::unique_ptr<audit::OutageLog> outages;           // key-token outages until they are audited
   std::unique_ptr<startup::CardSplitGate> card_split;  // kmsctl card split while unsealed
@@ -349,6 +351,9 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
   impl->key_export = std::make_unique<enroll::KeyExport>(
       *impl->store, *impl->audit, *impl->approvals, *impl->enrollment,
       std::chrono::hours(cfg.approvals.ttl_hours));
+  impl->dr_predecrypt = std::make_unique<dr::PredecryptService>(
+      *impl->store, *impl->audit, *impl->approvals, *impl->enrollment,
+      std::chrono::hours(cfg.approvals.ttl_hours));
   impl->backup = std::make_unique<backup::BackupService>(
       *impl->store, *impl->token, *impl->audit, [d] { return d->ca_certificate(); });
   impl->cmp = std::make_unique<cmp::CmpServer>(
@@ -382,7 +387,13 @@ int Daemon::run() {
   api::AdminServices admin_services{*d.seal, *d.store, *d.users, *d.approvals, *d.audit};
   admin_services.admins = d.admins.get();
   admin_services.key_export = d.key_export.get();
-  admin_services.more_routes = backup::admin_routes(*d.backup);
+  admin_services.more_routes = [backup_routes = backup::admin_routes(*d.backup),
+                                 dr_routes = dr::admin_routes(*d.dr_predecrypt)](
+                                    const api::Request& req,
+                                    const api::Identity& who) -> std::optional<api::Response> {
+    if (auto answer = dr_routes(req, who)) return answer;
+    return backup_routes(req, who);
+  };
   api::AdminRoutes admin_routes(admin_services);
   api::EnrollRoutes enroll_routes(*d.enrollment);
   // One handler per listener: the public one serves the PKI paths and the health/CA paths;

@@ -14,6 +14,7 @@
 //   drill       all of it on copies and a scratch SoftHSM token, verified, with a report
 // The runbook is in README.md, "Disaster recovery".
 #include <fcntl.h>
+#include <openssl/cms.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
@@ -23,11 +24,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <iostream>
 #include <map>
+#include <mutex>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -92,6 +95,11 @@ struct DrArgs {
   std::string report;
   std::string work;
   bool keep = false;
+  // predecrypt with the running daemon as the key source
+  std::string server;
+  std::string ca;
+  std::string request;
+  std::string admin_passphrase_file;
 };
 
 Result<ossl::X509Ptr> read_cert(const std::string& file) {
@@ -137,6 +145,13 @@ class ProgressBar {
   std::string verb_;
 };
 
+// Where a run's record is: kmsd's audit chain (the daemon source), else only the manifest.
+constexpr const char* kAuditedByKmsd =
+    "kmsd audited the session (dr.predecrypt.session.open / .close with these counts)";
+constexpr const char* kNotAudited =
+    "not in the KMS audit chain: this command has no access to the key token that MACs it; the "
+    "manifest in the staging directory is the record (kmsctl dr status)";
+
 json summary_json(const std::string& command, const dr::RunSummary& s) {
   json problems = json::array();
   for (const auto& p : s.problems)
@@ -155,10 +170,13 @@ json summary_json(const std::string& command, const dr::RunSummary& s) {
           {"problems_omitted", s.problems_omitted}};
 }
 
-int show_summary(const DrArgs& a, const std::string& command, const dr::RunSummary& s) {
+int show_summary(const DrArgs& a, const std::string& command, const dr::RunSummary& s,
+                 const char* audit) {
   const bool failed = s.this_run.count(dr::kFailed) != 0;
   if (a.output == "json") {
-    std::cout << summary_json(command, s).dump(2) << "\n";
+    auto j = summary_json(command, s);
+    j["audit"] = audit;
+    std::cout << j.dump(2) << "\n";
     return failed ? kFailed : kOk;
   }
   std::cout << command << ": " << s.total << " message(s); " << s.already_done
@@ -183,6 +201,7 @@ int show_summary(const DrArgs& a, const std::string& command, const dr::RunSumma
   if (listed.size() + s.problems_omitted > shown)
     std::cout << "  ... and " << listed.size() + s.problems_omitted - shown
               << " more (kmsctl dr status --staging DIR -o json lists them all)\n";
+  std::cout << "  audit: " << audit << "\n";
   return failed ? kFailed : kOk;
 }
 
@@ -202,9 +221,196 @@ Result<dr::KeyRing> load_keys(const DrArgs& a) {
   return dr::load_key_dir(ko);
 }
 
+// The running daemon as the key source: every encrypted message goes to kmsd, which opens it
+// with the escrowed key (the session of an approved "dr" request) and answers with the content
+// encrypted to the approved custody certificate. One connection per worker.
+class DaemonSource final : public dr::KeySource {
+ public:
+  DaemonSource(client::ClientOptions base, std::string request, X509* custody)
+      : base_(std::move(base)), request_(std::move(request)) {
+    custody_ids_ = dr::recipient_ids_of_cert(custody);
+  }
+
+  dr::Rewrapped rewrap(CMS_ContentInfo* cms, const std::vector<std::string>&,
+                       X509*) const override {
+    dr::Rewrapped out;
+    out.status = dr::kFailed;
+    ossl::BioPtr bio(BIO_new(BIO_s_mem()));
+    if (!bio || i2d_CMS_bio(bio.get(), cms) != 1) {
+      out.reason = "cannot encode the message for kmsd";
+      return out;
+    }
+    char* p = nullptr;
+    const long n = BIO_get_mem_data(bio.get(), &p);
+    auto conn = take();
+    if (!conn.ok()) {
+      out.reason = conn.error().message;
+      return out;
+    }
+    auto r =
+        (*conn)->post_bytes("/v1/dr/predecrypt/" + request_ + "/message",
+                            std::string(p, static_cast<std::size_t>(n)), "application/pkcs7-mime");
+    if (!r.ok()) {
+      out.reason = "kmsd: " + r.error().message;
+      return out;  // the connection is dropped
+    }
+    give(std::move(*conn));
+    if (r->status != 200) {
+      out.reason = "kmsd refused (HTTP " + std::to_string(r->status) + "): " + r->error_text();
+      return out;
+    }
+    auto j = r->json();
+    if (!j.is_object() || !j.contains("status") || !j["status"].is_string()) {
+      out.reason = "kmsd sent an unreadable answer";
+      return out;
+    }
+    out.status = j["status"].get<std::string>();
+    out.users = j.value("users", std::string());
+    out.reason = j.value("reason", std::string());
+    if (out.status != dr::kStaged) return out;
+    // The answer must be a message to the custody certificate, and to nothing else.
+    const std::string b64 = j.value("cms", std::string());
+    ossl::Bytes der(b64.size() / 4 * 3 + 3);
+    const int len = EVP_DecodeBlock(der.data(), reinterpret_cast<const unsigned char*>(b64.data()),
+                                    static_cast<int>(b64.size()));
+    std::size_t pad = 0;
+    for (auto it = b64.rbegin(); it != b64.rend() && *it == '=' && pad < 2; ++it) ++pad;
+    out.status = dr::kFailed;
+    if (len < 0 || b64.empty()) {
+      out.reason = "kmsd's re-encrypted message is not base64";
+      return out;
+    }
+    der.resize(static_cast<std::size_t>(len) - pad);
+    dr::ParsedMessage back = dr::parse_message(der, dr::Format::kDer);
+    if (back.kind != dr::Kind::kEncrypted || back.recipients.empty()) {
+      out.reason = "kmsd's answer is not an encrypted message";
+      return out;
+    }
+    for (const auto& id : back.recipients)
+      if (std::find(custody_ids_.begin(), custody_ids_.end(), id) == custody_ids_.end()) {
+        out.reason =
+            "kmsd's answer is encrypted to " + id + ", not only to the custody certificate";
+        return out;
+      }
+    out.status = dr::kStaged;
+    out.cms = std::move(back.cms);
+    return out;
+  }
+
+ private:
+  Result<std::unique_ptr<client::AdminClient>> take() const {
+    {
+      std::lock_guard lock(mu_);
+      if (!idle_.empty()) {
+        auto c = std::move(idle_.back());
+        idle_.pop_back();
+        return c;
+      }
+    }
+    client::ClientOptions o;
+    o.server = base_.server;
+    o.p12 = base_.p12;
+    o.p12_passphrase = base_.p12_passphrase.clone();
+    o.ca_file = base_.ca_file;
+    return client::AdminClient::connect(std::move(o));
+  }
+  void give(std::unique_ptr<client::AdminClient> c) const {
+    std::lock_guard lock(mu_);
+    idle_.push_back(std::move(c));
+  }
+
+  client::ClientOptions base_;
+  std::string request_;
+  std::vector<std::string> custody_ids_;
+  mutable std::mutex mu_;
+  mutable std::vector<std::unique_ptr<client::AdminClient>> idle_;
+};
+
+int run_predecrypt_daemon(const DrArgs& a, X509* custody) {
+  if (a.ca.empty() || a.admin_p12.empty())
+    return fail(make_error(ErrorCode::kInvalidArgument,
+                           "the daemon key source needs --server, --admin-p12 and --ca"));
+  auto pem = files::read_text(a.custody_cert);
+  if (!pem.ok()) return fail(pem.error());
+  auto pass = secret_from(a.admin_passphrase_file, "Passphrase for " + a.admin_p12 + ": ");
+  if (!pass.ok()) return fail(pass.error());
+  client::ClientOptions base;
+  base.server = a.server;
+  base.p12 = a.admin_p12;
+  base.p12_passphrase = std::move(*pass);
+  base.ca_file = a.ca;
+  client::ClientOptions first_opts;
+  first_opts.server = base.server;
+  first_opts.p12 = base.p12;
+  first_opts.p12_passphrase = base.p12_passphrase.clone();
+  first_opts.ca_file = base.ca_file;
+  auto conn = client::AdminClient::connect(std::move(first_opts));
+  if (!conn.ok()) return fail(conn.error());
+  const json cert_body{{"custody_certificate", *pem}};
+  std::string request = a.request;
+  if (request.empty()) {
+    // No request yet: ask for one; it runs now only when one approval is enough.
+    auto r = (*conn)->post("/v1/dr/predecrypt", cert_body);
+    if (!r.ok()) return fail(r.error());
+    auto j = reply_json(*r);
+    if (auto* rc = std::get_if<int>(&j)) return *rc;
+    const json& out = std::get<json>(j);
+    request = out.value("request_id", std::string());
+    if (out.value("state", std::string()) != "executed") {
+      if (a.output == "json") {
+        std::cout << out.dump(2) << "\n";
+      } else {
+        std::cout << "request " << request << " (dr predecrypt to the custody certificate "
+                  << ossl::sha256_fingerprint(custody)
+                  << ") waits for approvals: " << out.value("approvals", 0) << " of "
+                  << out.value("required", 0) << ". Once approved (kmsctl request approve "
+                  << request << "), run this command again with --request " << request << "\n";
+      }
+      return kOk;
+    }
+  }
+  auto opened = (*conn)->post("/v1/dr/predecrypt/" + request + "/open", cert_body);
+  if (!opened.ok()) return fail(opened.error());
+  if (auto j = reply_json(*opened); std::holds_alternative<int>(j)) return std::get<int>(j);
+  if (a.output != "json")
+    std::cerr << "keys: kmsd's escrowed key histories (session of request " << request << ")\n";
+  DaemonSource source(std::move(base), request, custody);
+  ProgressBar bar(a.progress, "predecrypt");
+  dr::PredecryptOptions o;
+  o.store = a.store;
+  o.staging = a.staging;
+  o.source = &source;
+  o.custody_cert = custody;
+  o.threads = a.threads;
+  o.progress = [&bar](const dr::Progress& p) { bar(p); };
+  auto s = dr::predecrypt(o);
+  // The session ends whatever happened: kmsd drops the keys and audits the counts.
+  auto closed = (*conn)->post("/v1/dr/predecrypt/" + request + "/close", json::object());
+  if (!s.ok()) return fail(s.error());
+  if (!closed.ok() || closed->status != 200)
+    std::cerr << "kmsctl: the kmsd session of request " << request << " did not close ("
+              << (closed.ok() ? closed->error_text() : closed.error().message)
+              << "); kmsd ends it after "
+              << "15 idle minutes\n";
+  else if (a.output != "json")
+    std::cerr << "kmsd session closed: " << closed->json().value("counts", json::object()).dump()
+              << "\n";
+  return show_summary(a, "predecrypt", *s, kAuditedByKmsd);
+}
+
 int run_predecrypt(const DrArgs& a) {
   auto custody = read_cert(a.custody_cert);
   if (!custody.ok()) return fail(custody.error());
+  if (!a.server.empty()) {
+    if (!a.keys.empty())
+      return fail(make_error(ErrorCode::kInvalidArgument,
+                             "give one key source: --keys DIR or --server URL"));
+    return run_predecrypt_daemon(a, custody->get());
+  }
+  if (a.keys.empty())
+    return fail(make_error(ErrorCode::kInvalidArgument,
+                           "give a key source: --keys DIR (users' PKCS#12 files) or --server URL "
+                           "(the running daemon, with --admin-p12, --ca and --request)"));
   auto ring = load_keys(a);
   if (!ring.ok()) return fail(ring.error());
   if (a.output != "json")
@@ -220,7 +426,7 @@ int run_predecrypt(const DrArgs& a) {
   o.progress = [&bar](const dr::Progress& p) { bar(p); };
   auto s = dr::predecrypt(o);
   if (!s.ok()) return fail(s.error());
-  return show_summary(a, "predecrypt", *s);
+  return show_summary(a, "predecrypt", *s, kNotAudited);
 }
 
 Result<std::map<std::string, ossl::X509Ptr>> read_recipients(const std::string& dir) {
@@ -272,7 +478,7 @@ int run_reencrypt(const DrArgs& a) {
   o.progress = [&bar](const dr::Progress& p) { bar(p); };
   auto s = dr::reencrypt(o);
   if (!s.ok()) return fail(s.error());
-  return show_summary(a, "reencrypt", *s);
+  return show_summary(a, "reencrypt", *s, kNotAudited);
 }
 
 int run_status(const DrArgs& a) {
@@ -1281,9 +1487,20 @@ void add_dr_commands(CLI::App& app, Commands& commands) {
   pre->add_option("--staging", p.staging, "staging directory (created; holds the manifest)")
       ->required();
   pre->add_option("--keys", p.keys,
-                  "directory of users' PKCS#12 files, USER.p12 (passphrase in USER.pass, 0600, "
-                  "else --passphrase-file, else asked)")
-      ->required();
+                  "key source: directory of users' PKCS#12 files, USER.p12 (passphrase in "
+                  "USER.pass, 0600, else --passphrase-file, else asked)");
+  pre->add_option("--server", p.server,
+                  "key source: the running, unsealed kmsd (https://host:port): its escrowed "
+                  "keys, through an approved dr request");
+  pre->add_option("--admin-p12", p.admin_p12, "with --server: your administrator PKCS#12")
+      ->envname("KMSCTL_P12");
+  pre->add_option("--admin-passphrase-file", p.admin_passphrase_file,
+                  "with --server: 0600 file with that PKCS#12's passphrase (default: prompt)")
+      ->envname("KMSCTL_PASSPHRASE_FILE");
+  pre->add_option("--ca", p.ca, "with --server: the KMS CA certificate (PEM)")
+      ->envname("KMSCTL_CA");
+  pre->add_option("--request", p.request,
+                  "with --server: the approved dr request (without it, one is asked for)");
   pre->add_option("--passphrase-file", p.passphrase_file,
                   "0600 file with the passphrase of the PKCS#12 files that have no USER.pass");
   pre->add_option("--custody-cert", p.custody_cert, "the DR custody certificate (PEM)")->required();

@@ -313,13 +313,13 @@ Result<RunSummary> run_pool(const std::function<Result<std::optional<Item>>()>& 
 
 }  // namespace
 
-Rewrapped rewrap_with(const KeyRing& ring, CMS_ContentInfo* cms,
+Rewrapped rewrap_with(const FindKey& find, CMS_ContentInfo* cms,
                       const std::vector<std::string>& recipients, X509* custody_cert) {
   Rewrapped out;
   const KeyRing::Entry* chosen = nullptr;
   std::set<std::string> users;
   for (const auto& id : recipients) {
-    if (const auto* e = ring.find(id)) {
+    if (const auto* e = find(id)) {
       users.insert(e->user);
       if (chosen == nullptr) chosen = e;
     }

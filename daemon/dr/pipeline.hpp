@@ -70,8 +70,10 @@ class KeySource {
                            X509* custody_cert) const = 0;
 };
 
-// The keys of RING, in this process (the PKCS#12 source, and the daemon's side of its source).
-Rewrapped rewrap_with(const KeyRing& ring, CMS_ContentInfo* cms,
+// With the keys FIND gives for recipient identifiers, in this process (the PKCS#12 source, and
+// the daemon's side of its source): the first recipient with a key opens the message.
+using FindKey = std::function<const KeyRing::Entry*(const std::string& recipient_id)>;
+Rewrapped rewrap_with(const FindKey& find, CMS_ContentInfo* cms,
                       const std::vector<std::string>& recipients, X509* custody_cert);
 
 class KeyRingSource final : public KeySource {
@@ -79,7 +81,8 @@ class KeyRingSource final : public KeySource {
   explicit KeyRingSource(const KeyRing& ring) : ring_(ring) {}
   Rewrapped rewrap(CMS_ContentInfo* cms, const std::vector<std::string>& recipients,
                    X509* custody_cert) const override {
-    return rewrap_with(ring_, cms, recipients, custody_cert);
+    return rewrap_with([this](const std::string& id) { return ring_.find(id); }, cms, recipients,
+                       custody_cert);
   }
 
  private:
