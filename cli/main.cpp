@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   add_dr_commands(app, commands);
   add_card_commands(app, commands);
   add_backup_commands(app, commands);
+  add_master_key_commands(app, commands);
 
   try {
     app.parse(argc, argv);

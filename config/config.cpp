@@ -180,7 +180,7 @@ const std::vector<SectionSchema>& schema() {
       {"approvals", {"ttl_hours", "required"}},
       {"approvals.required",
        {"revoke", "recover", "admin_add", "admin_remove", "policy_change", "dr", "key_export",
-        "card_split"}},
+        "card_split", "master_key_rotate", "master_key_retire"}},
       {"log", {"level", "file"}},
   };
   return kSchema;
@@ -1120,10 +1120,11 @@ class Loader {
     Section r = section(*s.table, "required", s.name);
     for (auto& [operation, k] : c.required) set_int(r, operation, 1, 16, k);
     // Operations not in the built-in table count only when configured (see config.hpp).
-    if (r.table != nullptr && r.table->get("card_split") != nullptr) {
+    for (const char* op : {"card_split", "master_key_rotate", "master_key_retire"}) {
+      if (r.table == nullptr || r.table->get(op) == nullptr) continue;
       int k = 0;
-      set_int(r, "card_split", 1, 16, k);
-      if (k > 0) c.required["card_split"] = k;
+      set_int(r, op, 1, 16, k);
+      if (k > 0) c.required[op] = k;
     }
   }
 

@@ -33,6 +33,7 @@
 #include "daemon/policy/policy_check.hpp"
 #include "daemon/provision/initializer.hpp"
 #include "daemon/revocation/revocation.hpp"
+#include "daemon/rotation/rotation.hpp"
 #include "daemon/startup/card_split_gate.hpp"
 #include "daemon/startup/card_unseal.hpp"
 #include "daemon/startup/seal.hpp"
@@ -95,6 +96,7 @@ struct Daemon::Impl {
   std::unique_ptr<backup::BackupService> backup;  // POST /v1/backup, /v1/backup/check
   std::unique_ptr<audit::OutageLog> outages;           // key-token outages until they are audited
   std::unique_ptr<startup::CardSplitGate> card_split;  // kmsctl card split while unsealed
+  std::unique_ptr<rotation::Rotation> rotation;        // master-key rotation (its job thread)
 
   // The worker pool while run() runs (outage records are written there, not on token threads).
   std::mutex pool_mu;
@@ -354,6 +356,9 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
   impl->dr_predecrypt = std::make_unique<dr::PredecryptService>(
       *impl->store, *impl->audit, *impl->approvals, *impl->enrollment,
       std::chrono::hours(cfg.approvals.ttl_hours));
+  impl->rotation = std::make_unique<rotation::Rotation>(
+      *impl->store, *impl->token, *impl->audit, *impl->approvals,
+      [d] { return d->seal->material() != nullptr; });
   impl->backup = std::make_unique<backup::BackupService>(
       *impl->store, *impl->token, *impl->audit, [d] { return d->ca_certificate(); });
   impl->cmp = std::make_unique<cmp::CmpServer>(
@@ -394,6 +399,7 @@ int Daemon::run() {
     if (auto answer = dr_routes(req, who)) return answer;
     return backup_routes(req, who);
   };
+  admin_services.rotation = d.rotation.get();
   api::AdminRoutes admin_routes(admin_services);
   api::EnrollRoutes enroll_routes(*d.enrollment);
   // One handler per listener: the public one serves the PKI paths and the health/CA paths;
@@ -513,6 +519,7 @@ int Daemon::run() {
   metrics::install(registry, msrc);
   (*pub)->start();
   (*adm)->start();
+  d.rotation->start();  // resumes an unfinished master-key rotation once unsealed
   if (met) {
     met->start();
     spdlog::info("kmsd metrics: http://{}/metrics (no authentication: keep it on loopback)",
@@ -640,6 +647,7 @@ int Daemon::run() {
   ioc.run();
   for (auto& t : io) t.join();
   d.stopping = true;
+  d.rotation->stop();
   notify_thread.join();
   if (prompt_thread.joinable()) prompt_thread.join();
   {

@@ -136,5 +136,6 @@ void add_admins_commands(CLI::App& app, Commands& commands);
 void add_dr_commands(CLI::App& app, Commands& commands);
 void add_card_commands(CLI::App& app, Commands& commands);
 void add_backup_commands(CLI::App& app, Commands& commands);
+void add_master_key_commands(CLI::App& app, Commands& commands);
 
 }  // namespace kmsd::cli

@@ -8,6 +8,7 @@
 #include "daemon/admins/admin_service.hpp"
 #include "daemon/ca/issuer.hpp"
 #include "daemon/enroll/key_export.hpp"
+#include "daemon/rotation/rotation.hpp"
 #include "daemon/startup/unseal_socket.hpp"
 
 namespace kmsd::api {
@@ -474,6 +475,41 @@ Response AdminRoutes::route(const Request& req, const Identity& who) const {
     if (seg.size() == 4 && verb == http::verb::post && (seg[3] == "approve" || seg[3] == "deny")) {
       auto out = seg[3] == "approve" ? s_.approvals.approve(seg[2], who.name)
                                      : s_.approvals.deny(seg[2], who.name);
+      if (!out.ok()) return error_from(req, out.error());
+      return outcome_response(req, *out);
+    }
+  }
+  if (s_.rotation != nullptr && seg.size() >= 2 && seg[1] == "master-key") {
+    if (seg.size() == 2 && verb == http::verb::get)
+      return respond(s_.rotation->status(), http::status::ok, [](const json& j) { return j; });
+    if (seg.size() == 3 && seg[2] == "rotate" && verb == http::verb::post) {
+      auto batch = optional_field("batch", static_cast<std::int64_t>(rotation::kDefaultBatch),
+                                  &json::is_number_integer, "a number of records (an integer)");
+      if (auto* r = std::get_if<Response>(&batch)) return std::move(*r);
+      auto pause = optional_field("pause_ms", std::int64_t{0}, &json::is_number_integer,
+                                  "milliseconds (an integer)");
+      if (auto* r = std::get_if<Response>(&pause)) return std::move(*r);
+      const std::int64_t b = std::get<std::int64_t>(batch);
+      const std::int64_t p = std::get<std::int64_t>(pause);
+      if (b < 1 || p < 0)
+        return error_response(req, http::status::bad_request,
+                              "\"batch\" must be at least 1 and \"pause_ms\" not negative");
+      rotation::Pace pace;
+      pace.batch = static_cast<std::size_t>(b);
+      pace.pause = std::chrono::milliseconds(p);
+      auto out = s_.rotation->request_rotate(pace, who.name);
+      if (!out.ok()) return error_from(req, out.error());
+      return outcome_response(req, *out);
+    }
+    if (seg.size() == 3 && seg[2] == "retire" && verb == http::verb::post) {
+      auto v = optional_field("version", std::int64_t{0}, &json::is_number_integer,
+                              "a master key version (an integer)");
+      if (auto* r = std::get_if<Response>(&v)) return std::move(*r);
+      const std::int64_t version = std::get<std::int64_t>(v);
+      if (version < 1 || version > 0xffffffffLL)
+        return error_response(req, http::status::bad_request,
+                              "\"version\" (a master key version, 1 or more) is required");
+      auto out = s_.rotation->request_retire(static_cast<std::uint32_t>(version), who.name);
       if (!out.ok()) return error_from(req, out.error());
       return outcome_response(req, *out);
     }

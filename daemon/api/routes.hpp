@@ -23,6 +23,9 @@ class AdminService;
 namespace kmsd::enroll {
 class KeyExport;
 }
+namespace kmsd::rotation {
+class Rotation;
+}
 
 namespace kmsd::api {
 
@@ -60,6 +63,7 @@ struct AdminServices {
   audit::AuditLog& audit;
   admins::AdminService* admins = nullptr;   // /v1/admins (404 while not wired)
   enroll::KeyExport* key_export = nullptr;  // /v1/users/ID/export, /v1/requests/ID/collect
+  rotation::Rotation* rotation = nullptr;   // /v1/master-key (404 while not wired)
   // Routes owned by other modules (daemon/backup: /v1/backup), asked after the role check and
   // before the body is read as JSON: an answer, or nullopt for a path they do not own.
   std::function<std::optional<Response>(const Request&, const Identity&)> more_routes{};
