@@ -7,6 +7,7 @@
 // writes them to the users' new certificates, byte-identical; foreign/plain/corrupt ones stay
 // untouched; no file written holds any plaintext; kmsd audited the session with its counts.
 #include <fstream>
+#include <iostream>
 #include <map>
 
 #include <gmock/gmock.h>
@@ -291,6 +292,28 @@ TEST_F(DrDaemonSourceTest, ApprovedSessionStagesThroughKmsdToTheApprovedCustodyC
   // Closed: the session's keys are gone; a message now is refused.
   auto closed = api("POST", "/v1/dr/predecrypt/" + id + "/close");
   EXPECT_EQ(closed.status, 409) << closed.body;
+
+  // 10. Throughput of the daemon source (printed, not asserted): 300 copies each of an RSA and
+  // a P-256 message, in a store of their own.
+  const fs::path bulk = dir() / "bulk";
+  fs::create_directories(bulk / "cur");
+  const std::string rsa_msg = read_file(store() / "cur" / "1.daemon:2,S");  // user1, RSA
+  const std::string ec_msg = read_file(store() / "cur" / "5.daemon:2,S");   // user3, P-256
+  const int kCopies = 300;
+  for (int i = 0; i < kCopies; ++i) {
+    write_private(bulk / "cur" / ("r" + std::to_string(i) + ":2,S"), rsa_msg);
+    write_private(bulk / "cur" / ("e" + std::to_string(i) + ":2,S"), ec_msg);
+  }
+  std::string cmd = predecrypt(dir() / "custody.pem", id);
+  cmd.replace(cmd.find(shell_quote(store())), shell_quote(store()).size(), shell_quote(bulk));
+  cmd.replace(cmd.find(shell_quote(staging())), shell_quote(staging()).size(),
+              shell_quote(dir() / "bulk-staging"));
+  auto timed = kmsctl(cmd);
+  ASSERT_EQ(timed.status, 0) << timed.output;
+  auto tj = json_of(timed.output);
+  EXPECT_EQ(tj["this_run"]["staged"], 2 * kCopies) << timed.output;
+  std::cout << "daemon key source: " << tj["processed"] << " messages in " << tj["seconds"]
+            << " s = " << tj["messages_per_second"] << " msg/s (half RSA-2048, half P-256)\n";
 }
 
 }  // namespace
