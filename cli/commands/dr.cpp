@@ -1289,6 +1289,12 @@ int run_drill(const DrArgs& a) {
   if (!reenc.ok()) return fail(reenc.error());
   for (const auto& p : reenc->problems)
     failures.push_back({"reencrypt", p.path, p.status + ": " + p.reason});
+  for (const auto& [reason, count] : reenc->waiting)
+    failures.push_back({"reencrypt", std::to_string(count) + " message(s)",
+                        std::string(dr::kWaiting) + ": " + reason});
+  if (reenc->problems_omitted > 0)
+    failures.push_back({"reencrypt", std::to_string(reenc->problems_omitted) + " more message(s)",
+                        "not listed here: see kmsctl dr status -o json"});
   phase_done("reencrypt", t0, reenc->processed, "msg");
   // The drill's pipeline steps in the new KMS's audit chain, as its reinstall and enrollments.
   if (auto st = (*store)->transaction([&]() -> Status {

@@ -123,11 +123,8 @@ Result<json> PredecryptService::execute(const json& params, const std::string& r
 
 Status PredecryptService::end(Session& s, const std::string& why) {
   const SessionCounts c = s.counts();
-  {
-    // The keys go now (their secret numbers are cleansed as they are freed).
-    std::lock_guard lock(s.keys_mu);
-    s.ring = KeyRing();
-  }
+  // The keys go with the session object: it is out of the map already, so they are freed (their
+  // secret numbers cleansed) as soon as the last request still using them returns.
   return store_.transaction([&] {
     return audit_.append(s.admin, "dr.predecrypt.session.close",
                          {{"request", s.request_id},
