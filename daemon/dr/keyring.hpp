@@ -2,8 +2,9 @@
 // the recipient identifiers a CMS message names (issuer and serial, subject key identifier),
 // so that each message goes straight to its key — no trial decryption.
 //
-// Source today: users' PKCS#12 files (kmsd's enrollment and recovery files hold the user's
-// whole key history; every key and certificate of a file is read, not only the first).
+// Filled from users' PKCS#12 files (kmsd's enrollment and recovery files hold the user's whole
+// key history; every key and certificate of a file is read, not only the first), or, inside
+// kmsd, from the escrowed histories of a pre-decryption session (daemon/dr/daemon_source.hpp).
 #pragma once
 
 #include <filesystem>
