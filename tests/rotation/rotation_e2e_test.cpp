@@ -225,6 +225,15 @@ TEST_F(RotationE2eTest, RotateUnderLoadKillMidwayResumeRetireAndEveryKeyStillOpe
   EXPECT_THAT(objects.output, ::testing::Not(::testing::HasSubstr("kms-master-v1")));
   EXPECT_THAT(objects.output, ::testing::HasSubstr("kms-master-v2"));
 
+  // kmsd starts and unseals without v1, and reports only v2 on the token.
+  start();
+  ASSERT_TRUE(wait_ready(200)) << log_text();
+  s = status();
+  EXPECT_EQ(s.value("token_versions", json::array()), json::array({2})) << s.dump();
+  EXPECT_EQ(s.value("escrowed_keys_by_version", json::object()), json({{"2", kBefore + kDuring}}))
+      << s.dump();
+  ASSERT_EQ(stop(), 0);
+
   // Every escrowed key opens under v2, and is the key its user received.
   auto store = store::Store::open(db_path());
   ASSERT_TRUE(store.ok()) << store.error().message;

@@ -267,6 +267,43 @@ TEST_F(RotationJobTest, RotatesEverythingResumesInANewInstanceAndRetiresTheOldKe
   EXPECT_TRUE(verify->ok()) << verify->problem;
 }
 
+TEST_F(RotationJobTest, ATokenThatStopsServingPausesTheJobWithoutSkippingRecords) {
+  constexpr int kUsers = 6;
+  for (int i = 0; i < kUsers; ++i) add_user("u" + std::to_string(10 + i), false);
+  Rotation r(*store_, *token_, *audit_, *approvals_, [] { return true; });
+  r.start();
+  Pace pace;
+  pace.batch = 1;
+  pace.pause = 100ms;
+  auto out = r.request_rotate(pace, "alice");
+  ASSERT_TRUE(out.ok()) << out.error().message;
+  json s;
+  for (int i = 0; i < 200; ++i) {
+    s = r.status().value();
+    if (s.value("done", 0) >= 2) break;
+    std::this_thread::sleep_for(20ms);
+  }
+  // The token forgets its login (as when its PIN is refused at a re-login): the job pauses.
+  token_->logout();
+  for (int i = 0; i < 200; ++i) {
+    s = r.status().value();
+    if (s.value("state", "") == "paused") break;
+    std::this_thread::sleep_for(20ms);
+  }
+  ASSERT_EQ(s.value("state", ""), "paused") << s.dump();
+  EXPECT_FALSE(s.value("paused_because", "").empty());
+  const int done_while_out = s.value("done", 0);
+  std::this_thread::sleep_for(400ms);
+  EXPECT_EQ(r.status().value().value("done", 0), done_while_out);
+  // Back: it goes on, and nothing was skipped as unreadable.
+  ASSERT_TRUE(token_->login(SecretBytes::from_string(kUserPin)).ok());
+  s = wait_finished(r);
+  ASSERT_EQ(s.value("state", ""), "finished") << s.dump();
+  EXPECT_EQ(s.value("remaining", -1), 0);
+  EXPECT_EQ(s.value("skipped", -1), 0);
+  expect_all_open_under(2, kUsers);
+}
+
 TEST_F(RotationJobTest, RetireIsRefusedNamingWhatStillNeedsTheKey) {
   add_user("u10", false);
   ASSERT_TRUE(token_->generate_master_key(2).ok());
