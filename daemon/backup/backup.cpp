@@ -237,6 +237,7 @@ std::variant<Framed, std::string> unframe(std::string_view file) {
     return range(0, kMagic.size() - 1) +
            " of the file: not a kmsd backup (it must start with \"KMSDBAK1\")";
   const std::uint64_t n = get_be(file, 8, 4);
+  if (n == 0) return range(8, 11) + ": the signed manifest's length is 0; this field was changed";
   const std::uint64_t after_cms = 12 + n;
   if (after_cms + 8 > file.size())
     return range(8, 11) + ": the signed manifest's length (" + std::to_string(n) +
@@ -249,6 +250,9 @@ std::variant<Framed, std::string> unframe(std::string_view file) {
            "), database image " + std::to_string(m) + " bytes (length at " +
            range(after_cms, after_cms + 7) +
            "); one of these length fields was changed, or the file was truncated or extended";
+  if (m == 0)
+    return range(after_cms, after_cms + 7) +
+           ": the database image's length is 0; this field was changed";
   Framed f;
   f.cms_offset = 12;
   f.cms = file.substr(12, n);
