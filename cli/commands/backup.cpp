@@ -5,6 +5,11 @@
 //   kmsctl restore FILE --config C           offline, kmsd stopped: into an empty store only
 // Offline commands open the key token themselves: SoftHSM2 (and many HSMs) must not be used by
 // two processes at once, so kmsd must be stopped first.
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
 #include <filesystem>
 #include <iostream>
 
@@ -111,6 +116,21 @@ int show_report(const RestoreArgs& a, const json& j) {
   return kFailed;
 }
 
+// Whether a kmsd answers on CFG's unseal socket (then the token is in use: offline commands
+// must not open it too).
+bool daemon_answers(const config::Config& cfg) {
+  const std::string path = cfg.server.unseal_socket.string();
+  sockaddr_un addr{};
+  if (path.empty() || path.size() >= sizeof(addr.sun_path)) return false;
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  const bool up = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+  ::close(fd);
+  return up;
+}
+
 int run_restore(const RestoreArgs& a) {
   auto data = files::read_text(a.file);
   if (!data.ok()) return fail(data.error());
@@ -137,6 +157,16 @@ int run_restore(const RestoreArgs& a) {
 
   auto cfg = load_config(a.config);
   if (!cfg) return kUsage;
+  if (daemon_answers(*cfg)) {
+    // A conflict with state (exit 3), like a non-empty store.
+    std::cerr << "kmsctl: kmsd is running (its unseal socket " << cfg->server.unseal_socket.string()
+              << " answers) and uses the key token; stop it first"
+              << (a.check_only ? ", or check through it: kmsctl restore --check FILE with the "
+                                 "admin-API options"
+                               : "")
+              << ". Nothing was changed\n";
+    return kExists;
+  }
   if (!a.check_only) {
     // Refuse before asking for a PIN when there is nothing to do.
     auto empty = backup::store_is_empty(cfg->store.path);

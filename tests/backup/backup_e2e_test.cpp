@@ -234,6 +234,11 @@ TEST_F(BackupE2eTest, BackupUnderLoadChecksLocatesChangesAndRestoresIntoAnEmptyS
   EXPECT_THAT(exported.output, HasSubstr("\"backup.create\""));
   EXPECT_THAT(exported.output, HasSubstr("\"backup.check\""));
 
+  // Offline commands refuse while kmsd runs (two processes must not use the token at once).
+  auto busy = kmsctl(offline("--check " + shell_quote(bk)));
+  EXPECT_EQ(busy.status, 3) << busy.output;
+  EXPECT_THAT(busy.output, HasSubstr("kmsd is running"));
+
   // Offline, kmsd stopped.
   ASSERT_EQ(stop(), 0);
   auto off = kmsctl(offline("--check " + shell_quote(bk)));
