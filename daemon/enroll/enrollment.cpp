@@ -363,6 +363,14 @@ struct Issuing {
     enc_rec.user_id = user.id;
     KMSD_TRY(store.insert_certificate(enc_rec));
     if (p.new_key) {
+      // A master-key rotation began while this enrollment ran: the key is recorded under the
+      // current master key (re-wrapped here, in the transaction), so that no record recorded
+      // after the switch needs the old key (kmsctl master-key retire relies on it).
+      KMSD_ASSIGN_OR_RETURN(std::uint32_t current, master_version());
+      if (current != p.master_version) {
+        KMSD_ASSIGN_OR_RETURN(p.sealed_key, token.rewrap(p.sealed_key, current));
+        p.master_version = current;
+      }
       store::KeyHistoryRecord k;
       k.user_id = user.id;
       k.version = p.key_version;
