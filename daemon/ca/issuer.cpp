@@ -403,8 +403,16 @@ Result<std::vector<std::uint8_t>> make_pkcs12_bundle(const std::vector<Pkcs12Ent
 
   auto add_cert = [&](X509* cert, const std::string& name,
                       const std::vector<unsigned char>& key_id) -> Status {
+    // A certificate read back from a PKCS#12 (kmsctl keys --p12, renew) carries its old
+    // friendlyName and localKeyID as alias and keyid (PKCS12_parse keeps them), and
+    // PKCS12_add_cert copies those into the bag: named again below, the bag would hold each
+    // attribute twice, which OpenSSL refuses. The bag gets a copy without them.
+    ossl::X509Ptr plain(X509_dup(cert));
+    if (!plain || X509_alias_set1(plain.get(), nullptr, 0) != 1 ||
+        X509_keyid_set1(plain.get(), nullptr, 0) != 1)
+      return crypto_error("copying a certificate for the PKCS#12 file");
     BagStack* raw = cert_bags.release();
-    PKCS12_SAFEBAG* bag = PKCS12_add_cert(&raw, cert);
+    PKCS12_SAFEBAG* bag = PKCS12_add_cert(&raw, plain.get());
     cert_bags.reset(raw);
     if (bag == nullptr) return crypto_error("adding a certificate to the PKCS#12 file");
     if (!name.empty() && PKCS12_add_friendlyname(bag, name.c_str(), -1) != 1)

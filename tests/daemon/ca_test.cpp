@@ -191,5 +191,73 @@ TEST_F(IssuerTest, Pkcs12OpensWithThePassphraseOnlyAndHoldsKeyCertAndCa) {
   EXPECT_FALSE(ca::make_pkcs12(key.get(), cert->get(), ca_cert.get(), "bob", SecretBytes()).ok());
 }
 
+// kmsctl keys --p12 and renew bundle certificates read back from the user's PKCS#12:
+// PKCS12_parse leaves their old friendlyName and localKeyID on them, and the new file must
+// still name each bag once (it used to fail with "duplicate attribute").
+TEST_F(IssuerTest, Pkcs12BundleTakesCertificatesReadBackFromAPkcs12) {
+  auto [sign_key, sign_cert] =
+      issue_leaf(ca::Profile::kAdminClient, "carol", hsm::KeyType::kEcP256);
+  auto [enc_key, enc_cert] =
+      issue_leaf(ca::Profile::kAdminClient, "carol-enc", hsm::KeyType::kEcP256);
+  ASSERT_TRUE(sign_cert.ok());
+  ASSERT_TRUE(enc_cert.ok());
+  const auto pass = SecretBytes::from_string("s3cret passphrase");
+  auto first = ca::make_pkcs12_bundle({{sign_key.get(), sign_cert->get(), "carol signing"},
+                                       {enc_key.get(), enc_cert->get(), "carol encryption v1"}},
+                                      ca_cert.get(), pass);
+  ASSERT_TRUE(first.ok()) << first.error().message;
+  const unsigned char* p = first->data();
+  ossl::Pkcs12Ptr p12(d2i_PKCS12(nullptr, &p, static_cast<long>(first->size())));
+  ASSERT_TRUE(p12);
+  EVP_PKEY* k = nullptr;
+  X509* c = nullptr;
+  STACK_OF(X509)* chain = nullptr;
+  ASSERT_EQ(PKCS12_parse(p12.get(), "s3cret passphrase", &k, &c, &chain), 1);
+  ossl::EvpPkeyPtr read_key(k);
+  ossl::X509Ptr read_cert(c);
+  ossl::X509StackPtr read_chain(chain);
+  ASSERT_NE(X509_alias_get0(read_cert.get(), nullptr), nullptr);  // what made it fail
+
+  auto again = ca::make_pkcs12_bundle({{read_key.get(), read_cert.get(), "carol signing"}},
+                                      ca_cert.get(), pass);
+  ASSERT_TRUE(again.ok()) << again.error().message;
+  p = again->data();
+  ossl::Pkcs12Ptr p12b(d2i_PKCS12(nullptr, &p, static_cast<long>(again->size())));
+  ASSERT_TRUE(p12b);
+  // Every bag has at most one friendlyName and one localKeyID.
+  auto free_safes = [](STACK_OF(PKCS7) * st) { sk_PKCS7_pop_free(st, PKCS7_free); };
+  std::unique_ptr<STACK_OF(PKCS7), decltype(free_safes)> safes(PKCS12_unpack_authsafes(p12b.get()),
+                                                               free_safes);
+  ASSERT_TRUE(safes);
+  int bags_seen = 0;
+  for (int i = 0; i < sk_PKCS7_num(safes.get()); ++i) {
+    PKCS7* safe = sk_PKCS7_value(safes.get(), i);
+    STACK_OF(PKCS12_SAFEBAG)* bags = OBJ_obj2nid(safe->type) == NID_pkcs7_encrypted
+                                         ? PKCS12_unpack_p7encdata(safe, "s3cret passphrase", -1)
+                                         : PKCS12_unpack_p7data(safe);
+    ASSERT_NE(bags, nullptr);
+    for (int j = 0; j < sk_PKCS12_SAFEBAG_num(bags); ++j) {
+      const STACK_OF(X509_ATTRIBUTE)* attrs =
+          PKCS12_SAFEBAG_get0_attrs(sk_PKCS12_SAFEBAG_value(bags, j));
+      EXPECT_LE(X509at_get_attr_by_NID(attrs, NID_friendlyName,
+                                       X509at_get_attr_by_NID(attrs, NID_friendlyName, -1)),
+                -1);
+      EXPECT_LE(X509at_get_attr_by_NID(attrs, NID_localKeyID,
+                                       X509at_get_attr_by_NID(attrs, NID_localKeyID, -1)),
+                -1);
+      ++bags_seen;
+    }
+    sk_PKCS12_SAFEBAG_pop_free(bags, PKCS12_SAFEBAG_free);
+  }
+  EXPECT_EQ(bags_seen, 3);  // the key, its certificate, the CA
+  // And it opens as any PKCS#12.
+  EVP_PKEY* k2 = nullptr;
+  X509* c2 = nullptr;
+  ASSERT_EQ(PKCS12_parse(p12b.get(), "s3cret passphrase", &k2, &c2, nullptr), 1);
+  ossl::EvpPkeyPtr kk2(k2);
+  ossl::X509Ptr cc2(c2);
+  EXPECT_EQ(X509_cmp(cc2.get(), sign_cert->get()), 0);
+}
+
 }  // namespace
 }  // namespace kmsd

@@ -80,11 +80,19 @@ namespace {
 // Kills every process whose command line mentions NEEDLE (this test's private config path):
 // `script` starts kmsd in a session of its own, out of reach of the process group.
 void kill_processes_mentioning(const std::string& needle) {
-  for (const auto& entry : fs::directory_iterator("/proc")) {
-    const std::string name = entry.path().filename();
-    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream f(entry.path() / "cmdline", std::ios::binary);
-    std::string cmdline((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  // Processes come and go while this walks /proc: every step is allowed to fail (a process
+  // that exited meanwhile is simply skipped), so nothing here throws.
+  std::error_code ec;
+  for (fs::directory_iterator it("/proc", ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    const int fd = ::open((it->path() / "cmdline").c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) continue;
+    std::string cmdline;
+    char buf[4096];
+    for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0;)
+      cmdline.append(buf, static_cast<std::size_t>(n));
+    ::close(fd);
     if (cmdline.find(needle) != std::string::npos) ::kill(std::stoi(name), SIGKILL);
   }
 }
