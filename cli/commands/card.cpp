@@ -5,6 +5,8 @@
 // daemon/startup/card_split_gate.hpp). The secret is read without echo or from a 0600 file
 // and never printed.
 #include <iostream>
+#include <optional>
+#include <span>
 
 #include <nlohmann/json.hpp>
 
@@ -82,17 +84,15 @@ int run_provision(ProvisionArgs a) {
   if (auto st = resolve_target(a.target); !st.ok()) return fail(st.error());
   auto secret = new_secret(a.secret_file);
   if (!secret.ok()) return fail(secret.error());
-  auto pin = card_pin(
-      a.pin_file.empty() ? std::vector<std::string>{} : std::vector<std::string>{a.pin_file}, 0,
-      "the operator card " + a.card);
-  if (!pin.ok()) return fail(pin.error());
-  startup::CardReport report;
-  auto st = startup::write_card_object({a.target.module, a.card}, *pin, a.target.label, *secret,
-                                       a.force, &report);
-  if (!st.ok()) return fail(st.error());
-  std::cout << "The startup secret is on operator card '" << report.label << "' (serial "
-            << report.serial << ") as the private data object '" << a.target.label << "'.\n"
-            << "kmsd reads it with startup.source = \"card\" and card_uri naming this card.\n";
+  CardWritePlan plan;
+  plan.module = a.target.module;
+  plan.label = a.target.label;
+  plan.cards = {a.card};
+  if (!a.pin_file.empty()) plan.pin_files = {a.pin_file};
+  plan.force = a.force;
+  auto written = write_secret_to_cards(plan, *secret);
+  if (!written.ok()) return fail(written.error());
+  std::cout << "kmsd reads it with startup.source = \"card\" and card_uri naming this card.\n";
   return kOk;
 }
 
@@ -183,9 +183,14 @@ int run_split(SplitArgs a) {
     return fail(make_error(
         ErrorCode::kInvalidArgument,
         "a quorum needs 2 <= --quorum-k <= number of --cards (" + std::to_string(n) + ") <= 255"));
-  if (!a.pin_files.empty() && a.pin_files.size() != n)
-    return fail(make_error(ErrorCode::kInvalidArgument,
-                           "--pin-files needs one file per card, in the order of --cards"));
+  CardWritePlan cards;
+  cards.module = a.target.module;
+  cards.label = a.target.label;
+  cards.cards = a.cards;
+  cards.pin_files = a.pin_files;
+  cards.k = a.k;
+  cards.force = a.force;
+  if (auto st = check_card_plan(cards); !st.ok()) return fail(st.error());
   const startup::SplitPlan plan{a.k, a.cards, a.target.module, a.target.label};
   const bool gated = split_needs_approval(a);
   if (gated && a.request.empty()) {
@@ -226,47 +231,14 @@ int run_split(SplitArgs a) {
                 << "\n";
     return done.ok();
   };
-  if (secret->size() < kShortSecret)
-    std::cerr << "kmsctl: warning: the startup secret is " << secret->size()
-              << " bytes; with a quorum, whoever holds k-1 cards could test guesses of a short "
-                 "secret. Give the key token a long random user PIN (16 characters or more).\n";
-  auto shares = startup::split_secret(*secret, a.k, n);
-  if (!shares.ok()) {
-    report_end(false, "", shares.error().message);
-    return fail(shares.error());
+  auto written = write_secret_to_cards(cards, *secret);
+  if (!written.ok()) {
+    report_end(false, "", written.error().message);
+    return fail(written.error());
   }
-  const std::string id = shares->front().quorum_id_hex();
-  std::vector<startup::ForbiddenToken> written;
-  for (unsigned i = 0; i < n; ++i) {
-    const std::string what = "operator card " + std::to_string(i + 1) + " of " + std::to_string(n) +
-                             " (" + a.cards[i] + ")";
-    auto pin = card_pin(a.pin_files, i, what);
-    if (!pin.ok()) {
-      report_end(false, "", what + ": " + pin.error().message);
-      return fail(pin.error());
-    }
-    startup::CardReport report;
-    auto blob = startup::encode_share((*shares)[i]);
-    auto st = startup::write_card_object({a.target.module, a.cards[i]}, *pin, a.target.label, blob,
-                                         a.force, &report, written);
-    if (!st.ok()) {
-      std::cerr << "kmsctl: " << what << ": " << st.error().message << "\n";
-      if (i > 0)
-        std::cerr << "kmsctl: cards 1.." << i << " already hold shares of the new quorum "
-                  << id.substr(0, 8) << ", which is incomplete and unusable; run the split "
-                  << "again (with --force) once every card is at hand\n";
-      report_end(false, "", what + ": " + st.error().message);
-      return exit_for(st.error());
-    }
-    written.push_back({report.label, report.serial});
-    std::cout << "share " << (i + 1) << " of " << n << " written to card '" << report.label
-              << "' (serial " << report.serial << ")\n";
-  }
-  std::cout << "Quorum " << id << ": any " << a.k << " of these " << n
-            << " cards rebuild the startup secret.\n"
-            << "kmsd reads them with startup.source = \"quorum\"; operators present their cards "
+  std::cout << "kmsd reads them with startup.source = \"quorum\"; operators present their cards "
                "one at a time with `kmsctl unseal --card URI`.\n";
-  return report_end(true, id, "") ? kOk : kFailed;
+  return report_end(true, written->quorum_id, "") ? kOk : kFailed;
 }
 
 void add_target_options(CLI::App* cmd, CardTarget& t) {
@@ -278,7 +250,117 @@ void add_target_options(CLI::App* cmd, CardTarget& t) {
   cmd->add_option("-c,--config", t.config, "kmsd configuration file, for the defaults above");
 }
 
+// Whether the cards of P already hold SECRET exactly as P would write it: the quorum id
+// (hex; "" for one card) if so. PINS holds the PINs read so far; the missing ones are read.
+std::optional<std::string> already_written(const CardWritePlan& p, const SecretBytes& secret,
+                                           std::vector<SecretBytes>& pins) {
+  const auto n = static_cast<unsigned>(p.cards.size());
+  std::vector<startup::Share> shares;
+  for (unsigned i = 0; i < n; ++i) {
+    if (pins.size() == i) {
+      auto pin = card_pin(p.pin_files, i, "operator card " + p.cards[i]);
+      if (!pin.ok()) return std::nullopt;
+      pins.push_back(std::move(*pin));
+    }
+    auto value = startup::read_card_object({p.module, p.cards[i]}, pins[i], p.label);
+    if (!value.ok()) return std::nullopt;
+    if (p.k < 2) {
+      if (value->size() != secret.size() || !constant_time_equal(value->span(), secret.span()))
+        return std::nullopt;
+      return std::string();
+    }
+    auto share = startup::parse_share(value->span());
+    if (!share.ok() || share->k != p.k || share->n != n || share->index != i + 1 ||
+        !share->digest_matches() ||
+        (!shares.empty() && share->quorum_id != shares.front().quorum_id))
+      return std::nullopt;
+    shares.push_back(std::move(*share));
+  }
+  auto rebuilt = startup::combine_shares(std::span<const startup::Share>(shares.data(), p.k));
+  if (!rebuilt.ok() || rebuilt->size() != secret.size() ||
+      !constant_time_equal(rebuilt->span(), secret.span()))
+    return std::nullopt;
+  return shares.front().quorum_id_hex();
+}
+
 }  // namespace
+
+Status check_card_plan(const CardWritePlan& p) {
+  const auto n = p.cards.size();
+  if (n == 0)
+    return make_error(ErrorCode::kInvalidArgument, "name the operator cards with --cards URI");
+  if (p.k < 2 && n != 1)
+    return make_error(
+        ErrorCode::kInvalidArgument,
+        std::to_string(n) + " cards need a quorum: give 2 <= --quorum-k <= number of cards");
+  if (p.k >= 2 && (p.k > n || n > 255))
+    return make_error(
+        ErrorCode::kInvalidArgument,
+        "a quorum needs 2 <= --quorum-k <= number of --cards (" + std::to_string(n) + ") <= 255");
+  if (!p.pin_files.empty() && p.pin_files.size() != n)
+    return make_error(ErrorCode::kInvalidArgument,
+                      "give one card PIN file per card, in the order of --cards");
+  return {};
+}
+
+Result<CardsWritten> write_secret_to_cards(const CardWritePlan& p, const SecretBytes& secret) {
+  KMSD_TRY(check_card_plan(p));
+  const auto n = static_cast<unsigned>(p.cards.size());
+  const bool quorum = p.k >= 2;
+  CardsWritten out;
+  std::vector<SecretBytes> blobs;
+  if (quorum) {
+    if (secret.size() < kShortSecret)
+      std::cerr << "kmsctl: warning: the startup secret is " << secret.size()
+                << " bytes; with a quorum, whoever holds k-1 cards could test guesses of a short "
+                   "secret. Give the key token a long random user PIN (16 characters or more).\n";
+    KMSD_ASSIGN_OR_RETURN(auto shares, startup::split_secret(secret, p.k, n));
+    out.quorum_id = shares.front().quorum_id_hex();
+    for (const auto& s : shares) blobs.push_back(startup::encode_share(s));
+  }
+  std::vector<SecretBytes> pins;
+  std::vector<startup::ForbiddenToken> written;
+  for (unsigned i = 0; i < n; ++i) {
+    const std::string what = quorum ? "operator card " + std::to_string(i + 1) + " of " +
+                                          std::to_string(n) + " (" + p.cards[i] + ")"
+                                    : "the operator card " + p.cards[i];
+    auto pin = card_pin(p.pin_files, i, what);
+    if (!pin.ok()) return pin.error().context(what);
+    pins.push_back(std::move(*pin));
+    startup::CardReport report;
+    auto st = startup::write_card_object({p.module, p.cards[i]}, pins[i], p.label,
+                                         quorum ? blobs[i] : secret, p.force, &report, written);
+    if (!st.ok()) {
+      if (i == 0 && p.accept_existing && !p.force && st.error().code == ErrorCode::kAlreadyExists) {
+        if (auto held = already_written(p, secret, pins)) {
+          std::cout << (quorum ? "the cards already hold a complete quorum " + *held +
+                                     " of this secret; nothing was written"
+                               : "the card already holds this secret; nothing was written")
+                    << "\n";
+          return CardsWritten{*held, true};
+        }
+      }
+      std::string msg = what + ": " + st.error().message;
+      if (i > 0 && quorum)
+        msg += "; cards 1.." + std::to_string(i) + " already hold shares of the new quorum " +
+               out.quorum_id.substr(0, 8) +
+               ", which is incomplete and unusable; run the command again with --force once "
+               "every card is at hand";
+      return make_error(st.error().code, msg);
+    }
+    written.push_back({report.label, report.serial});
+    if (quorum)
+      std::cout << "share " << (i + 1) << " of " << n << " written to card '" << report.label
+                << "' (serial " << report.serial << ")\n";
+    else
+      std::cout << "The startup secret is on operator card '" << report.label << "' (serial "
+                << report.serial << ") as the private data object '" << p.label << "'.\n";
+  }
+  if (quorum)
+    std::cout << "Quorum " << out.quorum_id << ": any " << p.k << " of these " << n
+              << " cards rebuild the startup secret.\n";
+  return out;
+}
 
 void add_card_commands(CLI::App& app, Commands& commands) {
   auto* card = app.add_subcommand("card", "write the startup secret to operator cards");

@@ -126,6 +126,30 @@ int write_key_bundle(const std::string& out, const std::string& ca_file,
                      const std::string& new_passphrase_file, EVP_PKEY* signing_key,
                      X509* signing_cert, const nlohmann::json& keys, const std::string& user);
 
+// The startup secret written to operator cards (cli/commands/card.cpp; `kmsctl card
+// provision|split` and `kmsctl dr prepare --cards`). One card holds the secret itself; several
+// hold k-of-n Shamir shares under a fresh quorum id.
+struct CardWritePlan {
+  std::string module;                  // the cards' PKCS#11 module
+  std::string label;                   // the data object's label on each card
+  std::vector<std::string> cards;      // pkcs11: URIs, in share order
+  std::vector<std::string> pin_files;  // one 0600 file per card, in order; empty: prompt
+  unsigned k = 0;                      // 0 (or 1) with one card; 2..n for a quorum
+  bool force = false;                  // replace what the cards already hold
+  // A card that already holds an object: if every card already holds exactly this secret
+  // (one card) or a complete quorum of it with this k and n in this order, nothing is
+  // written and `already` is reported (a rerun after a crash).
+  bool accept_existing = false;
+};
+struct CardsWritten {
+  std::string quorum_id;  // hex; "" for one card
+  bool already = false;   // the cards held it already; nothing was written
+};
+// kInvalidArgument when the plan cannot work (k, number of cards, PIN files).
+Status check_card_plan(const CardWritePlan& plan);
+// Writes SECRET as PLAN says, printing one line per card written.
+Result<CardsWritten> write_secret_to_cards(const CardWritePlan& plan, const SecretBytes& secret);
+
 // Registration of each command group.
 void add_local_commands(CLI::App& app, Commands& commands);
 void add_user_commands(CLI::App& app, Commands& commands);

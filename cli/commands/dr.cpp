@@ -50,6 +50,7 @@
 #include "daemon/enroll/enrollment.hpp"
 #include "daemon/policy/policy_check.hpp"
 #include "daemon/provision/initializer.hpp"
+#include "daemon/startup/operator_card.hpp"
 #include "daemon/store/store.hpp"
 #include "daemon/users/user_service.hpp"
 #include "hsm/token.hpp"
@@ -83,6 +84,14 @@ struct DrArgs {
   std::string custody_label = "kms-dr-custody";
   std::string custody_cert_out;
   int custody_days = 3 * 365;
+  // prepare --cards: the new startup secret onto new operator cards (as kmsctl card split)
+  std::vector<std::string> cards;
+  unsigned quorum_k = 0;
+  std::string card_module;
+  std::string card_label;
+  std::vector<std::string> card_pin_files;
+  bool card_force = false;
+  std::string old_config;
   // reinstall / finish
   std::string old_store;
   std::vector<std::string> approver_p12;
@@ -603,19 +612,138 @@ Status prepare_kms(const DrArgs& a, const config::Config& cfg, KeyTokenLogin& lo
   return {};
 }
 
+// The label and serial of the token URI names on MODULE (opened, never logged in to).
+Result<startup::ForbiddenToken> token_identity(const std::string& module, const std::string& uri) {
+  hsm::TokenOptions o;
+  o.module_path = module;
+  o.token_uri = uri;
+  o.pool_size = 1;
+  KMSD_ASSIGN_OR_RETURN(auto t, hsm::Token::open(o));
+  auto s = t->status();
+  return startup::ForbiddenToken{s.token_label, s.token_serial};
+}
+
+// prepare --cards: none of the cards may be the new key token, nor the old token or one of the
+// old cards (--old-config); checked before anything is made or written.
+Status check_new_cards(const DrArgs& a, const config::Config& cfg, const CardWritePlan& plan,
+                       const hsm::Token& key_token) {
+  struct Known {
+    startup::ForbiddenToken id;
+    std::string what;
+  };
+  std::vector<Known> refused;
+  const auto ks = key_token.status();
+  refused.push_back(
+      {{ks.token_label, ks.token_serial}, "the new key token (" + cfg.token.uri + ")"});
+  std::vector<std::string> old_uris;
+  if (!a.old_config.empty()) {
+    auto old = load_config(a.old_config);
+    if (!old) return make_error(ErrorCode::kConfig, "cannot read --old-config " + a.old_config);
+    old_uris.push_back(old->token.uri);
+    if (auto id = token_identity(old->token.module.string(), old->token.uri); id.ok())
+      refused.push_back({*id, "the old key token (" + old->token.uri + ")"});
+    if (!old->startup.card_uri.empty()) {
+      old_uris.push_back(old->startup.card_uri);
+      const auto m =
+          old->startup.card_module.empty() ? plan.module : old->startup.card_module.string();
+      if (auto id = token_identity(m, old->startup.card_uri); id.ok())
+        refused.push_back({*id, "the old operator card (" + old->startup.card_uri + ")"});
+    }
+  }
+  for (const auto& uri : plan.cards) {
+    for (const auto& o : old_uris)
+      if (uri == o)
+        return make_error(ErrorCode::kInvalidArgument,
+                          "--cards " + uri +
+                              " names the old KMS's token or card, which dr "
+                              "prepare never touches; nothing was made or written. "
+                              "Name new operator cards");
+    auto id = token_identity(plan.module, uri);
+    if (!id.ok())
+      return id.error().context("operator card " + uri + " (nothing was made or written)");
+    for (const auto& r : refused)
+      if (id->label == r.id.label && id->serial == r.id.serial)
+        return make_error(ErrorCode::kInvalidArgument,
+                          "--cards " + uri + " names " + r.what +
+                              ", not a new operator card; nothing was made or written. Name "
+                              "new operator cards (pkcs11:token=CARD-LABEL)");
+  }
+  return {};
+}
+
+// The new startup secret (the new key token's PIN) onto the new cards, recorded in the new
+// store's audit chain (k, n, quorum id; never the secret), and the [startup] lines printed.
+int prepare_cards(const DrArgs& a, const config::Config& cfg, const CardWritePlan& plan,
+                  KeyTokenLogin& login, store::Store& store) {
+  auto written = write_secret_to_cards(plan, login.pin);
+  if (!written.ok()) return fail(written.error());
+  const bool quorum = plan.k >= 2;
+  if (auto st = login.token->login(login.pin); !st.ok()) return fail(st.error());
+  audit::AuditLog audit(store, *login.token);
+  auto st = store.transaction([&] {
+    return audit.append(a.admin, "dr.prepare.cards",
+                        {{"source", quorum ? "quorum" : "card"},
+                         {"k", quorum ? plan.k : 1},
+                         {"n", plan.cards.size()},
+                         {"quorum_id", written->quorum_id},
+                         {"cards", plan.cards},
+                         {"already_written", written->already}});
+  });
+  login.token->logout();
+  if (!st.ok()) return fail(st.error());
+  std::cout << "\nThe new startup secret is on the new cards. In the NEW kmsd.toml (" << a.config
+            << "), set:\n"
+            << "[startup]\n"
+            << "source = \"" << (quorum ? "quorum" : "card") << "\"\n"
+            << "card_module = " << json(plan.module).dump() << "\n"
+            << "card_label = " << json(plan.label).dump() << "\n";
+  if (quorum) {
+    std::cout << "# quorum " << written->quorum_id << ": any " << plan.k << " of";
+    for (const auto& c : plan.cards) std::cout << " " << c;
+    std::cout << "\n";
+  } else {
+    std::cout << "card_uri = " << json(plan.cards.front()).dump() << "\n";
+  }
+  if (cfg.startup.source == config::StartupSource::kFile)
+    std::cout << "and remove startup.file (" << cfg.startup.file.string()
+              << ") once kmsd unseals with the cards.\n";
+  return kOk;
+}
+
 int run_prepare(const DrArgs& a) {
   auto cfg = load_config(a.config);
   if (!cfg) return kUsage;
   if (fs::exists(a.custody_cert_out))
     return fail(make_error(ErrorCode::kAlreadyExists,
                            a.custody_cert_out + " exists; choose another --custody-cert-out"));
+  CardWritePlan plan;
+  if (!a.cards.empty()) {
+    plan.module = a.card_module.empty() ? cfg->startup.card_module.string() : a.card_module;
+    plan.label = a.card_label.empty() ? cfg->startup.card_label : a.card_label;
+    plan.cards = a.cards;
+    plan.pin_files = a.card_pin_files;
+    plan.k = a.quorum_k;
+    plan.force = a.card_force;
+    plan.accept_existing = true;
+    if (plan.module.empty())
+      return fail(make_error(ErrorCode::kInvalidArgument,
+                             "name the cards' PKCS#11 module with --card-module PATH (or "
+                             "startup.card_module in --config)"));
+    if (auto st = check_card_plan(plan); !st.ok()) return fail(st.error());
+  } else if (a.quorum_k != 0 || !a.card_pin_files.empty()) {
+    return fail(make_error(ErrorCode::kInvalidArgument,
+                           "--quorum-k and --card-pin-files need --cards URI ..."));
+  }
   auto login =
       login_key_token(*cfg, a.pin_file, "New key token user PIN (the new startup secret): ");
   if (!login.ok()) return fail(login.error());
+  if (!plan.cards.empty())
+    if (auto st = check_new_cards(a, *cfg, plan, *login->token); !st.ok()) return fail(st.error());
   auto store = store::Store::open(cfg->store.path);
   if (!store.ok()) return fail(store.error());
   auto st = prepare_kms(a, *cfg, *login, **store);
   if (!st.ok()) return fail(st.error());
+  if (!plan.cards.empty()) return prepare_cards(a, *cfg, plan, *login, **store);
   return kOk;
 }
 
@@ -1555,6 +1683,25 @@ void add_dr_commands(CLI::App& app, Commands& commands) {
       ->required();
   prep->add_option("--custody-days", pr.custody_days, "validity of the custody certificate")
       ->capture_default_str();
+  prep->add_option("--cards", pr.cards,
+                   "write the new startup secret (the new token's PIN) to these NEW operator "
+                   "cards, one pkcs11: URI each: one card holds the secret (startup.source = "
+                   "\"card\"), several hold k-of-n shares (\"quorum\"), as kmsctl card split");
+  prep->add_option("--quorum-k,-k", pr.quorum_k,
+                   "with several --cards: shares needed to unseal (2..number of cards)");
+  prep->add_option("--card-module", pr.card_module,
+                   "PKCS#11 module of the cards (default: startup.card_module of --config)");
+  prep->add_option("--card-label", pr.card_label,
+                   "label of the data object on the cards (default: startup.card_label of "
+                   "--config, else kms-startup-secret)");
+  prep->add_option("--card-pin-files", pr.card_pin_files,
+                   "0600 files holding each card's PIN, in the order of --cards (default: "
+                   "prompt per card)");
+  prep->add_flag("--force", pr.card_force,
+                 "replace secrets or shares already on the new cards (an incomplete earlier "
+                 "write)");
+  prep->add_option("--old-config", pr.old_config,
+                   "the OLD kmsd.toml: its key token and operator card are refused as --cards");
 
   auto* ri = dr->add_subcommand(
       "reinstall",
