@@ -17,6 +17,7 @@
 
 #include "daemon/startup/operator_card.hpp"
 #include "daemon/startup/quorum.hpp"
+#include "tests/e2e/harness.hpp"
 #include "tests/support/sandbox.hpp"
 
 namespace kmsd::testing {
@@ -188,6 +189,58 @@ TEST_F(DrPrepareCardsTest, OneCardHoldsTheSecretItselfForSourceCard) {
   EXPECT_TRUE(constant_time_equal(secret->span(), SecretBytes::from_string(kUserPin).span()));
   EXPECT_FALSE(read_card("card1").ok());
   EXPECT_EQ(audit_rows("dr.prepare.cards"), 1);
+}
+
+// End to end: prepare writes a 2-of-3 quorum of the new token's PIN and prints the [startup]
+// lines; a real kmsd started on exactly those lines (the startup file removed) stays sealed with
+// one card and unseals with a second one through its unseal socket.
+class DrPrepareCardsE2eTest : public KmsdTest {};
+
+TEST_F(DrPrepareCardsE2eTest, KmsdOnThePrintedStartupLinesUnsealsWithTwoOfTheThreeNewCards) {
+  for (const char* c : {"op1", "op2", "op3"}) token().add_token(c, kCardPin);
+  const fs::path card_pin = dir() / "card.pin";
+  write_private(card_pin, std::string(kCardPin) + "\n");
+  write_config("file");
+  write_secret_file(kUserPin);  // the new token's PIN, which prepare reads from startup.file
+  const std::string p = " " + shell_quote(card_pin);
+  auto prep = kmsctl("dr prepare --config " + shell_quote(conf_path()) +
+                     " --admin alice --admin-p12 " + shell_quote(admin_p12()) +
+                     " --passphrase-file " + shell_quote(pass_path()) + " --custody-cert-out " +
+                     shell_quote(dir() / "custody.pem") + " --card-module " + kSoftHsmModule +
+                     " --cards pkcs11:token=op1 pkcs11:token=op2 pkcs11:token=op3 --quorum-k 2 "
+                     "--card-pin-files" +
+                     p + p + p);
+  ASSERT_EQ(prep.status, 0) << prep.output;
+  // The printed [startup] block replaces the file source in kmsd.toml.
+  const auto from = prep.output.find("[startup]\n");
+  ASSERT_NE(from, std::string::npos) << prep.output;
+  const auto to = prep.output.find("# quorum ", from);
+  ASSERT_NE(to, std::string::npos) << prep.output;
+  const std::string block = prep.output.substr(from, to - from);
+  std::string conf = read_file(conf_path());
+  const std::string old_block =
+      "[startup]\nsource = \"file\"\nfile = \"" + secret_path().string() + "\"\n";
+  const auto at = conf.find(old_block);
+  ASSERT_NE(at, std::string::npos) << conf;
+  conf.replace(at, old_block.size(), block);
+  std::ofstream(conf_path()) << conf;
+  fs::remove(secret_path());
+
+  start();
+  ASSERT_TRUE(wait_ready(503)) << log_text();
+  const auto unseal = [&](const std::string& card) {
+    return kmsctl("unseal --socket " + shell_quote(socket_path()) + " --card " + card +
+                  " --pin-file" + p);
+  };
+  auto one = unseal("pkcs11:token=op3");
+  EXPECT_EQ(one.status, 0) << one.output;
+  EXPECT_NE(one.output.find("1 of 2 shares"), std::string::npos) << one.output;
+  EXPECT_EQ(http_code("/readyz"), "503");
+  auto two = unseal("pkcs11:token=op1");
+  EXPECT_EQ(two.status, 0) << two.output;
+  ASSERT_TRUE(wait_ready(200)) << log_text();
+  EXPECT_EQ(log_text().find(kUserPin), std::string::npos);
+  EXPECT_EQ(stop(), 0);
 }
 
 }  // namespace
