@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <vector>
 
 #include "daemon/startup/operator_card.hpp"
 #include "daemon/startup/quorum.hpp"
@@ -40,7 +41,8 @@ class DrPrepareCardsTest : public TokenSandbox {
     card_pin_ = dir() / "card.pin";
     cfg_ = dir() / "kmsd-new.toml";
     db_ = dir() / "new.db";
-    for (const char* c : {"card1", "card2", "card3"}) token().add_token(c, kCardPin);
+    for (const char* c : {"card1", "card2", "card3", "old-card"}) token().add_token(c, kCardPin);
+    token().add_token("old-kms");
     write_0600(pin_, std::string(kUserPin) + "\n");
     write_0600(card_pin_, std::string(kCardPin) + "\n");
     write_0600(dir() / "admin.pass", "a passphrase for the admin\n");
@@ -86,6 +88,13 @@ class DrPrepareCardsTest : public TokenSandbox {
     }
     sqlite3_close(db);
     return n;
+  }
+  // The serial SoftHSM gave the token LABEL (to name it by serial=, not by its label).
+  std::string serial_of(const std::string& label) {
+    startup::CardReport report;
+    (void)startup::read_card_object({kSoftHsmModule, "pkcs11:token=" + label},
+                                    SecretBytes::from_string(kCardPin), "none", &report);
+    return report.serial;
   }
   std::string store_text() {
     std::ifstream in(db_, std::ios::binary);
@@ -172,6 +181,29 @@ TEST_F(DrPrepareCardsTest, TheNewKeyTokenAsACardIsRefusedAndNothingIsWritten) {
   auto card = read_card("card1");
   ASSERT_FALSE(card.ok());
   EXPECT_EQ(card.error().code, ErrorCode::kNotFound) << card.error().message;
+  // With --old-config, the old key token and the old operator card are refused as well.
+  const fs::path old_cfg = dir() / "kmsd-old.toml";
+  {
+    std::ofstream o(old_cfg);
+    o << "[server]\npublic_listen = \"127.0.0.1:18081\"\nadmin_listen = \"127.0.0.1:18444\"\n"
+      << "unseal_socket = \"" << (dir() / "old.sock").string() << "\"\n[token]\nmodule = \""
+      << kSoftHsmModule << "\"\nuri = \"pkcs11:token=old-kms\"\n[ca]\nsubject = \"/CN=Old\"\n"
+      << "[store]\npath = \"" << (dir() / "old.db").string() << "\"\n[startup]\nsource = \"card\"\n"
+      << "card_module = \"" << kSoftHsmModule << "\"\ncard_uri = \"pkcs11:token=old-card\"\n";
+  }
+  for (const std::string& c :
+       std::vector<std::string>{"pkcs11:token=old-kms", "pkcs11:serial=" + serial_of("old-card")}) {
+    out.clear();
+    EXPECT_EQ(prepare("custody.pem",
+                      "--old-config '" + old_cfg.string() + "' --cards pkcs11:token=card1 " + c +
+                          " -k 2" + card_pins(2),
+                      &out),
+              2)
+        << out;
+    EXPECT_NE(out.find("names the old"), std::string::npos) << out;
+    EXPECT_FALSE(fs::exists(db_));
+  }
+  EXPECT_EQ(read_card("old-card").error().code, ErrorCode::kNotFound);
   // Several cards without --quorum-k: a usage error too.
   out.clear();
   EXPECT_EQ(prepare("custody.pem", "--cards pkcs11:token=card1 pkcs11:token=card2", &out), 2)
