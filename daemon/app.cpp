@@ -21,11 +21,11 @@
 #include "daemon/approvals/approvals.hpp"
 #include "daemon/approvals/policy_gate.hpp"
 #include "daemon/audit/audit_log.hpp"
-#include "daemon/backup/backup_routes.hpp"
 #include "daemon/audit/outage_log.hpp"
+#include "daemon/backup/backup_routes.hpp"
 #include "daemon/cmp/cmp_server.hpp"
-#include "daemon/enroll/enrollment.hpp"
 #include "daemon/dr/dr_routes.hpp"
+#include "daemon/enroll/enrollment.hpp"
 #include "daemon/enroll/key_export.hpp"
 #include "daemon/metrics/admission.hpp"
 #include "daemon/metrics/daemon_metrics.hpp"
@@ -93,10 +93,10 @@ struct Daemon::Impl {
   std::unique_ptr<admins::AdminService> admins;
   std::unique_ptr<enroll::KeyExport> key_export;
   std::unique_ptr<dr::PredecryptService> dr_predecrypt;  // /v1/dr/: the daemon key source
-  std::unique_ptr<backup::BackupService> backup;  // POST /v1/backup, /v1/backup/check
-  std::unique_ptr<audit::OutageLog> outages;           // key-token outages until they are audited
-  std::unique_ptr<startup::CardSplitGate> card_split;  // kmsctl card split while unsealed
-  std::unique_ptr<rotation::Rotation> rotation;        // master-key rotation (its job thread)
+  std::unique_ptr<backup::BackupService> backup;         // POST /v1/backup, /v1/backup/check
+  std::unique_ptr<audit::OutageLog> outages;             // key-token outages until they are audited
+  std::unique_ptr<startup::CardSplitGate> card_split;    // kmsctl card split while unsealed
+  std::unique_ptr<rotation::Rotation> rotation;          // master-key rotation (its job thread)
 
   // The worker pool while run() runs (outage records are written there, not on token threads).
   std::mutex pool_mu;
@@ -359,8 +359,8 @@ Result<std::unique_ptr<Daemon>> Daemon::create(config::Config cfg) {
   impl->rotation = std::make_unique<rotation::Rotation>(
       *impl->store, *impl->token, *impl->audit, *impl->approvals,
       [d] { return d->seal->material() != nullptr; });
-  impl->backup = std::make_unique<backup::BackupService>(
-      *impl->store, *impl->token, *impl->audit, [d] { return d->ca_certificate(); });
+  impl->backup = std::make_unique<backup::BackupService>(*impl->store, *impl->token, *impl->audit,
+                                                         [d] { return d->ca_certificate(); });
   impl->cmp = std::make_unique<cmp::CmpServer>(
       *impl->enrollment, *impl->token, *impl->store, [d] { return d->ca_certificate(); },
       [d] { return d->config()->ca.digest; });
@@ -393,9 +393,9 @@ int Daemon::run() {
   admin_services.admins = d.admins.get();
   admin_services.key_export = d.key_export.get();
   admin_services.more_routes = [backup_routes = backup::admin_routes(*d.backup),
-                                 dr_routes = dr::admin_routes(*d.dr_predecrypt)](
-                                    const api::Request& req,
-                                    const api::Identity& who) -> std::optional<api::Response> {
+                                dr_routes = dr::admin_routes(*d.dr_predecrypt)](
+                                   const api::Request& req,
+                                   const api::Identity& who) -> std::optional<api::Response> {
     if (auto answer = dr_routes(req, who)) return answer;
     return backup_routes(req, who);
   };
@@ -463,6 +463,18 @@ int Daemon::run() {
   };
   api::ServerOptions aopts = popts;
   aopts.name = "admin";
+  // Administrators' uploads (a backup to check, a message for DR pre-decryption) may be far
+  // larger than any other request: only from a verified administrator's certificate, and
+  // only on those two routes; the body is held in memory, so the limit stays bounded.
+  aopts.max_upload_bytes = std::size_t{512} << 20;
+  aopts.is_upload = [](const api::Request& req, const api::Peer& peer) {
+    if (!peer.client_cert_verified || req.method() != api::http::verb::post) return false;
+    std::string_view path(req.target().data(), req.target().size());
+    path = path.substr(0, path.find('?'));
+    return path == "/v1/backup/check" ||
+           (path.starts_with("/v1/dr/predecrypt/") && path.ends_with("/message"));
+  };
+  aopts.upload_setting = "the 512 MiB limit of administrators' uploads";
   api::ServerOptions mopts = popts;
   mopts.name = "metrics";
   mopts.admit = nullptr;

@@ -21,6 +21,10 @@ namespace kmsd::cli {
 
 namespace {
 
+// A backup of a large store, or its check through kmsd (every record opened on the token),
+// takes longer than an ordinary call: as long as kmsd's long-call deadline by default.
+constexpr std::chrono::seconds kBackupTimeout{600};
+
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
@@ -55,7 +59,7 @@ int run_backup(const BackupArgs& a) {
     return fail(
         make_error(ErrorCode::kAlreadyExists,
                    a.out + " exists; kmsctl never overwrites a backup, choose another name"));
-  auto c = connect_admin(a);
+  auto c = connect_admin(a, kBackupTimeout);
   if (!c.ok()) return fail(c.error());
   auto r = (*c)->post("/v1/backup", json::object());
   if (!r.ok()) return fail(r.error());
@@ -140,13 +144,13 @@ int run_restore(const RestoreArgs& a) {
                    "kmsd.toml (to only check a backup through kmsd, use --check)\n";
       return kUsage;
     }
-    auto c = connect_admin(a);
+    auto c = connect_admin(a, kBackupTimeout);
     if (!c.ok()) return fail(c.error());
     auto r = (*c)->post_bytes("/v1/backup/check", *data, "application/octet-stream");
     if (!r.ok()) return fail(r.error());
     if (r->status == 413) {
-      std::cerr << "kmsctl: the backup is larger than kmsd accepts in a request ([server] "
-                   "max_body_bytes); stop kmsd and check it offline: kmsctl restore --check "
+      std::cerr << "kmsctl: the backup is larger than kmsd accepts from an administrator (512 "
+                   "MiB); stop kmsd and check it offline: kmsctl restore --check "
                 << a.file << " --config kmsd.toml\n";
       return kUsage;
     }

@@ -73,14 +73,15 @@ void add_admin_options(CLI::App* cmd, AdminArgs& a, std::vector<std::string> out
       ->capture_default_str();
 }
 
-Result<std::unique_ptr<client::AdminClient>> connect_admin(const AdminArgs& a) {
+Result<std::unique_ptr<client::AdminClient>> connect_admin(const AdminArgs& a,
+                                                           std::chrono::seconds timeout) {
   if (a.server.empty() || a.p12.empty() || a.ca.empty())
     return make_error(ErrorCode::kInvalidArgument,
                       "the admin API needs --server, --p12 and --ca (or KMSCTL_SERVER, KMSCTL_P12, "
                       "KMSCTL_CA)");
   KMSD_ASSIGN_OR_RETURN(auto pass,
                         secret_from(a.passphrase_file, "Passphrase for " + a.p12 + ": "));
-  return client::AdminClient::connect({a.server, a.p12, std::move(pass), a.ca});
+  return client::AdminClient::connect({a.server, a.p12, std::move(pass), a.ca, timeout});
 }
 
 int exit_for_status(int status) {

@@ -8,8 +8,10 @@
 
 #include <openssl/types.h>
 #include <CLI/CLI.hpp>
+#include <chrono>
 #include <nlohmann/json.hpp>
 
+#include <chrono>
 #include <filesystem>
 #include <functional>
 #include <memory>
@@ -74,7 +76,9 @@ struct AdminArgs {
 // Adds the connection options and -o/--output with the given choices (none: no -o at all).
 void add_admin_options(CLI::App* cmd, AdminArgs& a,
                        std::vector<std::string> outputs = {"table", "json"});
-Result<std::unique_ptr<client::AdminClient>> connect_admin(const AdminArgs& a);
+// TIMEOUT bounds each request (long administrator calls such as a backup take longer).
+Result<std::unique_ptr<client::AdminClient>> connect_admin(
+    const AdminArgs& a, std::chrono::seconds timeout = std::chrono::seconds(30));
 
 // The exit code for an HTTP status (0 for 2xx).
 int exit_for_status(int status);

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <limits>
 #include <atomic>
 #include <cmath>
 
@@ -149,7 +150,10 @@ class Session {
   // and a slowloris client are the same to us), then the body under body_timeout.
   void do_read() {
     parser_.emplace();
-    parser_->body_limit(server_->opts.max_body_bytes);
+    // No limit until the header says what the request is: on_header checks Content-Length
+    // against the limit that applies and sets it for a chunked body.
+    body_limit_ = server_->opts.max_body_bytes;
+    parser_->body_limit(std::numeric_limits<std::uint64_t>::max());
     parser_->header_limit(static_cast<std::uint32_t>(server_->opts.max_header_bytes));
     beast::get_lowest_layer(derived().stream()).expires_after(server_->opts.header_timeout);
     http::async_read_header(
@@ -159,8 +163,18 @@ class Session {
 
   void on_header(beast::error_code ec, std::size_t) {
     if (ec) return on_read_error(ec, true);
+    auto body_timeout = server_->opts.body_timeout;
+    if (server_->opts.is_upload && server_->opts.is_upload(parser_->get(), peer_)) {
+      body_limit_ = server_->opts.max_upload_bytes;
+      body_timeout = std::max<std::chrono::seconds>(
+          body_timeout,
+          std::chrono::duration_cast<std::chrono::seconds>(server_->opts.long_deadline));
+    }
+    if (auto length = parser_->content_length(); length && *length > body_limit_)
+      return on_read_error(http::error::body_limit, false);
     if (parser_->is_done()) return on_request();
-    beast::get_lowest_layer(derived().stream()).expires_after(server_->opts.body_timeout);
+    parser_->body_limit(body_limit_);  // a chunked body is counted as it arrives
+    beast::get_lowest_layer(derived().stream()).expires_after(body_timeout);
     http::async_read(derived().stream(), buffer_, *parser_,
                      beast::bind_front_handler(&Session::on_body, derived().shared_from_this()));
   }
@@ -182,8 +196,11 @@ class Session {
       auto res = error_response(
           dummy,
           body ? http::status::payload_too_large : http::status::request_header_fields_too_large,
-          body ? "the request body exceeds " + std::to_string(server_->opts.max_body_bytes) +
-                     " bytes (server.max_body_bytes); send a smaller one"
+          body ? "the request body exceeds " + std::to_string(body_limit_) + " bytes (" +
+                     (body_limit_ == server_->opts.max_body_bytes
+                          ? std::string("server.max_body_bytes")
+                          : server_->opts.upload_setting) +
+                     "); send a smaller one"
                : "the request line and headers exceed " +
                      std::to_string(server_->opts.max_header_bytes) +
                      " bytes (server.max_header_bytes); send fewer or shorter headers");
@@ -313,6 +330,7 @@ class Session {
   std::unique_ptr<ConnectionSlot> slot_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
+  std::size_t body_limit_ = 0;  // of the request being read
   std::shared_ptr<Response> res_;
   Peer peer_;
 };

@@ -79,6 +79,13 @@ struct ServerOptions {
   std::function<bool(const Request&)> is_long{};
   std::chrono::milliseconds long_deadline{0};
   boost::asio::thread_pool* long_workers = nullptr;
+  // A larger body limit for some requests (administrators' uploads: a backup to check, a DR
+  // message), decided from the header and the peer once the header is read: IS_UPLOAD picks
+  // them, they may carry up to MAX_UPLOAD_BYTES (named UPLOAD_SETTING in the 413 message), and
+  // their body gets LONG_DEADLINE (if longer) instead of BODY_TIMEOUT.
+  std::function<bool(const Request& header, const struct Peer& peer)> is_upload{};
+  std::size_t max_upload_bytes = 0;
+  std::string upload_setting = "the upload limit";
   // Time to send the whole header, from the moment the server waits for it (after connecting
   // or after the previous answer), and then the body. A client slower than that is dropped.
   std::chrono::seconds header_timeout{10};

@@ -175,6 +175,28 @@ TEST_F(HttpServerTest, HeaderTooLargeIs431WithTheKeyToChange) {
   EXPECT_EQ(count(Refusal::kHeaderTooLarge), 1);
 }
 
+TEST_F(HttpServerTest, UploadRoutesGetTheirOwnBodyLimit) {
+  auto o = small_options();  // max_body_bytes 2048
+  o.is_upload = [](const Request& req, const Peer&) { return req.target() == "/upload"; };
+  o.max_upload_bytes = 8192;
+  o.upload_setting = "the test's upload limit";
+  start(o);
+  auto post = [&](const std::string& path, std::size_t n) {
+    RawClient c(port());
+    c.send("POST " + path + " HTTP/1.1\r\nHost: x\r\nContent-Length: " + std::to_string(n) +
+           "\r\n\r\n" + std::string(n, 'u'));
+    return c.read_response();
+  };
+  EXPECT_THAT(post("/upload", 6000), HasSubstr("hello /upload"));
+  const std::string other = post("/x", 6000);  // other paths keep max_body_bytes
+  EXPECT_THAT(other, HasSubstr("HTTP/1.1 413"));
+  EXPECT_THAT(other, HasSubstr("2048 bytes (server.max_body_bytes)"));
+  const std::string big = post("/upload", 9000);
+  EXPECT_THAT(big, HasSubstr("HTTP/1.1 413"));
+  EXPECT_THAT(big, HasSubstr("8192 bytes (the test's upload limit)"));
+  EXPECT_EQ(handled_, 1);
+}
+
 TEST_F(HttpServerTest, BodyTooLargeIs413WithTheKeyToChange) {
   start(small_options());
   RawClient c(port());
