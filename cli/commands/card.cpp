@@ -3,7 +3,8 @@
 // sees the secret; but a re-split while a kmsd of this configuration is unsealed needs that
 // kmsd's approval ("card_split", asked for and spent over its unseal socket; see
 // daemon/startup/card_split_gate.hpp). The secret is read without echo or from a 0600 file
-// and never printed.
+// and never printed. The card writing itself (write_secret_to_cards) is shared with
+// `kmsctl dr prepare --cards`.
 #include <iostream>
 #include <optional>
 #include <span>

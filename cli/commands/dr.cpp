@@ -6,7 +6,8 @@
 //   status      what the manifest of a staging directory says
 //   prepare     the new token: what `kmsctl init` makes (master, CA and audit keys, the CA
 //               certificate, the first administrator), plus the RSA-3072 custody key pair and
-//               its certificate from the new CA
+//               its certificate from the new CA; with --cards, the new startup secret (the new
+//               token's PIN) on new operator cards or a new k-of-n quorum (as card split)
 //   reinstall   offline, kmsd stopped: every user of the old database to ENABLED on the new KMS
 //               with a fresh enrollment token (bulk-enable result file), the old keys retired,
 //               approved by k new administrators (daemon/dr/reinstall.hpp says why offline)
@@ -642,6 +643,9 @@ Status check_new_cards(const DrArgs& a, const config::Config& cfg, const CardWri
     old_uris.push_back(old->token.uri);
     if (auto id = token_identity(old->token.module.string(), old->token.uri); id.ok())
       refused.push_back({*id, "the old key token (" + old->token.uri + ")"});
+    else
+      std::cerr << "kmsctl: note: the old key token " << old->token.uri
+                << " cannot be opened; only a card URI equal to it is refused\n";
     if (!old->startup.card_uri.empty()) {
       old_uris.push_back(old->startup.card_uri);
       const auto m =
