@@ -248,16 +248,7 @@ struct Issuing {
   X509* ca;
   const EVP_MD* md;
 
-  Result<std::uint32_t> master_version() {
-    KMSD_ASSIGN_OR_RETURN(auto v, store.get_setting(provision::kSettingMasterVersion));
-    if (!v) return std::uint32_t{1};
-    try {
-      return static_cast<std::uint32_t>(std::stoul(*v));
-    } catch (const std::exception&) {
-      return make_error(ErrorCode::kStore,
-                        "the store's master key version '" + *v + "' is not a number");
-    }
-  }
+  Result<std::uint32_t> master_version() { return provision::master_key_version(store); }
 
   // Policy check, then a certificate of PROFILE for KEY, signed on the token.
   // SPKI: KEY's SubjectPublicKeyInfo, certified as it is (no encoding of KEY).

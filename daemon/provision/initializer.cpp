@@ -11,6 +11,17 @@
 
 namespace kmsd::provision {
 
+Result<std::uint32_t> master_key_version(store::Store& store) {
+  KMSD_ASSIGN_OR_RETURN(auto v, store.get_setting(kSettingMasterVersion));
+  if (!v) return std::uint32_t{1};
+  try {
+    return static_cast<std::uint32_t>(std::stoul(*v));
+  } catch (const std::exception&) {
+    return make_error(ErrorCode::kStore,
+                      "the store's master key version '" + *v + "' is not a number");
+  }
+}
+
 namespace {
 
 Status refuse_existing_p12(const std::filesystem::path& p12) {

@@ -22,6 +22,9 @@ inline constexpr const char* kSettingCaSerial = "ca_serial";
 inline constexpr const char* kSettingInitializedAt = "initialized_at";
 inline constexpr const char* kSettingMasterVersion = "master_key_version";
 
+// The master-key version new records are sealed under (kSettingMasterVersion; 1 when unset).
+Result<std::uint32_t> master_key_version(store::Store& store);
+
 struct AdminOptions {
   std::string name;               // CN of the first administrator
   std::filesystem::path p12_out;  // written 0600; never overwritten

@@ -47,17 +47,6 @@ Result<std::size_t> keys_under(store::Store& store, std::uint32_t version) {
   return std::size_t{0};
 }
 
-Result<std::uint32_t> current_version(store::Store& store) {
-  KMSD_ASSIGN_OR_RETURN(auto v, store.get_setting(provision::kSettingMasterVersion));
-  if (!v) return std::uint32_t{1};
-  try {
-    return static_cast<std::uint32_t>(std::stoul(*v));
-  } catch (const std::exception&) {
-    return make_error(ErrorCode::kStore,
-                      "the store's master key version '" + *v + "' is not a number");
-  }
-}
-
 Error sealed_error() {
   return make_error(ErrorCode::kUnavailable,
                     "kmsd is sealed: unseal it first (master keys live on the token)");
@@ -138,7 +127,7 @@ Result<json> Rotation::begin(const json& params, const std::string& by) {
                                                           std::to_string(st->value("target", 0)) +
                                                           " is still running");
   KMSD_ASSIGN_OR_RETURN(auto versions, token_.master_key_versions());
-  KMSD_ASSIGN_OR_RETURN(std::uint32_t current, current_version(store_));
+  KMSD_ASSIGN_OR_RETURN(std::uint32_t current, provision::master_key_version(store_));
   const std::uint32_t newest = versions.empty() ? 0 : versions.back();
   const std::uint32_t target = std::max(newest, current) + 1;
   KMSD_TRY(token_.generate_master_key(target));
@@ -201,7 +190,7 @@ Status Rotation::check_retire(std::uint32_t version) {
                           " is still running (" + std::to_string(st->value("done", 0)) + " of " +
                           std::to_string(st->value("total", 0)) +
                           " re-wrapped); retire the old version once it has finished");
-  KMSD_ASSIGN_OR_RETURN(std::uint32_t current, current_version(store_));
+  KMSD_ASSIGN_OR_RETURN(std::uint32_t current, provision::master_key_version(store_));
   if (version >= current)
     return make_error(ErrorCode::kFailedPrecondition,
                       "master key v" + std::to_string(version) +
@@ -243,7 +232,7 @@ Result<json> Rotation::retire(const json& params, const std::string& by) {
 
 Result<json> Rotation::status() {
   KMSD_ASSIGN_OR_RETURN(auto st, load());
-  KMSD_ASSIGN_OR_RETURN(std::uint32_t current, current_version(store_));
+  KMSD_ASSIGN_OR_RETURN(std::uint32_t current, provision::master_key_version(store_));
   json out{{"current_version", current}, {"state", "idle"}};
   if (st) {
     out["state"] = st->value("state", "idle");
