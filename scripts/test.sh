@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what is missing, builds, and runs the whole test suite with ctest; then the unit
-# tests of the modules that hold secrets and C handles (common, hsm, store, lifecycle) again,
+# tests of the modules that hold secrets and C handles (common, hsm and its envelope
+# rotation, store, lifecycle) again,
 # built with AddressSanitizer + UBSan.
 #
 #   KMSD_SANITIZE_TESTS=0 scripts/test.sh    # skip the sanitizer stage
@@ -16,7 +17,7 @@ build=${BUILD_DIR:-$root/build}
 BUILD_DIR=$build "$root/scripts/build.sh"
 
 sanitize=${KMSD_SANITIZE_TESTS:-1}
-targets=(common_test hsm_test store_test lifecycle_test)
+targets=(common_test hsm_test rotation_envelope_test store_test lifecycle_test)
 asan=${ASAN_BUILD_DIR:-$root/build-asan-ci}
 asan_pid=
 if [ "$sanitize" = 1 ]; then
