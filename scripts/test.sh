@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Installs what is missing, builds, and runs the whole test suite with ctest; then the unit
 # tests of the modules that hold secrets and C handles (common, hsm and its envelope
-# rotation, store, lifecycle) again,
-# built with AddressSanitizer + UBSan.
+# rotation, store, lifecycle) again, built with AddressSanitizer + UBSan.
 #
 #   KMSD_SANITIZE_TESTS=0 scripts/test.sh    # skip the sanitizer stage
 #
