@@ -1,4 +1,4 @@
-// kmsctl backup / restore (docs/backup.md):
+// kmsctl backup / restore (README "Backup and restore"):
 //   kmsctl backup --out FILE                 kmsd makes a consistent backup while it serves
 //   kmsctl restore --check FILE              kmsd checks FILE against its token (admin API)
 //   kmsctl restore --check FILE --config C   the same offline, with kmsd stopped
