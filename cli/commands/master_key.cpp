@@ -1,5 +1,5 @@
-// kmsctl master-key rotate | status | retire: master-key rotation (README "Master-key rotation"). Rotate
-// creates the next master-key version on the token and re-wraps every sealed record in the
+// kmsctl master-key rotate | status | retire: master-key rotation (README "Master-key rotation").
+// Rotate creates the next master-key version on the token and re-wraps every sealed record in the
 // background (may need approvals); status shows its progress; retire destroys an old version
 // once no record needs it (refused with exit 3 otherwise).
 #include <iostream>
