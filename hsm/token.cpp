@@ -12,6 +12,7 @@
 #include <charconv>
 #include <chrono>
 #include <condition_variable>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <set>
@@ -892,6 +893,34 @@ struct Token::Impl {
     return run(what, needs_login, std::forward<Op>(op), /*long_call=*/true);
   }
 
+  // Destroys every object of each of CLASSES labelled with each of LABELS (in that order, under
+  // object_mu, through run(): a lost session is recovered and the walk done again), then
+  // forgets the resolved handles, and with FORGET_VERSIONS the master key versions, whether or
+  // not the walk succeeded. Returns how many objects it destroyed.
+  Result<std::size_t> destroy_objects(std::string_view what,
+                                      std::initializer_list<CK_OBJECT_CLASS> classes,
+                                      std::initializer_list<std::string> labels,
+                                      bool forget_versions) {
+    auto r = run(what, true, [&](Session& s) {
+      std::size_t n = 0;
+      std::lock_guard lock(object_mu);
+      for (const CK_OBJECT_CLASS& cls : classes) {
+        for (const std::string& label : labels) {
+          CK_ATTRIBUTE find[] = {attr(CKA_CLASS, &cls), attr_str(CKA_LABEL, label)};
+          for (CK_OBJECT_HANDLE h : s.find(find, 2)) {
+            check_rv(f()->C_DestroyObject(s.handle(), h), "C_DestroyObject");
+            ++n;
+          }
+        }
+      }
+      return n;
+    });
+    std::lock_guard lock(cache_mu);
+    handles.clear();
+    if (forget_versions) versions.reset();
+    return r;
+  }
+
   // ---- data-key protection ----
   Bytes protect(const Session& s, WrapMechanism mech, std::uint32_t v, CK_OBJECT_HANDLE mk,
                 const SecretBytes& dk, std::span<const std::uint8_t> binding) {
@@ -1614,25 +1643,9 @@ Result<std::size_t> Token::destroy_master_key(std::uint32_t version) {
                       "master key '" + d.master_label(version) +
                           "' is the newest on the token (new records are sealed under it); "
                           "rotate to a newer version first");
-  auto r = d.run("destroying master key " + d.master_label(version), true, [&](Session& s) {
-    std::size_t n = 0;
-    std::lock_guard lock(d.object_mu);
-    static const CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
-    for (const std::string& label : {d.master_label(version), d.master_mac_label(version)}) {
-      CK_ATTRIBUTE find[] = {attr(CKA_CLASS, &cls), attr_str(CKA_LABEL, label)};
-      for (CK_OBJECT_HANDLE h : s.find(find, 2)) {
-        check_rv(d.f()->C_DestroyObject(s.handle(), h), "C_DestroyObject");
-        ++n;
-      }
-    }
-    return n;
-  });
-  {
-    std::lock_guard lock(d.cache_mu);
-    d.handles.clear();
-    d.versions.reset();
-  }
-  return r;
+  return d.destroy_objects("destroying master key " + d.master_label(version), {CKO_SECRET_KEY},
+                           {d.master_label(version), d.master_mac_label(version)},
+                           /*forget_versions=*/true);
 }
 
 // ---- signing ----
@@ -1924,24 +1937,9 @@ Status Token::generate_decryption_key(const std::string& label, KeyType type) {
 }
 
 Result<std::size_t> Token::destroy_key_pair(const std::string& label) {
-  Impl& d = *impl_;
-  auto r = d.run("destroying key pair '" + label + "'", true, [&](Session& s) {
-    std::size_t n = 0;
-    std::lock_guard lock(d.object_mu);
-    for (CK_OBJECT_CLASS cls : {CKO_PRIVATE_KEY, CKO_PUBLIC_KEY}) {
-      CK_ATTRIBUTE find[] = {attr(CKA_CLASS, &cls), attr_str(CKA_LABEL, label)};
-      for (CK_OBJECT_HANDLE h : s.find(find, 2)) {
-        check_rv(d.f()->C_DestroyObject(s.handle(), h), "C_DestroyObject");
-        ++n;
-      }
-    }
-    return n;
-  });
-  {
-    std::lock_guard lock(d.cache_mu);
-    d.handles.clear();
-  }
-  return r;
+  return impl_->destroy_objects("destroying key pair '" + label + "'",
+                                {CKO_PRIVATE_KEY, CKO_PUBLIC_KEY}, {label},
+                                /*forget_versions=*/false);
 }
 
 }  // namespace kmsd::hsm

@@ -201,5 +201,37 @@ TEST_P(RotationTest, DestroyRefusesTheNewestAndUnknownVersions) {
   EXPECT_EQ(t_->master_key_versions().value(), std::vector<std::uint32_t>{1});
 }
 
+// destroy_master_key and destroy_key_pair share one object walk (by class and label): each
+// destroys exactly its own objects and leaves the other kind on the token.
+TEST_P(RotationTest, RetiringAMasterKeyAndDestroyingAKeyPairLeaveTheOtherObjects) {
+  ASSERT_TRUE(t_->generate_master_key(2).ok());
+  auto blob = t_->seal(bytes("kept"), bytes("aad"), 2);
+  ASSERT_TRUE(blob.ok());
+  ASSERT_TRUE(t_->generate_decryption_key("custody", KeyType::kRsa2048).ok());
+
+  auto pair = t_->destroy_key_pair("custody");
+  ASSERT_TRUE(pair.ok()) << pair.error().message;
+  EXPECT_EQ(*pair, 2u);  // the private and the public half
+  EXPECT_EQ(t_->master_key_versions().value(), (std::vector<std::uint32_t>{1, 2}));
+  EXPECT_TRUE(opens(*blob, "aad", "kept"));
+  auto none = t_->destroy_key_pair("custody");
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(*none, 0u);
+  // Gone indeed: the label is free again.
+  ASSERT_TRUE(t_->generate_decryption_key("custody", KeyType::kRsa2048).ok());
+
+  auto master = t_->destroy_master_key(1);
+  ASSERT_TRUE(master.ok()) << master.error().message;
+  EXPECT_EQ(*master, GetParam() == WrapMechanism::kAesCbcPadHmac ? 2u : 1u);
+  EXPECT_EQ(t_->master_key_versions().value(), std::vector<std::uint32_t>{2});
+  EXPECT_TRUE(opens(*blob, "aad", "kept"));
+  auto taken = t_->generate_decryption_key("custody", KeyType::kRsa2048);
+  ASSERT_FALSE(taken.ok());
+  EXPECT_EQ(taken.error().code, ErrorCode::kAlreadyExists);
+  auto last = t_->destroy_key_pair("custody");
+  ASSERT_TRUE(last.ok());
+  EXPECT_EQ(*last, 2u);
+}
+
 }  // namespace
 }  // namespace kmsd::hsm
