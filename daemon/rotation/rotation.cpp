@@ -47,6 +47,122 @@ Result<std::size_t> keys_under(store::Store& store, std::uint32_t version) {
   return std::size_t{0};
 }
 
+// One re-wrap phase of the job ("keys": escrowed keys, "tokens": enrollment tokens), over
+// records of type Row.
+template <typename Row>
+struct RewrapPhase {
+  // At most BATCH records after the cursor of the job STATE, in cursor order.
+  std::function<Result<std::vector<Row>>(const json& state, std::size_t batch)> read;
+  // The record's new sealed blob; nullopt when it is under the target already (left alone);
+  // kCrypto when it does not open (skipped and counted); any other error pauses the job.
+  std::function<Result<std::optional<store::Bytes>>(const Row&)> rewrap;
+  // The record as the log names it.
+  std::function<std::string(const Row&)> name;
+  // Swaps the new blob in (compare-and-swap on the old one): false when the row changed.
+  std::function<Result<bool>(const Row&, const store::Bytes&)> swap;
+  // Moves the cursor in the job state past the record.
+  std::function<void(const Row&, json&)> past;
+  // Moves the job state to the next phase once no record is left after the cursor.
+  std::function<void(json&)> next_phase;
+};
+
+// One batch of PHASE for the job STATE (updated and stored): the records after the cursor are
+// re-wrapped on the token outside the store's lock, then one store transaction swaps each row
+// and moves the persisted cursor (a crash loses at most this batch). Returns how many rows it
+// changed; with no record left it moves STATE to the next phase.
+template <typename Row>
+Result<std::size_t> rewrap_batch(store::Store& store, json& state, const RewrapPhase<Row>& phase) {
+  KMSD_ASSIGN_OR_RETURN(auto rows, phase.read(state, state.value("batch", kDefaultBatch)));
+  if (rows.empty()) {
+    phase.next_phase(state);
+    KMSD_TRY(store.put_setting(kSettingRotation, state.dump()));
+    return std::size_t{0};
+  }
+  std::vector<std::pair<const Row*, store::Bytes>> moved;
+  std::size_t skipped = 0;
+  for (const Row& r : rows) {
+    auto m = phase.rewrap(r);
+    if (!m.ok() && m.error().code != ErrorCode::kCrypto) return m.error();
+    if (!m.ok()) {
+      ++skipped;  // it did not open before either; counted, left as it is
+      spdlog::error("rotation: {} does not open; left as it is", phase.name(r));
+      continue;
+    }
+    if (*m) moved.emplace_back(&r, std::move(**m));
+  }
+  std::size_t done = 0;
+  KMSD_TRY(store.transaction([&]() -> Status {
+    for (const auto& [r, blob] : moved) {
+      KMSD_ASSIGN_OR_RETURN(bool changed, phase.swap(*r, blob));
+      if (changed) ++done;
+    }
+    phase.past(rows.back(), state);
+    state["done"] = state.value("done", std::size_t{0}) + done;
+    state["skipped"] = state.value("skipped", std::size_t{0}) + skipped;
+    return store.put_setting(kSettingRotation, state.dump());
+  }));
+  return done;
+}
+
+// Escrowed keys (key_history) not under master key TARGET.
+RewrapPhase<store::KeyHistoryRecord> escrowed_keys_phase(store::Store& store, hsm::Token& token,
+                                                         std::uint32_t target) {
+  using Rec = store::KeyHistoryRecord;
+  RewrapPhase<Rec> p;
+  p.read = [&store, target](const json& state, std::size_t batch) {
+    return store.key_history_not_under(target, state.value("after_user", ""),
+                                       state.value("after_version", 0), batch);
+  };
+  p.rewrap = [&token, target](const Rec& r) -> Result<std::optional<store::Bytes>> {
+    KMSD_ASSIGN_OR_RETURN(auto blob, enroll::rewrap_escrowed(token, r, target));
+    return std::optional<store::Bytes>(std::move(blob));
+  };
+  p.name = [](const Rec& r) {
+    return "key " + std::to_string(r.version) + " of user " + r.user_id + " (master key v" +
+           std::to_string(r.master_version) + ")";
+  };
+  p.swap = [&store, target](const Rec& r, const store::Bytes& blob) {
+    return store.rewrap_key_history(r.user_id, r.version, r.sealed_key, target, blob);
+  };
+  p.past = [](const Rec& r, json& state) {
+    state["after_user"] = r.user_id;
+    state["after_version"] = r.version;
+  };
+  p.next_phase = [](json& state) {
+    state["phase"] = "tokens";
+    state["after_user"] = "";
+    state["after_version"] = 0;
+  };
+  return p;
+}
+
+// Enrollment tokens (not indexed by master version: every one is read, those under TARGET
+// are left alone).
+RewrapPhase<store::EnrollmentTokenRecord> enrollment_tokens_phase(store::Store& store,
+                                                                  hsm::Token& token,
+                                                                  std::uint32_t target) {
+  using Rec = store::EnrollmentTokenRecord;
+  RewrapPhase<Rec> p;
+  p.read = [&store](const json& state, std::size_t batch) {
+    return store.enrollment_tokens_after(state.value("after_user", ""), batch);
+  };
+  p.rewrap = [&token, target](const Rec& t) -> Result<std::optional<store::Bytes>> {
+    auto v = lifecycle::EnrollmentTokens::master_version_of(t.sealed);
+    if (v && *v == target) return std::optional<store::Bytes>();
+    KMSD_ASSIGN_OR_RETURN(auto sealed,
+                          lifecycle::EnrollmentTokens(token).rewrap(t.sealed, t.user_id, target));
+    return std::optional<store::Bytes>(std::move(sealed));
+  };
+  p.name = [](const Rec& t) { return "the enrollment token of user " + t.user_id; };
+  // A token re-issued meanwhile is sealed under the new key already: left alone.
+  p.swap = [&store](const Rec& t, const store::Bytes& sealed) {
+    return store.replace_token_sealed(t.user_id, t.sealed, sealed);
+  };
+  p.past = [](const Rec& t, json& state) { state["after_user"] = t.user_id; };
+  p.next_phase = [](json& state) { state["phase"] = "check"; };
+  return p;
+}
+
 Error sealed_error() {
   return make_error(ErrorCode::kUnavailable,
                     "kmsd is sealed: unseal it first (master keys live on the token)");
@@ -268,86 +384,14 @@ Result<json> Rotation::status() {
 
 Status Rotation::step(json& state) {
   const auto target = state.value("target", std::uint32_t{0});
-  const auto batch = state.value("batch", kDefaultBatch);
   const std::string phase = state.value("phase", "keys");
-  if (phase == "keys") {
-    KMSD_ASSIGN_OR_RETURN(auto rows,
-                          store_.key_history_not_under(target, state.value("after_user", ""),
-                                                       state.value("after_version", 0), batch));
-    if (rows.empty()) {
-      state["phase"] = "tokens";
-      state["after_user"] = "";
-      state["after_version"] = 0;
-      return store_.put_setting(kSettingRotation, state.dump());
-    }
-    std::vector<std::pair<const store::KeyHistoryRecord*, store::Bytes>> moved;
-    std::size_t skipped = 0;
-    for (const auto& r : rows) {
-      auto m = enroll::rewrap_escrowed(token_, r, target);
-      if (!m.ok() && m.error().code != ErrorCode::kCrypto) return m.error();
-      if (!m.ok()) {
-        ++skipped;  // it did not open before either; counted, left as it is
-        spdlog::error("rotation: key {} of user {} (master key v{}) does not open; left as it is",
-                      r.version, r.user_id, r.master_version);
-        continue;
-      }
-      moved.emplace_back(&r, std::move(*m));
-    }
-    std::size_t done = 0;
-    KMSD_TRY(store_.transaction([&]() -> Status {
-      for (const auto& [r, blob] : moved) {
-        KMSD_ASSIGN_OR_RETURN(bool changed, store_.rewrap_key_history(r->user_id, r->version,
-                                                                      r->sealed_key, target, blob));
-        if (changed) ++done;
-      }
-      state["after_user"] = rows.back().user_id;
-      state["after_version"] = rows.back().version;
-      state["done"] = state.value("done", std::size_t{0}) + done;
-      state["skipped"] = state.value("skipped", std::size_t{0}) + skipped;
-      return store_.put_setting(kSettingRotation, state.dump());
-    }));
+  if (phase == "keys" || phase == "tokens") {
+    auto done = phase == "keys"
+                    ? rewrap_batch(store_, state, escrowed_keys_phase(store_, token_, target))
+                    : rewrap_batch(store_, state, enrollment_tokens_phase(store_, token_, target));
+    if (!done.ok()) return done.error();
     std::lock_guard lk(mu_);
-    session_done_ += done;
-    return {};
-  }
-  if (phase == "tokens") {
-    KMSD_ASSIGN_OR_RETURN(auto toks,
-                          store_.enrollment_tokens_after(state.value("after_user", ""), batch));
-    if (toks.empty()) {
-      state["phase"] = "check";
-      return store_.put_setting(kSettingRotation, state.dump());
-    }
-    lifecycle::EnrollmentTokens tokens(token_);
-    std::vector<std::pair<const store::EnrollmentTokenRecord*, store::Bytes>> moved;
-    std::size_t skipped = 0;
-    for (const auto& t : toks) {
-      auto v = lifecycle::EnrollmentTokens::master_version_of(t.sealed);
-      if (v && *v == target) continue;
-      auto m = tokens.rewrap(t.sealed, t.user_id, target);
-      if (!m.ok() && m.error().code != ErrorCode::kCrypto) return m.error();
-      if (!m.ok()) {
-        ++skipped;
-        spdlog::error("rotation: the enrollment token of user {} does not open; left as it is",
-                      t.user_id);
-        continue;
-      }
-      moved.emplace_back(&t, std::move(*m));
-    }
-    std::size_t done = 0;
-    KMSD_TRY(store_.transaction([&]() -> Status {
-      for (const auto& [t, sealed] : moved) {
-        // A token re-issued meanwhile is sealed under the new key already: left alone.
-        KMSD_ASSIGN_OR_RETURN(bool changed,
-                              store_.replace_token_sealed(t->user_id, t->sealed, sealed));
-        if (changed) ++done;
-      }
-      state["after_user"] = toks.back().user_id;
-      state["done"] = state.value("done", std::size_t{0}) + done;
-      state["skipped"] = state.value("skipped", std::size_t{0}) + skipped;
-      return store_.put_setting(kSettingRotation, state.dump());
-    }));
-    std::lock_guard lk(mu_);
-    session_done_ += done;
+    session_done_ += *done;
     return {};
   }
   // phase "check": records sealed under an older version while the pass ran (an enrollment

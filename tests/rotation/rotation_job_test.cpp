@@ -304,6 +304,60 @@ TEST_F(RotationJobTest, ATokenThatStopsServingPausesTheJobWithoutSkippingRecords
   expect_all_open_under(2, kUsers);
 }
 
+// Both phases: a record whose data key does not unwrap (here: a byte of the protected data
+// key flipped) is skipped, counted and left as it is; every other record is moved.
+TEST_F(RotationJobTest, RecordsThatDoNotOpenAreSkippedCountedAndLeftAsTheyAre) {
+  constexpr int kUsers = 5;
+  for (int i = 0; i < kUsers; ++i) add_user("u" + std::to_string(10 + i), false);
+  auto key = store_->key_history("u11");
+  ASSERT_TRUE(key.ok() && key->size() == 1u);
+  store::Bytes bad_key = key->front().sealed_key;
+  bad_key[hsm::envelope::kFixedHeaderLen] ^= 0x01;
+  ASSERT_TRUE(store_->rewrap_key_history("u11", 1, key->front().sealed_key, 1, bad_key).value());
+  auto tok = store_->find_enrollment_token("u13");
+  ASSERT_TRUE(tok.ok() && tok->has_value());
+  store::Bytes bad_token = (*tok)->sealed;
+  bad_token[lifecycle::kSealedTokenHeaderLen + hsm::envelope::kFixedHeaderLen] ^= 0x01;
+  ASSERT_TRUE(store_->replace_token_sealed("u13", (*tok)->sealed, bad_token).value());
+
+  Rotation r(*store_, *token_, *audit_, *approvals_, [] { return true; });
+  r.start();
+  Pace pace;
+  pace.batch = 2;  // the bad records fall in the middle of a batch
+  auto out = r.request_rotate(pace, "alice");
+  ASSERT_TRUE(out.ok()) << out.error().message;
+  json s = wait_finished(r);
+  ASSERT_EQ(s.value("state", ""), "finished") << s.dump();
+  EXPECT_EQ(s.value("done", -1), 2 * kUsers - 2) << s.dump();
+  EXPECT_EQ(s.value("skipped", -1), 2) << s.dump();
+  EXPECT_EQ(s.value("remaining", -1), 2) << s.dump();
+  EXPECT_EQ(s.value("pass", 0), 1) << s.dump();  // nothing another pass could move
+
+  // Left as they were, under v1; everything else under v2.
+  auto kept_key = store_->key_history("u11");
+  ASSERT_TRUE(kept_key.ok());
+  EXPECT_EQ(kept_key->front().sealed_key, bad_key);
+  EXPECT_EQ(kept_key->front().master_version, 1u);
+  auto kept_token = store_->find_enrollment_token("u13");
+  ASSERT_TRUE(kept_token.ok() && kept_token->has_value());
+  EXPECT_EQ((*kept_token)->sealed, bad_token);
+  for (int i = 0; i < kUsers; ++i) {
+    const std::string id = "u" + std::to_string(10 + i);
+    auto h = store_->key_history(id);
+    ASSERT_TRUE(h.ok());
+    EXPECT_EQ(h->front().master_version, id == "u11" ? 1u : 2u) << id;
+    auto t = store_->find_enrollment_token(id);
+    ASSERT_TRUE(t.ok() && t->has_value());
+    EXPECT_EQ(lifecycle::EnrollmentTokens::master_version_of((*t)->sealed), id == "u13" ? 1u : 2u)
+        << id;
+  }
+  // And v1 still protects them: retire is refused, naming both.
+  auto refused = r.check_retire(1);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_THAT(refused.error().message,
+              ::testing::HasSubstr("still protects 1 escrowed key(s) and 1 enrollment token(s)"));
+}
+
 TEST_F(RotationJobTest, RetireIsRefusedNamingWhatStillNeedsTheKey) {
   add_user("u10", false);
   ASSERT_TRUE(token_->generate_master_key(2).ok());
