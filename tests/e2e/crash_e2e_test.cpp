@@ -4,13 +4,10 @@
 // certificates, no one-time token was spent without its certificates, every enrollment that
 // was not acknowledged can be completed with the same token, and the audit chain verifies.
 #include <openssl/evp.h>
-#include <signal.h>
-#include <sys/wait.h>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include <atomic>
 #include <chrono>
 #include <map>
 #include <mutex>
@@ -46,26 +43,8 @@ std::string serial_of(const std::string& pem) {
 
 class CrashTest : public KmsdTest {
  protected:
-  std::unique_ptr<client::AdminClient> enrollment_client() {
-    client::ClientOptions co;
-    co.server = "https://localhost:" + std::to_string(admin_port_);
-    co.ca_file = dir() / "ca.pem";
-    co.timeout = 20s;
-    auto c = client::AdminClient::connect(std::move(co));
-    EXPECT_TRUE(c.ok()) << c.error().message;
-    return c.ok() ? std::move(*c) : nullptr;
-  }
-
-  std::string sql(const std::string& query) {
-    return sh("sqlite3 " + shell_quote(db_path()) + " " + shell_quote(query)).output;
-  }
-
   void kill_and_restart() {
-    ASSERT_GT(pid_, 0);
-    ::kill(pid_, SIGKILL);
-    int status = 0;
-    ::waitpid(pid_, &status, 0);
-    pid_ = -1;
+    ASSERT_NO_FATAL_FAILURE(kill_kmsd());
     start();
     ASSERT_TRUE(wait_ready(200)) << log_text();
   }
@@ -74,17 +53,9 @@ class CrashTest : public KmsdTest {
 TEST_F(CrashTest, KilledDuringEnrollmentLosesNoAcknowledgedEnrollmentAndSpendsNoTokenForNothing) {
   boot();
   // Users and their one-time tokens; keys and CSRs made before any traffic.
-  json batch = json::array();
-  for (int i = 0; i < kUsers; ++i) {
-    const std::string id = "crash" + std::to_string(i);
-    batch.push_back({{"id", id}, {"email", id + "@example.com"}, {"display_name", "User " + id}});
-  }
-  auto bulk = api("POST", "/v1/users/bulk", json{{"users", batch}, {"job", "crash"}});
-  ASSERT_EQ(bulk.status, 200) << bulk.body;
-  std::map<std::string, std::string> tokens;
-  const json results = bulk.j().value("results", json::array());
-  for (const auto& r : results) tokens[r.value("id", "")] = r.value("token", "");
-  ASSERT_EQ(tokens.size(), static_cast<std::size_t>(kUsers)) << bulk.body.substr(0, 400);
+  const auto users = enable_users("crash", 0, kUsers, "crash");
+  std::map<std::string, std::string> tokens(users.begin(), users.end());
+  ASSERT_EQ(tokens.size(), static_cast<std::size_t>(kUsers));
   std::map<std::string, std::string> csrs;
   for (const auto& [id, token] : tokens) {
     ASSERT_FALSE(token.empty()) << id;
@@ -100,40 +71,35 @@ TEST_F(CrashTest, KilledDuringEnrollmentLosesNoAcknowledgedEnrollmentAndSpendsNo
   std::map<std::string, Acknowledged> acked;
   std::set<std::string> unanswered;  // the request may or may not have reached the store
   std::vector<std::string> wrong;    // answers that are neither a success nor an outage
-  std::atomic<int> next{0};
   std::vector<std::string> ids;
   for (const auto& [id, t] : tokens) ids.push_back(id);
-  auto client_loop = [&] {
-    auto client = enrollment_client();
-    if (!client) return;
-    for (int i = next++; i < kUsers; i = next++) {
-      const std::string& id = ids[static_cast<std::size_t>(i)];
-      auto reply = client->post("/enroll/v1/enroll",
-                                json{{"user", id}, {"token", tokens[id]}, {"csr", csrs[id]}});
-      std::lock_guard lk(mu);
-      if (!reply.ok() || reply->status == 503) {
-        unanswered.insert(id);  // kmsd died under it, or was not ready yet
-        std::this_thread::sleep_for(30ms);
-      } else if (reply->status == 200) {
-        auto j = reply->json();
-        acked[id] = {serial_of(j.value("signing_certificate", "")),
-                     serial_of(j.value("encryption_certificate", ""))};
-      } else {
-        wrong.push_back(id + ": " + std::to_string(reply->status) + " " + reply->body);
-      }
-      // Pace the clients so that the kills land in the middle of the traffic.
-      std::this_thread::sleep_for(20ms);
-    }
-  };
-  std::vector<std::thread> clients;
-  for (int c = 0; c < kClients; ++c) clients.emplace_back(client_loop);
+  // Paced (20 ms after each user) so that the kills land in the middle of the traffic.
+  EnrollmentLoad load(
+      [this] { return enrollment_client(); }, 0, kUsers, kClients, 20ms,
+      [&](client::AdminClient& client, int i) {
+        const std::string& id = ids[static_cast<std::size_t>(i)];
+        auto reply = client.post("/enroll/v1/enroll",
+                                 json{{"user", id}, {"token", tokens[id]}, {"csr", csrs[id]}});
+        std::lock_guard lk(mu);
+        if (!reply.ok() || reply->status == 503) {
+          unanswered.insert(id);  // kmsd died under it, or was not ready yet
+          std::this_thread::sleep_for(30ms);
+        } else if (reply->status == 200) {
+          auto j = reply->json();
+          acked[id] = {serial_of(j.value("signing_certificate", "")),
+                       serial_of(j.value("encryption_certificate", ""))};
+        } else {
+          wrong.push_back(id + ": " + std::to_string(reply->status) + " " + reply->body);
+        }
+      });
   std::mt19937 rng(std::random_device{}());
   std::uniform_int_distribution<int> pause_ms(150, 600);
-  for (int k = 0; k < kKills && next < kUsers; ++k) {
+  for (int k = 0; k < kKills && load.busy(); ++k) {
     std::this_thread::sleep_for(std::chrono::milliseconds(pause_ms(rng)));
-    kill_and_restart();
+    ASSERT_NO_FATAL_FAILURE(kill_and_restart());
   }
-  for (auto& t : clients) t.join();
+  load.join();
+  EXPECT_EQ(load.unconnected(), 0);
   EXPECT_THAT(wrong, ::testing::IsEmpty());
   std::printf("[ crash    ] %d kills; %zu enrollments acknowledged, %zu met a kill\n", kKills,
               acked.size(), unanswered.size());

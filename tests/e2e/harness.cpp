@@ -17,6 +17,8 @@
 #include <thread>
 #include <vector>
 
+#include "cli/client/admin_client.hpp"
+
 namespace kmsd::testing {
 
 namespace fs = std::filesystem;
@@ -281,6 +283,73 @@ ApiReply KmsdTest::enable(const std::string& id, const std::string& name) {
 
 std::string KmsdTest::log_text() const {
   return read_file(log_path());
+}
+
+std::vector<std::pair<std::string, std::string>> KmsdTest::enable_users(const std::string& prefix,
+                                                                        int first, int count,
+                                                                        const std::string& job) {
+  nlohmann::json batch = nlohmann::json::array();
+  for (int i = first; i < first + count; ++i) {
+    const std::string id = prefix + std::to_string(i);
+    batch.push_back({{"id", id}, {"email", id + "@example.com"}, {"display_name", "User " + id}});
+  }
+  std::vector<std::pair<std::string, std::string>> users;
+  auto bulk = api("POST", "/v1/users/bulk", nlohmann::json{{"users", batch}, {"job", job}});
+  EXPECT_EQ(bulk.status, 200) << bulk.body;
+  for (const auto& r : bulk.j().value("results", nlohmann::json::array()))
+    users.emplace_back(r.value("id", ""), r.value("token", ""));
+  EXPECT_EQ(users.size(), static_cast<std::size_t>(count)) << bulk.body.substr(0, 400);
+  return users;
+}
+
+std::unique_ptr<client::AdminClient> KmsdTest::enrollment_client() {
+  client::ClientOptions co;
+  co.server = "https://localhost:" + std::to_string(admin_port_);
+  co.ca_file = dir() / "ca.pem";
+  co.timeout = std::chrono::seconds(20);
+  auto c = client::AdminClient::connect(std::move(co));
+  EXPECT_TRUE(c.ok()) << c.error().message;
+  return c.ok() ? std::move(*c) : nullptr;
+}
+
+std::string KmsdTest::sql(const std::string& query) {
+  return sh("sqlite3 " + shell_quote(db_path()) + " " + shell_quote(query)).output;
+}
+
+void KmsdTest::kill_kmsd() {
+  ASSERT_GT(pid_, 0);
+  ::kill(pid_, SIGKILL);
+  int status = 0;
+  ::waitpid(pid_, &status, 0);
+  pid_ = -1;
+}
+
+EnrollmentLoad::EnrollmentLoad(Connect connect, int first, int end, int clients,
+                               std::chrono::milliseconds pace, Enroll enroll)
+    : next_(first), end_(end) {
+  for (int t = 0; t < clients; ++t) {
+    threads_.emplace_back([this, connect, pace, enroll] {
+      auto client = connect();
+      if (!client) {
+        ++unconnected_;
+        return;
+      }
+      for (int i = next_++; i < end_ && !stop_; i = next_++) {
+        enroll(*client, i);
+        std::this_thread::sleep_for(pace);
+      }
+    });
+  }
+}
+
+EnrollmentLoad::~EnrollmentLoad() {
+  stop_ = true;
+  join();
+}
+
+void EnrollmentLoad::join() {
+  for (auto& t : threads_)
+    if (t.joinable()) t.join();
 }
 
 }  // namespace kmsd::testing

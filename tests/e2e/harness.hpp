@@ -5,12 +5,23 @@
 
 #include <sys/types.h>
 
+#include <atomic>
+#include <chrono>
 #include <filesystem>
+#include <functional>
+#include <memory>
 #include <string>
+#include <thread>
+#include <utility>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "tests/support/sandbox.hpp"
+
+namespace kmsd::client {
+class AdminClient;  // cli/client/admin_client.hpp
+}
 
 namespace kmsd::testing {
 
@@ -81,6 +92,19 @@ class KmsdTest : public TokenSandbox {
   // kmsctl's admin-API options as the first administrator, with the CA fetched to ca.pem;
   // PASSPHRASE_FILE defaults to the right one.
   std::string kmsctl_admin_options(const std::filesystem::path& passphrase_file = {}) const;
+  // POST /v1/users/bulk (job JOB) of the users PREFIX<FIRST> .. PREFIX<FIRST+COUNT-1>; their
+  // ids and one-time enrollment tokens in that order. A refused request fails the test (and
+  // returns what it got: check the size).
+  std::vector<std::pair<std::string, std::string>> enable_users(const std::string& prefix,
+                                                                int first, int count,
+                                                                const std::string& job);
+  // A client of the enrollment API (no client certificate) trusting ca.pem; nullptr (and a
+  // test failure) when it cannot connect.
+  std::unique_ptr<client::AdminClient> enrollment_client();
+  // The output of the sqlite3 shell for QUERY on the store (kmsd may be running).
+  std::string sql(const std::string& query);
+  // SIGKILL to kmsd, and waits for it (pid_ is -1 afterwards).
+  void kill_kmsd();
 
   std::filesystem::path conf_path() const { return dir() / "kmsd.toml"; }
   std::filesystem::path secret_path() const { return dir() / "startup.secret"; }
@@ -95,6 +119,36 @@ class KmsdTest : public TokenSandbox {
   pid_t pid_ = -1;
   std::uint16_t public_port_ = 0;
   std::uint16_t admin_port_ = 0;
+};
+
+// Users enrolling over the real HTTPS API in the background while the test does something
+// else to kmsd (rotates the master key, kills it): CLIENTS threads, each with its own client
+// from CONNECT, take the indices FIRST .. END-1 in turn, call ENROLL(client, index) for each
+// and sleep PACE after it. The destructor stops them taking more and joins them, so a test
+// that fails half-way leaves no thread behind.
+class EnrollmentLoad {
+ public:
+  using Connect = std::function<std::unique_ptr<client::AdminClient>()>;
+  using Enroll = std::function<void(client::AdminClient&, int index)>;
+  EnrollmentLoad(Connect connect, int first, int end, int clients, std::chrono::milliseconds pace,
+                 Enroll enroll);
+  ~EnrollmentLoad();
+  EnrollmentLoad(const EnrollmentLoad&) = delete;
+  EnrollmentLoad& operator=(const EnrollmentLoad&) = delete;
+
+  // Waits until every index has been enrolled (or its thread could not connect).
+  void join();
+  // Some index has not been taken yet.
+  bool busy() const { return next_.load() < end_; }
+  // Threads that enrolled nobody because their client could not connect.
+  int unconnected() const { return unconnected_.load(); }
+
+ private:
+  std::atomic<int> next_;
+  const int end_;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> unconnected_{0};
+  std::vector<std::thread> threads_;
 };
 
 }  // namespace kmsd::testing

@@ -5,8 +5,6 @@
 // kms-master-v1 on the token.
 #include <openssl/evp.h>
 #include <openssl/pem.h>
-#include <signal.h>
-#include <sys/wait.h>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -54,18 +52,6 @@ std::string der_of_pem(const std::string& pem) {
 
 class RotationE2eTest : public KmsdTest {
  protected:
-  std::unique_ptr<client::AdminClient> enrollment_client() {
-    client::ClientOptions co;
-    co.server = "https://localhost:" + std::to_string(admin_port_);
-    co.ca_file = dir() / "ca.pem";
-    co.timeout = 20s;
-    auto c = client::AdminClient::connect(std::move(co));
-    EXPECT_TRUE(c.ok()) << c.error().message;
-    return c.ok() ? std::move(*c) : nullptr;
-  }
-  std::string sql(const std::string& query) {
-    return sh("sqlite3 " + shell_quote(db_path()) + " " + shell_quote(query)).output;
-  }
   json status() { return api("GET", "/v1/master-key").j(); }
 
   // Enrolls ID with its token; the escrowed key's PKCS#8 DER the reply delivered ("" when the
@@ -95,16 +81,7 @@ class RotationE2eTest : public KmsdTest {
 
 TEST_F(RotationE2eTest, RotateUnderLoadKillMidwayResumeRetireAndEveryKeyStillOpens) {
   boot();
-  json batch = json::array();
-  for (int i = 0; i < kBefore + kDuring; ++i) {
-    const std::string id = "rot" + std::to_string(100 + i);
-    batch.push_back({{"id", id}, {"email", id + "@example.com"}, {"display_name", "User " + id}});
-  }
-  auto bulk = api("POST", "/v1/users/bulk", json{{"users", batch}, {"job", "rot"}});
-  ASSERT_EQ(bulk.status, 200) << bulk.body;
-  std::vector<std::pair<std::string, std::string>> users;
-  for (const auto& r : bulk.j().value("results", json::array()))
-    users.emplace_back(r.value("id", ""), r.value("token", ""));
+  const auto users = enable_users("rot", 100, kBefore + kDuring, "rot");
   ASSERT_EQ(users.size(), static_cast<std::size_t>(kBefore + kDuring));
 
   std::mutex mu;
@@ -135,25 +112,18 @@ TEST_F(RotationE2eTest, RotateUnderLoadKillMidwayResumeRetireAndEveryKeyStillOpe
   EXPECT_THAT(busy.output, ::testing::HasSubstr("still running"));
   EXPECT_EQ(kmsctl("master-key rotate" + opts).status, 3);
 
-  // Users enroll while the re-wrap runs (and across the kill).
+  // Users enroll while the re-wrap runs (and across the kill), one client, 150 ms apart.
   std::atomic<int> failed{0};
-  std::thread load([&] {
-    auto c = enrollment_client();
-    if (!c) {
-      ++failed;
-      return;
-    }
-    for (int i = kBefore; i < kBefore + kDuring; ++i) {
-      std::string der;
-      if (!enroll(*c, users[i].first, users[i].second, der)) {
-        ++failed;
-        continue;
-      }
-      std::lock_guard lk(mu);
-      delivered[users[i].first] = der;
-      std::this_thread::sleep_for(150ms);
-    }
-  });
+  EnrollmentLoad load([this] { return enrollment_client(); }, kBefore, kBefore + kDuring, 1, 150ms,
+                      [&](client::AdminClient& c, int i) {
+                        std::string der;
+                        if (!enroll(c, users[i].first, users[i].second, der)) {
+                          ++failed;
+                          return;
+                        }
+                        std::lock_guard lk(mu);
+                        delivered[users[i].first] = der;
+                      });
 
   // Midway: some records re-wrapped, not all.
   json s;
@@ -167,10 +137,7 @@ TEST_F(RotationE2eTest, RotateUnderLoadKillMidwayResumeRetireAndEveryKeyStillOpe
   ASSERT_LT(s.value("done", 0), s.value("total", 0)) << s.dump();
   EXPECT_EQ(s.value("target", 0), 2);
 
-  ::kill(pid_, SIGKILL);
-  int wstatus = 0;
-  ::waitpid(pid_, &wstatus, 0);
-  pid_ = -1;
+  ASSERT_NO_FATAL_FAILURE(kill_kmsd());
   const std::string at_kill =
       sql("SELECT master_version, count(*) FROM key_history GROUP BY master_version");
   std::printf("[ rotation ] killed at %d of %d re-wrapped; key history by master version:\n%s",
@@ -181,6 +148,7 @@ TEST_F(RotationE2eTest, RotateUnderLoadKillMidwayResumeRetireAndEveryKeyStillOpe
   start();
   ASSERT_TRUE(wait_ready(200)) << log_text();
   load.join();
+  EXPECT_EQ(load.unconnected(), 0);
   EXPECT_EQ(failed.load(), 0);
 
   // The job resumes by itself and finishes.
