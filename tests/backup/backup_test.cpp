@@ -18,7 +18,7 @@
 #include "daemon/ca/issuer.hpp"
 #include "daemon/lifecycle/enrollment_token.hpp"
 #include "daemon/provision/initializer.hpp"
-#include "tests/support/logged_in_token.hpp"
+#include "tests/support/initialized_kms.hpp"
 
 namespace kmsd {
 namespace {
@@ -27,24 +27,11 @@ namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 using json = nlohmann::json;
 
-class BackupTest : public testing::TokenSandbox {
+class BackupTest : public testing::InitializedKmsTest {
  protected:
   void SetUp() override {
-    TokenSandbox::SetUp();
-    tok = testing::open_logged_in_token(token());
-    ASSERT_NE(tok, nullptr);
-    cfg.token.module = testing::kSoftHsmModule;
-    cfg.token.uri = token().uri();
-    cfg.ca.key_type = hsm::KeyType::kEcP256;
-    cfg.ca.subject = "/O=kmsd test/CN=Backup Test CA";
-    cfg.store.path = dir() / "kms.db";
-    store = std::move(store::Store::open(cfg.store.path).value());
-    provision::AdminOptions admin{"root", dir() / "admin.p12", SecretBytes::from_string("pass")};
-    auto rep = provision::initialize(cfg, *tok, *store, admin);
-    ASSERT_TRUE(rep.ok()) << rep.error().message;
-    auto ca = provision::load_ca_certificate(*store);
-    ASSERT_TRUE(ca.ok()) << ca.error().message;
-    ca_cert = std::move(*ca);
+    InitializedKmsTest::SetUp();
+    ASSERT_NO_FATAL_FAILURE(initialize_kms("/O=kmsd test/CN=Backup Test CA"));
     audit = std::make_unique<audit::AuditLog>(*store, *tok);
     service = std::make_unique<backup::BackupService>(*store, *tok, *audit, [this] {
       X509_up_ref(ca_cert.get());
@@ -96,10 +83,6 @@ class BackupTest : public testing::TokenSandbox {
     ASSERT_EQ(rc, SQLITE_OK) << why;
   }
 
-  std::unique_ptr<hsm::Token> tok;
-  config::Config cfg;
-  std::unique_ptr<store::Store> store;
-  ossl::X509Ptr ca_cert;
   std::unique_ptr<audit::AuditLog> audit;
   std::unique_ptr<backup::BackupService> service;
 };

@@ -14,7 +14,7 @@
 #include "daemon/ca/issuer.hpp"
 #include "daemon/provision/initializer.hpp"
 #include "daemon/revocation/revocation.hpp"
-#include "tests/support/logged_in_token.hpp"
+#include "tests/support/initialized_kms.hpp"
 
 namespace kmsd {
 namespace {
@@ -80,29 +80,11 @@ std::string upper(std::string s) {
 
 // An initialized KMS on the sandbox token (CA key of KEY_TYPE, CA certificate in the store),
 // a Revocation over it, and ca.pem in the sandbox directory for the openssl clients.
-class RevocationTest : public testing::TokenSandbox {
+class RevocationTest : public testing::InitializedKmsTest {
  protected:
-  void SetUp() override {
-    TokenSandbox::SetUp();
-    tok = testing::open_logged_in_token(token());
-    ASSERT_NE(tok, nullptr);
-  }
-
   void make_kms(hsm::KeyType key_type = hsm::KeyType::kEcP256,
                 const std::string& digest = "sha256") {
-    cfg.token.module = testing::kSoftHsmModule;
-    cfg.token.uri = token().uri();
-    cfg.ca.key_type = key_type;
-    cfg.ca.digest = digest;
-    cfg.ca.subject = "/O=kmsd test/CN=Revocation Test CA";
-    cfg.store.path = dir() / "kms.db";
-    store = std::move(store::Store::open(cfg.store.path).value());
-    provision::AdminOptions admin{"root", dir() / "admin.p12", SecretBytes::from_string("pass")};
-    auto rep = provision::initialize(cfg, *tok, *store, admin);
-    ASSERT_TRUE(rep.ok()) << rep.error().message;
-    auto ca = provision::load_ca_certificate(*store);
-    ASSERT_TRUE(ca.ok()) << ca.error().message;
-    ca_cert = std::move(*ca);
+    ASSERT_NO_FATAL_FAILURE(initialize_kms("/O=kmsd test/CN=Revocation Test CA", key_type, digest));
     write_pem(dir() / "ca.pem", ca_cert.get());
     settings.digest = digest;
     revocation = make_revocation();
@@ -191,10 +173,6 @@ class RevocationTest : public testing::TokenSandbox {
     return testing::run_command("cd '" + dir().string() + "' && " + cmd, out);
   }
 
-  config::Config cfg;
-  std::unique_ptr<hsm::Token> tok;
-  std::unique_ptr<store::Store> store;
-  ossl::X509Ptr ca_cert;
   revocation::Settings settings;
   std::unique_ptr<revocation::Revocation> revocation;
 };
