@@ -1695,6 +1695,19 @@ Result<ossl::EvpPkeyPtr> Token::ca_private_key() {
 
 namespace {
 
+// The public key of TYPE ("EC", "RSA") made of the parameters pushed into BLD.
+ossl::EvpPkeyPtr public_key_from(OSSL_PARAM_BLD& bld, const char* type) {
+  std::unique_ptr<OSSL_PARAM, ossl::Deleter<OSSL_PARAM_free>> params(OSSL_PARAM_BLD_to_param(&bld));
+  ossl::EvpPkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_name(nullptr, type, nullptr));
+  EVP_PKEY* key = nullptr;
+  if (!params || !ctx || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
+      EVP_PKEY_fromdata(ctx.get(), &key, EVP_PKEY_PUBLIC_KEY, params.get()) != 1) {
+    throw TokenError(ossl::crypto_error(std::string("building the CA public key (") + type + ")"),
+                     Fault::kCallerError);
+  }
+  return ossl::EvpPkeyPtr(key);
+}
+
 ossl::EvpPkeyPtr ec_public_key(std::span<const std::uint8_t> params,
                                std::span<const std::uint8_t> point) {
   const char* group = nullptr;
@@ -1723,15 +1736,7 @@ ossl::EvpPkeyPtr ec_public_key(std::span<const std::uint8_t> params,
                                        raw.size()) != 1) {
     throw TokenError(ossl::crypto_error("building the CA public key"), Fault::kCallerError);
   }
-  std::unique_ptr<OSSL_PARAM, ossl::Deleter<OSSL_PARAM_free>> params_out(
-      OSSL_PARAM_BLD_to_param(bld.get()));
-  ossl::EvpPkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr));
-  EVP_PKEY* key = nullptr;
-  if (!params_out || !ctx || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
-      EVP_PKEY_fromdata(ctx.get(), &key, EVP_PKEY_PUBLIC_KEY, params_out.get()) != 1) {
-    throw TokenError(ossl::crypto_error("building the CA public key (EC)"), Fault::kCallerError);
-  }
-  return ossl::EvpPkeyPtr(key);
+  return public_key_from(*bld, "EC");
 }
 
 ossl::EvpPkeyPtr rsa_public_key(std::span<const std::uint8_t> n, std::span<const std::uint8_t> e) {
@@ -1743,15 +1748,7 @@ ossl::EvpPkeyPtr rsa_public_key(std::span<const std::uint8_t> n, std::span<const
       OSSL_PARAM_BLD_push_BN(bld.get(), OSSL_PKEY_PARAM_RSA_E, bn_e.get()) != 1) {
     throw TokenError(ossl::crypto_error("building the CA public key"), Fault::kCallerError);
   }
-  std::unique_ptr<OSSL_PARAM, ossl::Deleter<OSSL_PARAM_free>> params(
-      OSSL_PARAM_BLD_to_param(bld.get()));
-  ossl::EvpPkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_name(nullptr, "RSA", nullptr));
-  EVP_PKEY* key = nullptr;
-  if (!params || !ctx || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
-      EVP_PKEY_fromdata(ctx.get(), &key, EVP_PKEY_PUBLIC_KEY, params.get()) != 1) {
-    throw TokenError(ossl::crypto_error("building the CA public key (RSA)"), Fault::kCallerError);
-  }
-  return ossl::EvpPkeyPtr(key);
+  return public_key_from(*bld, "RSA");
 }
 
 }  // namespace
