@@ -491,7 +491,7 @@ int run_reencrypt(const DrArgs& a) {
   return show_summary(a, "reencrypt", *s, kNotAudited);
 }
 
-int run_status(const DrArgs& a) {
+int run_dr_status(const DrArgs& a) {
   if (!fs::exists(fs::path(a.staging) / "manifest.db"))
     return fail(make_error(ErrorCode::kInvalidArgument,
                            a.staging + " has no manifest.db: not a staging directory"));
@@ -503,23 +503,43 @@ int run_status(const DrArgs& a) {
   if (!counts.ok()) return fail(counts.error());
   if (!rows.ok()) return fail(rows.error());
   if (!done.ok()) return fail(done.error());
+  // The packs: their size on disk beside the bytes rows name (the rest is dead space that
+  // killed runs or messages staged again left).
+  std::map<std::string, std::uintmax_t> pack_bytes;
+  std::uintmax_t staged_bytes = 0;
+  std::error_code ec;
+  const fs::path packs = dr::packs_dir(a.staging);
+  if (fs::is_directory(packs, ec))
+    for (const auto& e : fs::directory_iterator(packs, ec))
+      if (e.is_regular_file()) pack_bytes[e.path().filename().string()] = e.file_size(ec);
+  for (const auto& r : *rows) staged_bytes += r.status == dr::kStaged ? r.copy.length : 0;
+  std::uintmax_t total_bytes = 0;
+  for (const auto& [name, n] : pack_bytes) total_bytes += n;
   if (a.output == "json") {
     json messages = json::array();
-    for (const auto& r : *rows)
-      messages.push_back({{"path", r.path},
-                          {"format", r.format},
-                          {"sha256", r.digest},
-                          {"status", r.status},
-                          {"users", r.users},
-                          {"reencrypted", done->count(r.path) != 0},
-                          {"reason", r.reason}});
+    for (const auto& r : *rows) {
+      json m = {{"path", r.path},     {"format", r.format},
+                {"sha256", r.digest}, {"status", r.status},
+                {"users", r.users},   {"reencrypted", done->count(r.path) != 0},
+                {"reason", r.reason}};
+      if (r.status == dr::kStaged)
+        m["staged"] = {{"pack", r.copy.pack},
+                       {"offset", r.copy.offset},
+                       {"length", r.copy.length},
+                       {"sha256", r.copy.sha256}};
+      messages.push_back(std::move(m));
+    }
     std::cout
-        << json{{"counts", *counts}, {"reencrypted", done->size()}, {"messages", messages}}.dump(2)
+        << json{{"counts", *counts},         {"reencrypted", done->size()},  {"packs", pack_bytes},
+                {"pack_bytes", total_bytes}, {"staged_bytes", staged_bytes}, {"messages", messages}}
+               .dump(2)
         << "\n";
     return kOk;
   }
   for (const auto& [status, n] : *counts) std::cout << status << " " << n << "\n";
   std::cout << "reencrypted " << done->size() << "\n";
+  std::cout << "packs " << pack_bytes.size() << " file(s), " << total_bytes << " bytes, "
+            << staged_bytes << " of them staged messages\n";
   return kOk;
 }
 
@@ -951,7 +971,7 @@ int run_finish(const DrArgs& a) {
   }
   std::cout << "dr finish: custody key '" << a.custody_label << "' destroyed ("
             << sum->custody_objects_destroyed << " object(s)); " << sum->staged_files_removed
-            << " staged file(s) removed; " << sum->key_files_destroyed
+            << " staged pack file(s) removed; " << sum->key_files_destroyed
             << " PKCS#12 file(s) overwritten and removed; " << sum->old_keys_wiped
             << " sealed old key(s) wiped from the old database";
   if (sum->staged_waiting > 0)
@@ -1775,7 +1795,7 @@ void add_dr_commands(CLI::App& app, Commands& commands) {
   add_common(dd, d);
 
   auto* st = dr->add_subcommand("status", "what the manifest of a staging directory records");
-  auto& s = commands.add<DrArgs>(st, run_status);
+  auto& s = commands.add<DrArgs>(st, run_dr_status);
   st->add_option("--staging", s.staging, "the staging directory")->required();
   st->add_option("-o,--output", s.output, "table or json")->check(CLI::IsMember({"table", "json"}));
 }

@@ -43,13 +43,47 @@ CREATE TABLE IF NOT EXISTS messages(
   recipients TEXT NOT NULL,
   users TEXT NOT NULL,
   reason TEXT NOT NULL,
-  recorded_at INTEGER NOT NULL);
+  recorded_at INTEGER NOT NULL,
+  pack TEXT NOT NULL DEFAULT '',
+  pack_offset INTEGER NOT NULL DEFAULT 0,
+  pack_length INTEGER NOT NULL DEFAULT 0,
+  header_length INTEGER NOT NULL DEFAULT 0,
+  crlf INTEGER NOT NULL DEFAULT 0,
+  staged_sha256 TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS reencrypted(
   path TEXT PRIMARY KEY REFERENCES messages(path),
   users TEXT NOT NULL,
   out_digest TEXT NOT NULL,
   recorded_at INTEGER NOT NULL);
 )sql";
+
+// The columns of a message row, in the order read_row() reads them.
+const std::string kRowColumns =
+    "path, format, digest, status, recipients, users, reason, pack, pack_offset, pack_length, "
+    "header_length, crlf, staged_sha256";
+
+std::uint64_t column_u64(sqlite3_stmt* s, int i) {
+  return static_cast<std::uint64_t>(sqlite3_column_int64(s, i));
+}
+
+// Columns FIRST.. of S, as kRowColumns lists them.
+ManifestRow read_row(sqlite3_stmt* s, int first = 0) {
+  ManifestRow r;
+  r.path = column(s, first + 0);
+  r.format = column(s, first + 1);
+  r.digest = column(s, first + 2);
+  r.status = column(s, first + 3);
+  r.recipients = column(s, first + 4);
+  r.users = column(s, first + 5);
+  r.reason = column(s, first + 6);
+  r.copy.pack = column(s, first + 7);
+  r.copy.offset = column_u64(s, first + 8);
+  r.copy.length = column_u64(s, first + 9);
+  r.copy.header_length = column_u64(s, first + 10);
+  r.copy.crlf = sqlite3_column_int(s, first + 11) != 0;
+  r.copy.sha256 = column(s, first + 12);
+  return r;
+}
 
 }  // namespace
 
@@ -69,6 +103,20 @@ Result<std::unique_ptr<Manifest>> Manifest::open(const std::filesystem::path& fi
   // the manifest's share of memory stays the same whatever the store's size.
   KMSD_TRY(m->exec("PRAGMA cache_size=-1024", "setting the cache size"));
   KMSD_TRY(m->exec(kSchema, "creating the schema"));
+  // A manifest of the layout before packs has no pack column (its staged messages are files
+  // under messages/): refused rather than half understood.
+  sqlite3_stmt* probe = nullptr;
+  const bool packs = sqlite3_prepare_v2(raw, "SELECT pack FROM messages LIMIT 0", -1, &probe,
+                                        nullptr) == SQLITE_OK;
+  sqlite3_finalize(probe);
+  if (!packs)
+    return make_error(ErrorCode::kFailedPrecondition,
+                      file.string() +
+                          " was made by an older kmsctl that staged one file per message (under "
+                          "messages/); this kmsctl stages into pack files and cannot use it. "
+                          "Finish that recovery with the kmsctl that started it, or start again "
+                          "with a new, empty --staging directory (predecrypt stages every "
+                          "message again).");
   return m;
 }
 
@@ -120,44 +168,32 @@ Result<std::map<std::string, std::pair<std::string, std::string>>> Manifest::rec
 }
 
 namespace {
-Result<std::vector<ManifestRow>> select_rows(sqlite3* db, const char* sql) {
-  KMSD_ASSIGN_OR_RETURN(Stmt s, prepare(db, sql));
+// The message rows matching the SQL clauses AFTER (WHERE ..., ORDER BY ...).
+Result<std::vector<ManifestRow>> select_rows(sqlite3* db, const std::string& after) {
+  const std::string sql = "SELECT " + kRowColumns + " FROM messages " + after;
+  KMSD_ASSIGN_OR_RETURN(Stmt s, prepare(db, sql.c_str()));
   std::vector<ManifestRow> out;
   int rc;
-  while ((rc = sqlite3_step(s.get())) == SQLITE_ROW) {
-    ManifestRow r;
-    r.path = column(s.get(), 0);
-    r.format = column(s.get(), 1);
-    r.digest = column(s.get(), 2);
-    r.status = column(s.get(), 3);
-    r.recipients = column(s.get(), 4);
-    r.users = column(s.get(), 5);
-    r.reason = column(s.get(), 6);
-    out.push_back(std::move(r));
-  }
+  while ((rc = sqlite3_step(s.get())) == SQLITE_ROW) out.push_back(read_row(s.get()));
   if (rc != SQLITE_DONE) return db_error(db, "reading the manifest");
   return out;
 }
 }  // namespace
 
 Result<std::vector<ManifestRow>> Manifest::staged() {
-  return select_rows(db_,
-                     "SELECT path, format, digest, status, recipients, users, reason FROM messages "
-                     "WHERE status = 'staged' ORDER BY path");
+  return select_rows(db_, "WHERE status = 'staged' ORDER BY path");
 }
 
 Result<std::vector<ManifestRow>> Manifest::rows() {
-  return select_rows(db_,
-                     "SELECT path, format, digest, status, recipients, users, reason FROM messages "
-                     "ORDER BY path");
+  return select_rows(db_, "ORDER BY path");
 }
 
 Status Manifest::record(const std::vector<ManifestRow>& rows) {
   if (rows.empty()) return {};
   KMSD_TRY(exec("BEGIN IMMEDIATE", "starting a transaction"));
-  auto st = prepare(db_,
-                    "INSERT OR REPLACE INTO messages(path, format, digest, status, recipients, "
-                    "users, reason, recorded_at) VALUES(?, ?, ?, ?, ?, ?, ?, ?)");
+  const std::string insert = "INSERT OR REPLACE INTO messages(" + kRowColumns +
+                             ", recorded_at) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+  auto st = prepare(db_, insert.c_str());
   if (!st.ok()) {
     (void)exec("ROLLBACK", "rolling back");
     return st.error();
@@ -187,7 +223,13 @@ Status Manifest::record(const std::vector<ManifestRow>& rows) {
     bind_text(s, 5, r.recipients);
     bind_text(s, 6, r.users);
     bind_text(s, 7, r.reason);
-    sqlite3_bind_int64(s, 8, now);
+    bind_text(s, 8, r.copy.pack);
+    sqlite3_bind_int64(s, 9, static_cast<sqlite3_int64>(r.copy.offset));
+    sqlite3_bind_int64(s, 10, static_cast<sqlite3_int64>(r.copy.length));
+    sqlite3_bind_int64(s, 11, static_cast<sqlite3_int64>(r.copy.header_length));
+    sqlite3_bind_int(s, 12, r.copy.crlf ? 1 : 0);
+    bind_text(s, 13, r.copy.sha256);
+    sqlite3_bind_int64(s, 14, now);
     if (sqlite3_step(s) != SQLITE_DONE) {
       auto err = db_error(db_, "recording " + r.path);
       (void)exec("ROLLBACK", "rolling back");
@@ -266,10 +308,11 @@ Result<std::unique_ptr<ManifestReader>> ManifestReader::open(const std::filesyst
                          nullptr) != SQLITE_OK)
     return db_error(raw, "preparing the lookup");
   if (sqlite3_prepare_v2(raw,
-                         "SELECT m.path, m.format, m.digest, m.status, m.recipients, m.users, "
-                         "m.reason, r.path IS NOT NULL FROM messages m LEFT JOIN reencrypted r "
-                         "ON r.path = m.path WHERE m.status = 'staged' AND m.path > ? "
-                         "ORDER BY m.path LIMIT ?",
+                         "SELECT r.path IS NOT NULL, m.path, m.format, m.digest, m.status, "
+                         "m.recipients, m.users, m.reason, m.pack, m.pack_offset, m.pack_length, "
+                         "m.header_length, m.crlf, m.staged_sha256 FROM messages m LEFT JOIN "
+                         "reencrypted r ON r.path = m.path WHERE m.status = 'staged' AND "
+                         "m.path > ? ORDER BY m.path LIMIT ?",
                          -1, &r->page_, nullptr) != SQLITE_OK)
     return db_error(raw, "preparing the staged rows");
   return r;
@@ -306,14 +349,8 @@ Result<std::vector<ManifestReader::StagedRow>> ManifestReader::staged_after(
   int rc;
   while ((rc = sqlite3_step(page_)) == SQLITE_ROW) {
     StagedRow r;
-    r.row.path = column(page_, 0);
-    r.row.format = column(page_, 1);
-    r.row.digest = column(page_, 2);
-    r.row.status = column(page_, 3);
-    r.row.recipients = column(page_, 4);
-    r.row.users = column(page_, 5);
-    r.row.reason = column(page_, 6);
-    r.reencrypted = sqlite3_column_int(page_, 7) != 0;
+    r.reencrypted = sqlite3_column_int(page_, 0) != 0;
+    r.row = read_row(page_, 1);
     out.push_back(std::move(r));
   }
   sqlite3_reset(page_);

@@ -2,10 +2,15 @@
 // message of the store, what pre-decryption and re-encryption did with it. A killed run resumes
 // from it: a message recorded here is never processed again.
 //
-// Crash order: a staged (or re-encrypted) file is written to a temporary name and renamed into
-// place, the file system is synced, and only then is its row committed. A row therefore always
-// names a durable file; a file without a row (a kill between rename and commit) is simply
-// written again, atomically, on the next run.
+// Crash order: a staged message is appended to its run's pack (daemon/dr/pack.hpp) and a
+// re-encrypted file is written to a temporary name and renamed into place; the pack is
+// fdatasync'd (the file system synced, for re-encrypted files), and only then is the row
+// committed. A row therefore always names durable bytes; bytes without a row (a kill between the
+// write and the commit) are dead space in a pack, or a file written again, atomically, on the
+// next run.
+//
+// Layout: a manifest made before staging packs (one file per staged message under messages/) is
+// refused with a message saying to start a new staging directory.
 //
 // Thread-safety: none; the pipeline's collector thread is the only user.
 #pragma once
@@ -21,6 +26,7 @@
 #include <vector>
 
 #include "common/result.hpp"
+#include "daemon/dr/pack.hpp"
 
 namespace kmsd::dr {
 
@@ -39,6 +45,7 @@ struct ManifestRow {
   std::string recipients;  // recipient identifiers named by the message, "\n"-separated
   std::string users;       // users whose old key opened it / who must get it back, ","-separated
   std::string reason;      // for every status but staged: what was found, in words
+  StagedCopy copy;         // staged: where its bytes are
 };
 
 struct ReencryptRow {

@@ -18,6 +18,7 @@
 
 #include "common/fd.hpp"
 #include "daemon/dr/message.hpp"
+#include "daemon/dr/pack.hpp"
 
 namespace kmsd::dr {
 
@@ -106,6 +107,13 @@ void remove_leftovers(const fs::path& dir) {
   for (const auto& p : gone) fs::remove(p, ec);
 }
 
+// fsync of a directory: the entries made in it are durable.
+Status sync_dir(const fs::path& dir) {
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.valid() || ::fsync(fd.get()) != 0) return io_error(dir, "cannot sync");
+  return {};
+}
+
 Status sync_dir_fs(const fs::path& dir) {
   UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!fd.valid() || ::syncfs(fd.get()) != 0) return io_error(dir, "cannot sync");
@@ -147,22 +155,28 @@ struct Outcome {
   ReencryptRow re;
 };
 
-// Runs WORK over the items SOURCE yields (TOTAL of them, for progress) on THREADS workers. A
-// feeder thread pulls from SOURCE into a bounded queue; the workers take from it; the calling
-// thread collects the outcomes into batches and commits each (COMMIT) after syncing SYNC_DIR's
-// file system. Both queues are bounded, so memory does not grow with the store.
+// The number of workers run_pool() starts for THREADS (0: one per core) and TOTAL items.
+unsigned pool_size(unsigned threads, std::size_t total) {
+  if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
+  return static_cast<unsigned>(std::min<std::size_t>(threads, std::max<std::size_t>(1, total)));
+}
+
+// Runs WORK over the items SOURCE yields (TOTAL of them, for progress) on pool_size() workers,
+// each calling WORK with its index. A feeder thread pulls from SOURCE into a bounded queue; the
+// workers take from it; the calling thread collects the outcomes into batches and commits each
+// (COMMIT) after SYNC has made what the workers wrote durable. Both queues are bounded, so
+// memory does not grow with the store.
 template <typename Item>
 Result<RunSummary> run_pool(const std::function<Result<std::optional<Item>>()>& source,
                             std::size_t total, unsigned threads,
-                            const std::function<Outcome(const Item&)>& work,
+                            const std::function<Outcome(const Item&, unsigned)>& work,
                             const std::function<Status(std::vector<Outcome>&)>& commit,
-                            const fs::path& sync_dir, const ProgressFn& progress,
+                            const std::function<Status()>& sync, const ProgressFn& progress,
                             std::size_t stop_after) {
   RunSummary summary;
   summary.total = total;
   const auto start = Clock::now();
-  if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
-  threads = static_cast<unsigned>(std::min<std::size_t>(threads, std::max<std::size_t>(1, total)));
+  threads = pool_size(threads, total);
   // Outcomes are small (a manifest row, never a message), so the queue can hold what the
   // workers produce while the collector waits for a file-system sync and a durable commit
   // (hundreds of ms on a busy disk) without the workers stalling. Still a constant: memory
@@ -208,7 +222,7 @@ Result<RunSummary> run_pool(const std::function<Result<std::optional<Item>>()>& 
   std::vector<std::thread> pool;
   pool.reserve(threads);
   for (unsigned t = 0; t < threads; ++t) {
-    pool.emplace_back([&] {
+    pool.emplace_back([&, t] {
       for (;;) {
         std::optional<Item> item;
         {
@@ -221,7 +235,7 @@ Result<RunSummary> run_pool(const std::function<Result<std::optional<Item>>()>& 
         }
         Outcome o;
         try {
-          o = work(*item);
+          o = work(*item, t);
         } catch (const std::exception& e) {
           o.row.status = kFailed;
           o.row.reason = std::string("internal error: ") + e.what();
@@ -247,7 +261,7 @@ Result<RunSummary> run_pool(const std::function<Result<std::optional<Item>>()>& 
     if (batch.empty()) return {};
     const bool any_record = std::any_of(batch.begin(), batch.end(),
                                         [](const Outcome& o) { return !o.skip && o.record; });
-    if (any_record) KMSD_TRY(sync_dir_fs(sync_dir));
+    if (any_record) KMSD_TRY(sync());
     KMSD_TRY(commit(batch));
     for (auto& o : batch) {
       ++done;
@@ -381,10 +395,13 @@ Result<RunSummary> predecrypt(const PredecryptOptions& o) {
   KMSD_ASSIGN_OR_RETURN(auto walker, MessageWalker::open(o.store));
   KMSD_TRY(make_dirs(o.staging));
   ::chmod(o.staging.c_str(), 0700);
-  const fs::path staged_root = o.staging / "messages";
-  KMSD_TRY(make_dirs(staged_root));
-  remove_leftovers(staged_root);
   KMSD_ASSIGN_OR_RETURN(auto manifest, Manifest::open(o.staging / "manifest.db"));
+  const fs::path packs = packs_dir(o.staging);
+  if (!fs::is_directory(packs)) {
+    KMSD_TRY(make_dirs(packs));
+    ::chmod(packs.c_str(), 0700);
+    KMSD_TRY(sync_dir(o.staging));  // packs/ stays once a row names a pack in it
+  }
   KMSD_TRY(manifest->bind("store", fs::weakly_canonical(o.store).string(), "the store"));
   KMSD_TRY(manifest->bind("custody_certificate", ossl::sha256_fingerprint(o.custody_cert),
                           "the custody certificate"));
@@ -393,8 +410,16 @@ Result<RunSummary> predecrypt(const PredecryptOptions& o) {
   // up (a lookup is a read transaction on the manifest, under the reader's lock).
   KMSD_ASSIGN_OR_RETURN(const auto recorded_before, manifest->counts());
   const bool first_run = recorded_before.empty();
+  // One pack per worker, named for this run: appends need no lock, and no run appends to a pack
+  // an earlier (perhaps killed) run wrote.
+  const std::string run_id = new_run_id();
+  std::vector<std::unique_ptr<PackWriter>> writers;
+  for (unsigned w = 0; w < pool_size(o.threads, total); ++w)
+    writers.push_back(
+        std::make_unique<PackWriter>(packs, run_id + "-w" + std::to_string(w) + ".pack"));
 
-  std::function<Outcome(const StoredMessage&)> work = [&](const StoredMessage& m) {
+  std::function<Outcome(const StoredMessage&, unsigned)> work = [&](const StoredMessage& m,
+                                                                    unsigned worker) {
     Outcome out;
     ManifestRow& row = out.row;
     row.path = m.relative.string();
@@ -433,17 +458,27 @@ Result<RunSummary> predecrypt(const PredecryptOptions& o) {
       row.reason = custody.reason;
       return out;
     }
-    auto text = encode(custody.cms.get(), m.format, parsed.headers, parsed.crlf);
-    if (!text.ok()) {
+    // The staged record: the message's own header lines, then the DER (pack.hpp).
+    auto record = encode(custody.cms.get(), Format::kDer, parsed.headers, parsed.crlf);
+    if (!record.ok()) {
       row.status = kFailed;
-      row.reason = text.error().message;
+      row.reason = record.error().message;
       return out;
     }
-    if (auto st = write_replace(staged_root / m.relative, *text); !st.ok()) {
+    PackWriter& pack = *writers.at(worker);
+    auto offset = pack.append(*record);
+    if (!offset.ok()) {
       row.status = kFailed;
-      row.reason = st.error().message;
+      row.reason = offset.error().message;
       return out;
     }
+    row.copy.pack = pack.name();
+    row.copy.offset = *offset;
+    row.copy.length = record->size();
+    row.copy.header_length = parsed.headers.size();
+    row.copy.crlf = parsed.crlf;
+    row.copy.sha256 = ossl::hex(
+        ossl::sha256({reinterpret_cast<const std::uint8_t*>(record->data()), record->size()}));
     row.status = kStaged;
     return out;
   };
@@ -454,8 +489,12 @@ Result<RunSummary> predecrypt(const PredecryptOptions& o) {
     return manifest->record(rows);
   };
   std::function<Result<std::optional<StoredMessage>>()> next = [&] { return walker.next(); };
-  KMSD_ASSIGN_OR_RETURN(auto summary, run_pool(next, total, o.threads, work, commit, o.staging,
-                                               o.progress, o.stop_after));
+  std::function<Status()> sync = [&]() -> Status {
+    for (auto& w : writers) KMSD_TRY(w->sync());
+    return {};
+  };
+  KMSD_ASSIGN_OR_RETURN(
+      auto summary, run_pool(next, total, o.threads, work, commit, sync, o.progress, o.stop_after));
   KMSD_ASSIGN_OR_RETURN(summary.overall, manifest->counts());
   return summary;
 }
@@ -482,7 +521,7 @@ Result<RunSummary> reencrypt(const ReencryptOptions& o) {
   KMSD_ASSIGN_OR_RETURN(const auto counts, manifest->counts());
   const std::size_t staged = counts.count(kStaged) != 0 ? counts.at(kStaged) : 0;
   KMSD_ASSIGN_OR_RETURN(auto reader, ManifestReader::open(o.staging / "manifest.db"));
-  const fs::path staged_root = o.staging / "messages";
+  PackReader packs(o.staging);
 
   // Staged rows in path order, a page at a time.
   std::deque<ManifestReader::StagedRow> page;
@@ -503,8 +542,8 @@ Result<RunSummary> reencrypt(const ReencryptOptions& o) {
     return std::optional<ManifestReader::StagedRow>(std::move(r));
   };
 
-  std::function<Outcome(const ManifestReader::StagedRow&)> work =
-      [&](const ManifestReader::StagedRow& staged_row) {
+  std::function<Outcome(const ManifestReader::StagedRow&, unsigned)> work =
+      [&](const ManifestReader::StagedRow& staged_row, unsigned) {
         const ManifestRow& r = staged_row.row;
         Outcome out;
         out.row = r;
@@ -534,11 +573,16 @@ Result<RunSummary> reencrypt(const ReencryptOptions& o) {
         };
         auto format = parse_format(r.format);
         if (!format.ok()) return fail(format.error().message);
-        auto bytes = read_file(staged_root / r.path);
+        auto bytes = packs.read(r);  // checked against the SHA-256 recorded
         if (!bytes.ok()) return fail(bytes.error().message);
-        ParsedMessage parsed = parse_message(*bytes, *format);
+        const std::size_t header_length =
+            static_cast<std::size_t>(std::min<std::uint64_t>(r.copy.header_length, bytes->size()));
+        const std::string headers(reinterpret_cast<const char*>(bytes->data()), header_length);
+        ParsedMessage parsed = parse_message(
+            std::span<const std::uint8_t>(*bytes).subspan(header_length), Format::kDer);
         if (parsed.kind != Kind::kEncrypted)
-          return fail("the staged copy is " + parsed.what + "; run predecrypt again for it");
+          return fail("the staged copy in packs/" + r.copy.pack + " at offset " +
+                      std::to_string(r.copy.offset) + " is " + parsed.what);
         auto content = decrypt(parsed.cms.get(), o.custody_key, o.custody_cert);
         if (!content.ok())
           return fail("cannot decrypt the staged copy with the custody key: " +
@@ -547,7 +591,7 @@ Result<RunSummary> reencrypt(const ReencryptOptions& o) {
         content->reset();
         if (!cms.ok())
           return fail("cannot encrypt to the new certificates: " + cms.error().message);
-        auto text = encode(cms->get(), *format, parsed.headers, parsed.crlf);
+        auto text = encode(cms->get(), *format, headers, r.copy.crlf);
         if (!text.ok()) return fail(text.error().message);
         if (auto st = write_replace(o.out / r.path, *text); !st.ok())
           return fail(st.error().message);
@@ -564,7 +608,8 @@ Result<RunSummary> reencrypt(const ReencryptOptions& o) {
       if (!b.skip && b.record) rows.push_back(b.re);
     return manifest->record_reencrypted(rows);
   };
-  KMSD_ASSIGN_OR_RETURN(auto summary, run_pool(next, staged, o.threads, work, commit, o.out,
+  std::function<Status()> sync = [&] { return sync_dir_fs(o.out); };
+  KMSD_ASSIGN_OR_RETURN(auto summary, run_pool(next, staged, o.threads, work, commit, sync,
                                                o.progress, o.stop_after));
   KMSD_ASSIGN_OR_RETURN(const auto now_done, manifest->reencrypted_count());
   summary.overall = {{kStaged, staged}, {kReencrypted, now_done}};

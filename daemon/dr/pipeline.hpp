@@ -4,8 +4,9 @@
 //
 // Staging directory layout:
 //   manifest.db          the manifest (daemon/dr/manifest.hpp)
-//   messages/<path>      each staged message at its store path, in its own format, encrypted to
-//                        the custody certificate only
+//   packs/<run>-w<N>.pack  append-only packs of staged messages (daemon/dr/pack.hpp), one per
+//                        worker per run, each message encrypted to the custody certificate only;
+//                        its manifest row gives the pack, offset, length and SHA-256
 // Re-encryption writes <out>/<path>, in the original format, encrypted to the users' new
 // certificates. Plaintext exists only in memory, one message per worker at a time, in
 // cleansing buffers; no file ever holds it.
@@ -97,8 +98,8 @@ struct PredecryptOptions {
   X509* custody_cert = nullptr;
   unsigned threads = 0;  // 0: one per core
   ProgressFn progress;
-  // For crash tests: commit this many messages, then stop as a killed run would (the files of
-  // messages in flight may be on disk without their rows). 0: run to the end.
+  // For crash tests: commit this many messages, then stop as a killed run would (the bytes of
+  // messages in flight may be in a pack without their rows). 0: run to the end.
   std::size_t stop_after = 0;
 };
 

@@ -378,13 +378,13 @@ Result<FinishSummary> finish(store::Store& store, hsm::Token& token, audit::Audi
   KMSD_TRY(store.transaction([&] { return audit.append(o.actor, "dr.finish.start", what); }));
 
   KMSD_ASSIGN_OR_RETURN(sum.custody_objects_destroyed, token.destroy_key_pair(o.custody_label));
-  const fs::path messages = o.staging / "messages";
-  if (fs::exists(messages, ec)) {
-    for (const auto& e : fs::recursive_directory_iterator(messages, ec))
+  const fs::path packs = packs_dir(o.staging);
+  if (fs::exists(packs, ec)) {
+    for (const auto& e : fs::directory_iterator(packs, ec))
       if (e.is_regular_file()) ++sum.staged_files_removed;
-    fs::remove_all(messages, ec);
+    fs::remove_all(packs, ec);
     if (ec)
-      return make_error(ErrorCode::kIo, "cannot remove " + messages.string() + ": " + ec.message());
+      return make_error(ErrorCode::kIo, "cannot remove " + packs.string() + ": " + ec.message());
   }
   if (o.keys) {
     std::vector<fs::path> files;

@@ -134,7 +134,7 @@ struct FinishSummary {
   std::size_t custody_objects_destroyed = 0;
   std::size_t key_files_destroyed = 0;
   std::size_t old_keys_wiped = 0;
-  std::size_t staged_files_removed = 0;
+  std::size_t staged_files_removed = 0;  // pack files under <staging>/packs/
 };
 
 // Destroys the retired material once re-encryption is done: the custody key pair on TOKEN,

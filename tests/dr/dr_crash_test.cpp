@@ -1,10 +1,11 @@
 // Crash safety of kmsctl dr predecrypt AND reencrypt at several points: each is killed with
-// SIGKILL three times, each time right after the first batch that run committed (the files of
-// the next batch may be on disk without rows), then run to the end, and at the end every message
-// has been handled exactly once (a file recorded before a kill is never written again: same inode),
-// none is lost, every manifest row names a durable file whose digest matches, no temporary file is
-// left, and no plaintext is on disk. (KmsctlPredecryptKilledWithSigkillResumes in dr_kmsctl_test
-// kills predecrypt once at 50.)
+// SIGKILL three times, each time right after the first batch that run committed (the bytes of
+// the next batch may be in a pack, or an output file on disk, without rows), then run to the end,
+// and at the end every message has been handled exactly once (a staged record recorded before a
+// kill is never staged again: same pack, offset and digest; an output file recorded is never
+// written again: same inode), none is lost, every manifest row names durable bytes whose digest
+// matches, no temporary file is left, and no plaintext is on disk.
+// (KmsctlPredecryptKilledWithSigkillResumes in dr_kmsctl_test kills predecrypt once at 50.)
 #include <fcntl.h>
 #include <signal.h>
 #include <sqlite3.h>
@@ -93,18 +94,21 @@ TEST_F(DrTest, PredecryptAndReencryptKilledAtSeveralPointsHandleEveryMessageOnce
                                         "-o",
                                         "json"};
   int kills = 0;
-  std::map<std::string, ino_t> staged_inodes;  // recorded before a kill: never written again
+  // Recorded before a kill: never staged again (pack, offset, SHA-256 of the record).
+  std::map<std::string, StagedCopy> staged_copies;
   for (int round = 0; round < 3; ++round) {
     // Killed right after its first commit of this run (later work may be on disk, unrecorded).
     if (run_and_kill_at(pre, manifest, "messages", count_rows(manifest, "messages") + 1)) ++kills;
     for (const auto& [path, r] : manifest_rows()) {
       if (r.status != kStaged) continue;
-      struct stat st {};
-      ASSERT_EQ(::stat((staging / "messages" / path).c_str(), &st), 0)
-          << "row without file " << path;
-      auto [it, fresh] = staged_inodes.emplace(path, st.st_ino);
+      // Every row's bytes are in its pack with the digest recorded, and open with the custody
+      // key to the message's content.
+      EXPECT_EQ(open_staged(r), expected[path].plaintext) << "row without its bytes: " << path;
+      auto [it, fresh] = staged_copies.emplace(path, r.copy);
       if (!fresh) {
-        EXPECT_EQ(it->second, st.st_ino) << path << " was staged twice";
+        EXPECT_EQ(it->second.pack, r.copy.pack) << path << " was staged twice";
+        EXPECT_EQ(it->second.offset, r.copy.offset) << path << " was staged twice";
+        EXPECT_EQ(it->second.sha256, r.copy.sha256) << path;
       }
     }
   }
@@ -117,11 +121,19 @@ TEST_F(DrTest, PredecryptAndReencryptKilledAtSeveralPointsHandleEveryMessageOnce
   auto rows = manifest_rows();
   ASSERT_EQ(rows.size(), expected.size());
   for (const auto& [path, e] : expected) EXPECT_EQ(rows[path].status, e.status) << path;
-  for (const auto& [path, ino] : staged_inodes) {
-    struct stat st {};
-    ASSERT_EQ(::stat((staging / "messages" / path).c_str(), &st), 0);
-    EXPECT_EQ(st.st_ino, ino) << path << " was staged again after being recorded";
+  for (const auto& [path, copy] : staged_copies) {
+    EXPECT_EQ(rows[path].copy.pack, copy.pack) << path << " was staged again after being recorded";
+    EXPECT_EQ(rows[path].copy.offset, copy.offset) << path;
   }
+  // Each run appended to packs of its own (a killed run's are never appended to again), and
+  // every staged row's bytes are whole.
+  std::map<std::string, std::set<std::string>> runs;  // run id -> its packs
+  for (const auto& p : pack_files()) runs[p.substr(0, p.rfind("-w"))].insert(p);
+  EXPECT_GE(runs.size(), 2u);
+  for (const auto& [path, r] : rows)
+    if (r.status == kStaged) {
+      EXPECT_EQ(open_staged(r), expected[path].plaintext) << path;
+    }
 
   // reencrypt, every user enrolled, killed at three points too.
   fs::create_directories(recipients);

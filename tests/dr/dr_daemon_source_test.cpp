@@ -9,6 +9,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <sstream>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -169,7 +170,7 @@ TEST_F(DrDaemonSourceTest, ApprovedSessionStagesThroughKmsdToTheApprovedCustodyC
   auto early = kmsctl(predecrypt(dir() / "custody.pem", id));
   EXPECT_EQ(early.status, 3) << early.output;
   EXPECT_THAT(early.output, HasSubstr("waits for approvals"));
-  EXPECT_TRUE(!fs::exists(staging() / "messages") || files_under(staging() / "messages").empty());
+  EXPECT_TRUE(!fs::exists(staging() / "packs") || files_under(staging() / "packs").empty());
   EXPECT_EQ(sql("SELECT count(*) FROM audit_log WHERE action LIKE 'dr.predecrypt.session%'"),
             "0\n");
   // Nor can the message route be used around kmsctl.
@@ -187,7 +188,7 @@ TEST_F(DrDaemonSourceTest, ApprovedSessionStagesThroughKmsdToTheApprovedCustodyC
   auto mallory = kmsctl(predecrypt(dir() / "mallory.pem", id));
   EXPECT_EQ(mallory.status, 4) << mallory.output;
   EXPECT_THAT(mallory.output, HasSubstr("is not the one request " + id + " was approved for"));
-  EXPECT_TRUE(!fs::exists(staging() / "messages") || files_under(staging() / "messages").empty());
+  EXPECT_TRUE(!fs::exists(staging() / "packs") || files_under(staging() / "packs").empty());
   // The approver may not use the requester's session either.
   auto by_pat = api(
       "POST", "/v1/dr/predecrypt/" + id + "/open",
@@ -209,13 +210,34 @@ TEST_F(DrDaemonSourceTest, ApprovedSessionStagesThroughKmsdToTheApprovedCustodyC
   EXPECT_THAT(rj["audit"].get<std::string>(), HasSubstr("kmsd audited the session"));
   // Staged copies are to the custody certificate: its key opens them, a user's does not
   // matter here; the manifest names the right user for each.
+  // Each staged record is cut from its pack at the offset its manifest row gives (after the
+  // message's own header lines) and opened by `openssl cms -decrypt -inform DER`.
+  auto where = sh("sqlite3 -separator ' ' " + shell_quote(staging() / "manifest.db") +
+                  " \"SELECT path, pack, pack_offset, pack_length, header_length FROM messages "
+                  "WHERE status = 'staged'\"");
+  ASSERT_EQ(where.status, 0) << where.output;
+  std::map<std::string, std::string> staged_der;  // path -> DER of its staged record
+  {
+    std::istringstream lines(where.output);
+    std::string rel, pack;
+    std::size_t offset = 0, length = 0, headers = 0;
+    while (lines >> rel >> pack >> offset >> length >> headers) {
+      const std::string bytes = read_file(staging() / "packs" / pack);
+      ASSERT_LE(offset + length, bytes.size()) << rel;
+      staged_der[rel] = bytes.substr(offset + headers, length - headers);
+    }
+  }
+  EXPECT_EQ(staged_der.size(), sent.size()) << where.output;
   for (const auto& [rel, who] : sent) {
-    auto d = sh("openssl cms -decrypt -binary -in " + shell_quote(staging() / "messages" / rel) +
-                " -recip " + shell_quote(dir() / "custody.pem") + " -inkey " +
-                shell_quote(dir() / "custody.key"));
+    write_private(dir() / "staged.der", staged_der[rel]);
+    auto d =
+        sh("openssl cms -decrypt -binary -inform DER -in " + shell_quote(dir() / "staged.der") +
+           " -recip " + shell_quote(dir() / "custody.pem") + " -inkey " +
+           shell_quote(dir() / "custody.key"));
     EXPECT_EQ(d.status, 0) << rel << d.output;
     EXPECT_EQ(d.output, body(who.second)) << rel;
   }
+  fs::remove(dir() / "staged.der");
   auto users = sh("sqlite3 " + shell_quote(staging() / "manifest.db") +
                   " \"SELECT path || '=' || users FROM messages WHERE status = 'staged'\"");
   for (const auto& [rel, who] : sent)
@@ -265,7 +287,7 @@ TEST_F(DrDaemonSourceTest, ApprovedSessionStagesThroughKmsdToTheApprovedCustodyC
   // Foreign, plain and corrupt messages: untouched in the store, not staged, not written out.
   EXPECT_EQ(files_under(store()), store_before);
   for (const char* rel : {"cur/plain:2,S", "cur/corrupt:2,S", "new/foreign:2,S"}) {
-    EXPECT_FALSE(fs::exists(staging() / "messages" / rel)) << rel;
+    EXPECT_EQ(staged_der.count(rel), 0u) << rel;
     EXPECT_FALSE(fs::exists(dir() / "out" / rel)) << rel;
   }
 

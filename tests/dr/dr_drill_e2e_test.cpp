@@ -236,14 +236,25 @@ TEST_F(DrillE2eTest, TwentyUsersDrillReadsBackEveryMessageAndLeavesProductionUnt
   auto refused = sh(finish);
   EXPECT_EQ(refused.status, 3) << refused.output;
   EXPECT_THAT(refused.output, HasSubstr("1 staged message(s) are not re-encrypted yet"));
-  EXPECT_TRUE(fs::exists(work / "staging" / "messages"));
+  // The staged messages are in the drill's pack files (mode 0600), one per predecrypt worker at
+  // most, and no longer one file per message.
+  EXPECT_FALSE(fs::exists(work / "staging" / "messages"));
+  std::size_t packs = 0;
+  for (const auto& e : fs::directory_iterator(work / "staging" / "packs")) {
+    ++packs;
+    EXPECT_EQ(e.status().permissions() & fs::perms::all,
+              fs::perms::owner_read | fs::perms::owner_write)
+        << e.path();
+  }
+  EXPECT_GE(packs, 1u);
+  EXPECT_LT(packs, static_cast<std::size_t>(encrypted));
   auto forced = sh(finish + " --force");
   ASSERT_EQ(forced.status, 0) << forced.output;
   auto fj = json::parse(forced.output.substr(forced.output.find('{')), nullptr, false);
   EXPECT_EQ(fj["custody_objects_destroyed"], 2);
-  EXPECT_EQ(fj["staged_files_removed"], encrypted);
+  EXPECT_EQ(fj["staged_files_removed"], packs);
   EXPECT_EQ(fj["old_keys_wiped"], kUsers + kUsers / 4);
-  EXPECT_FALSE(fs::exists(work / "staging" / "messages"));
+  EXPECT_FALSE(fs::exists(work / "staging" / "packs"));
   auto left = sh("sqlite3 " + shell_quote(work / "old.db") +
                  " 'SELECT count(*) FROM key_history WHERE length(sealed_key) > 0'");
   EXPECT_EQ(left.output, "0\n") << left.output;

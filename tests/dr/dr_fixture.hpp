@@ -327,6 +327,61 @@ class DrTest : public ::testing::Test {
     return out_rows;
   }
 
+  // The staged record of ROW, read from its pack with pread at the row's offset (independently
+  // of PackReader), and checked: the pack is 0600 and the bytes have the SHA-256 recorded.
+  std::string staged_record(const ManifestRow& row) {
+    EXPECT_EQ(row.status, kStaged) << row.path;
+    EXPECT_FALSE(row.copy.pack.empty()) << row.path;
+    const fs::path pack = staging / "packs" / row.copy.pack;
+    struct stat st {};
+    EXPECT_EQ(::stat(pack.c_str(), &st), 0) << pack;
+    EXPECT_EQ(st.st_mode & 0777, 0600u) << pack;
+    EXPECT_LE(row.copy.offset + row.copy.length, static_cast<std::uint64_t>(st.st_size)) << pack;
+    std::string bytes(row.copy.length, '\0');
+    const int fd = ::open(pack.c_str(), O_RDONLY | O_CLOEXEC);
+    EXPECT_GE(fd, 0) << pack;
+    const ssize_t n = ::pread(fd, bytes.data(), bytes.size(), static_cast<off_t>(row.copy.offset));
+    ::close(fd);
+    EXPECT_EQ(n, static_cast<ssize_t>(bytes.size())) << row.path;
+    EXPECT_EQ(ossl::hex(ossl::sha256(
+                  {reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size()})),
+              row.copy.sha256)
+        << row.path;
+    return bytes;
+  }
+
+  // The DER CMS of ROW's staged record (after the message's own header lines).
+  std::string staged_der(const ManifestRow& row) {
+    return staged_record(row).substr(row.copy.header_length);
+  }
+
+  // The content of ROW's staged copy, opened with the custody key; checks that the copy is
+  // EnvelopedData to the custody certificate only.
+  std::string open_staged(const ManifestRow& row) {
+    const std::string der = staged_der(row);
+    ParsedMessage pm = parse_message(
+        {reinterpret_cast<const std::uint8_t*>(der.data()), der.size()}, Format::kDer);
+    EXPECT_EQ(pm.kind, Kind::kEncrypted) << row.path;
+    if (pm.kind != Kind::kEncrypted) return {};
+    EXPECT_EQ(pm.recipients.size(), 1u) << row.path;
+    EXPECT_EQ(pm.recipients.at(0), recipient_ids_of_cert(custody_cert.get())[0]) << row.path;
+    auto pt = decrypt(pm.cms.get(), custody_key.get(), custody_cert.get());
+    EXPECT_TRUE(pt.ok()) << row.path << ": " << (pt.ok() ? "" : pt.error().message);
+    if (!pt.ok()) return {};
+    char* p = nullptr;
+    const long n = BIO_get_mem_data(pt->get(), &p);
+    return std::string(p, static_cast<std::size_t>(n));
+  }
+
+  // The pack files in the staging directory.
+  std::set<std::string> pack_files() {
+    std::set<std::string> names;
+    if (fs::exists(staging / "packs"))
+      for (const auto& f : fs::directory_iterator(staging / "packs"))
+        names.insert(f.path().filename().string());
+    return names;
+  }
+
   // Every file under the temporary directory, searched for every encrypted message's marker.
   void expect_no_plaintext_on_disk() {
     std::vector<std::string> markers;

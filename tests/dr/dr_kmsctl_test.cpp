@@ -74,13 +74,10 @@ TEST_F(DrTest, KmsctlPredecryptKilledWithSigkillResumes) {
   auto killed = manifest_rows();
   ASSERT_GT(killed.size(), 0u);
   ASSERT_LT(killed.size(), expected.size());
-  std::map<std::string, ino_t> inodes;
-  for (const auto& [path, r] : killed) {
-    struct stat st {};
-    if (r.status != kStaged) continue;
-    ASSERT_EQ(::stat((staging / "messages" / path).c_str(), &st), 0) << path;
-    inodes[path] = st.st_ino;
-  }
+  for (const auto& [path, r] : killed)
+    if (r.status == kStaged) {
+      EXPECT_EQ(open_staged(r), expected[path].plaintext) << path;
+    }
 
   std::string log;
   std::string cmd;
@@ -94,11 +91,15 @@ TEST_F(DrTest, KmsctlPredecryptKilledWithSigkillResumes) {
   auto rows = manifest_rows();
   ASSERT_EQ(rows.size(), expected.size());
   for (const auto& [path, e] : expected) EXPECT_EQ(rows[path].status, e.status) << path;
-  for (const auto& [path, ino] : inodes) {  // recorded before the kill: not staged again
-    struct stat st {};
-    ASSERT_EQ(::stat((staging / "messages" / path).c_str(), &st), 0);
-    EXPECT_EQ(st.st_ino, ino) << path;
+  for (const auto& [path, r] : killed) {  // recorded before the kill: not staged again
+    if (r.status != kStaged) continue;
+    EXPECT_EQ(rows[path].copy.pack, r.copy.pack) << path;
+    EXPECT_EQ(rows[path].copy.offset, r.copy.offset) << path;
   }
+  for (const auto& [path, r] : rows)
+    if (r.status == kStaged) {
+      EXPECT_EQ(open_staged(r), expected[path].plaintext) << path;
+    }
   std::printf("killed after %zu of %zu messages were recorded; the rerun did the other %zu\n",
               killed.size(), expected.size(), j["processed"].get<std::size_t>());
   for (const auto& f : fs::recursive_directory_iterator(staging))
@@ -124,6 +125,24 @@ TEST_F(DrTest, KmsctlReencryptsAsUsersEnroll) {
       << log;
   EXPECT_NE(log.find("staged 14"), std::string::npos) << log;
   EXPECT_NE(log.find("unknown-recipient  Maildir/new/foreign.2"), std::string::npos) << log;
+  // `openssl cms -decrypt -inform DER` opens each staged record (its DER part, cut from the pack
+  // at the row's offset) with the custody key.
+  write_all(work / "custody.key", pem_key(custody_key.get()));
+  for (const auto& [path, r] : manifest_rows()) {
+    if (r.status != kStaged) continue;
+    write_all(work / "staged.der", staged_der(r));
+    const fs::path result = work / "staged.out";
+    std::string ossl_log;
+    ASSERT_EQ(run_command("openssl cms -decrypt -binary -inform DER -in '" +
+                              (work / "staged.der").string() + "' -recip '" +
+                              (work / "custody.pem").string() + "' -inkey '" +
+                              (work / "custody.key").string() + "' -out '" + result.string() + "'",
+                          &ossl_log),
+              0)
+        << path << ": " << ossl_log;
+    EXPECT_EQ(read_all(result), expected[path].plaintext) << path;
+    fs::remove(result);
+  }
   fs::create_directories(recipients);
   fs::copy_file(work / "alice-new.pem", recipients / "alice.pem");
   fs::copy_file(work / "bob-new.pem", recipients / "bob.pem");
@@ -160,6 +179,21 @@ TEST_F(DrTest, KmsctlReencryptsAsUsersEnroll) {
   auto st = nlohmann::json::parse(log);
   EXPECT_EQ(st["reencrypted"].get<std::size_t>(), staged);
   EXPECT_EQ(st["messages"].size(), expected.size());
+  // Status names each staged message's pack, offset, length and record digest.
+  const auto rows = manifest_rows();
+  for (const auto& m : st["messages"]) {
+    const auto& r = rows.at(m["path"].get<std::string>());
+    if (r.status != kStaged) {
+      EXPECT_FALSE(m.contains("staged")) << m.dump();
+      continue;
+    }
+    EXPECT_EQ(m["staged"]["pack"], r.copy.pack);
+    EXPECT_EQ(m["staged"]["offset"].get<std::uint64_t>(), r.copy.offset);
+    EXPECT_EQ(m["staged"]["length"].get<std::uint64_t>(), r.copy.length);
+    EXPECT_EQ(m["staged"]["sha256"], r.copy.sha256);
+    EXPECT_TRUE(st["packs"].contains(r.copy.pack)) << st["packs"].dump();
+  }
+  EXPECT_EQ(st["staged_bytes"], st["pack_bytes"]);  // nothing killed: no dead space
   // A wrong custody passphrase is an authentication error (exit 4), nothing written.
   write_all(work / "wrong.pass", "wrong");
   log.clear();

@@ -54,33 +54,44 @@ TEST_F(DrTest, PredecryptClassifiesEveryMessageAndStagesOnlyToTheCustodyKey) {
         << path;
     if (e.status == kStaged) {
       EXPECT_EQ(r.users, e.user) << path;
-      // The staged copy opens with the custody key to exactly the original content, and it
-      // is in the original format.
-      const std::string staged = read_all(staging / "messages" / path);
-      ParsedMessage pm =
-          parse_message({reinterpret_cast<const std::uint8_t*>(staged.data()), staged.size()},
-                        e.format == "der" ? Format::kDer : Format::kMime);
-      ASSERT_EQ(pm.kind, Kind::kEncrypted) << path;
-      ASSERT_EQ(pm.recipients.size(), 1u);
-      EXPECT_EQ(pm.recipients[0], recipient_ids_of_cert(custody_cert.get())[0]);
-      auto pt = decrypt(pm.cms.get(), custody_key.get(), custody_cert.get());
-      ASSERT_TRUE(pt.ok()) << pt.error().message;
-      char* p = nullptr;
-      long n = BIO_get_mem_data(pt->get(), &p);
-      EXPECT_EQ(std::string(p, static_cast<std::size_t>(n)), e.plaintext) << path;
+      // The staged copy, read from its pack at the row's offset (0600, SHA-256 as recorded), is
+      // DER to the custody certificate only and opens to exactly the original content; a MIME
+      // message's own header lines come first.
+      EXPECT_EQ(open_staged(r), e.plaintext) << path;
+      const std::string staged = staged_record(r);
       if (e.format == "mime" && path.find("cli-") == std::string::npos) {
         EXPECT_EQ(staged.rfind("From: sender@example.org\nTo: " + e.user, 0), 0u) << staged;
+        // All of the message's own header lines, none of its MIME ones.
+        const std::string own = staged.substr(0, r.copy.header_length);
+        EXPECT_NE(own.find("\nDate: "), std::string::npos) << own;
+        EXPECT_EQ(own.find("Content-"), std::string::npos) << own;
+        EXPECT_EQ(own.find("MIME-Version"), std::string::npos) << own;
+      } else if (e.format == "der") {
+        EXPECT_EQ(r.copy.header_length, 0u) << path;
       }
+      EXPECT_EQ(static_cast<unsigned char>(staged.at(r.copy.header_length)), 0x30) << path;
     } else {
       EXPECT_FALSE(r.reason.empty()) << path;
-      EXPECT_FALSE(fs::exists(staging / "messages" / path)) << path;
+      EXPECT_TRUE(r.copy.pack.empty()) << path;
     }
   }
   EXPECT_EQ(s->this_run, want);
   EXPECT_EQ(s->overall, want);
   EXPECT_EQ(want[kStaged], 3u * 2u * 2u + 2u);
   EXPECT_NE(rows["Maildir/new/foreign.2"].reason.find("CN=Old KMS CA"), std::string::npos);
-  EXPECT_FALSE(fs::exists(staging / "messages/Maildir/tmp"));
+  // Packs only, one per worker of the run at most, 0700 directory; no file per message.
+  EXPECT_FALSE(fs::exists(staging / "messages"));
+  struct stat dir_st {};
+  ASSERT_EQ(::stat((staging / "packs").c_str(), &dir_st), 0);
+  EXPECT_EQ(dir_st.st_mode & 0777, 0700u);
+  const auto packs = pack_files();
+  EXPECT_GE(packs.size(), 1u);
+  EXPECT_LE(packs.size(), 2u);
+  // The packs hold the staged records and nothing else: no run was killed.
+  std::uint64_t recorded = 0, on_disk = 0;
+  for (const auto& [path, r] : rows) recorded += r.copy.length;
+  for (const auto& p : packs) on_disk += fs::file_size(staging / "packs" / p);
+  EXPECT_EQ(recorded, on_disk);
   // The store is untouched.
   for (const auto& [path, e] : expected) EXPECT_TRUE(fs::exists(store / path));
   expect_no_plaintext_on_disk();
@@ -101,14 +112,12 @@ TEST_F(DrTest, StoppedRunResumesWithoutRedoingOrLosingAMessage) {
   EXPECT_TRUE(first->stopped_early);
   auto before = manifest_rows();
   ASSERT_EQ(before.size(), 25u);
-  std::map<std::string, ino_t> inodes;
-  for (const auto& [path, r] : before) {
-    struct stat st {};
+  const auto first_packs = pack_files();
+  ASSERT_FALSE(first_packs.empty());
+  for (const auto& [path, r] : before)
     if (r.status == kStaged) {
-      ASSERT_EQ(::stat((staging / "messages" / path).c_str(), &st), 0);
-      inodes[path] = st.st_ino;
+      EXPECT_FALSE(open_staged(r).empty()) << path;
     }
-  }
   auto second = run_predecrypt(ring);
   ASSERT_TRUE(second.ok()) << second.error().message;
   EXPECT_FALSE(second->stopped_early);
@@ -117,14 +126,23 @@ TEST_F(DrTest, StoppedRunResumesWithoutRedoingOrLosingAMessage) {
   auto after = manifest_rows();
   ASSERT_EQ(after.size(), expected.size());
   for (const auto& [path, e] : expected) EXPECT_EQ(after[path].status, e.status) << path;
-  for (const auto& [path, ino] : inodes) {
-    struct stat st {};
-    ASSERT_EQ(::stat((staging / "messages" / path).c_str(), &st), 0);
-    EXPECT_EQ(st.st_ino, ino) << path << " was staged again";
+  // What the stopped run recorded is not staged again: same pack, offset and digest.
+  for (const auto& [path, r] : before) {
+    if (r.status != kStaged) continue;
+    EXPECT_EQ(after[path].copy.pack, r.copy.pack) << path << " was staged again";
+    EXPECT_EQ(after[path].copy.offset, r.copy.offset) << path;
+    EXPECT_EQ(after[path].copy.sha256, r.copy.sha256) << path;
   }
-  // No temporary file of the stopped run is left.
-  for (const auto& f : fs::recursive_directory_iterator(staging))
-    EXPECT_EQ(f.path().filename().string().find(".dr-tmp-"), std::string::npos) << f.path();
+  // The second run appended to packs of its own, never to the first run's.
+  std::set<std::string> second_run_packs;
+  for (const auto& [path, r] : after)
+    if (r.status == kStaged && !before.count(path)) second_run_packs.insert(r.copy.pack);
+  EXPECT_FALSE(second_run_packs.empty());
+  for (const auto& p : second_run_packs) EXPECT_FALSE(first_packs.count(p)) << p;
+  for (const auto& [path, r] : after)
+    if (r.status == kStaged) {
+      EXPECT_EQ(open_staged(r), expected[path].plaintext) << path;
+    }
 }
 
 TEST_F(DrTest, ReencryptWritesTheOriginalFormatsForEnrolledUsersAndWaitsForTheOthers) {
@@ -365,6 +383,99 @@ TEST_F(DrTest, ChangedMessageIsStagedAndReencryptedAgain) {
   EXPECT_EQ(re->this_run[kReencrypted], 1u);
   EXPECT_EQ(re->already_done, expected.size() - 1);
   EXPECT_EQ(openssl_decrypt(path, "alice", e.format == "der"), e.plaintext);
+}
+
+}  // namespace
+}  // namespace kmsd::dr::fixture
+
+namespace kmsd::dr::fixture {
+namespace {
+
+// One flipped byte in a pack: reencrypt checks each staged record's SHA-256 before it decrypts,
+// reports that message as failed naming the pack and the offset, and re-encrypts all the others.
+TEST_F(DrTest, AFlippedByteInAPackFailsOnlyThatMessageNamingThePackAndOffset) {
+  add_encrypted(2);
+  add_openssl_cli();
+  KeyRing ring = load_keys();
+  ASSERT_TRUE(run_predecrypt(ring).ok());
+  auto rows = manifest_rows();
+  // The victim: a staged record in the middle of its pack (not the first one).
+  const ManifestRow* victim = nullptr;
+  for (const auto& [path, r] : rows)
+    if (r.status == kStaged && r.copy.offset > 0) victim = &r;
+  ASSERT_NE(victim, nullptr);
+  const fs::path pack = staging / "packs" / victim->copy.pack;
+  {
+    std::fstream f(pack, std::ios::in | std::ios::out | std::ios::binary);
+    const auto at = static_cast<std::streamoff>(victim->copy.offset + victim->copy.length / 2);
+    f.seekg(at);
+    char c = 0;
+    f.read(&c, 1);
+    c = static_cast<char>(c ^ 0x01);
+    f.seekp(at);
+    f.write(&c, 1);
+    ASSERT_TRUE(f.good());
+  }
+  auto s = run_reencrypt({"alice", "bob", "carol"}, custody_key.get());
+  ASSERT_TRUE(s.ok()) << s.error().message;
+  EXPECT_EQ(s->this_run[kFailed], 1u);
+  EXPECT_EQ(s->this_run[kReencrypted], expected.size() - 1);
+  ASSERT_EQ(s->problems.size(), 1u);
+  EXPECT_EQ(s->problems[0].path, victim->path);
+  const std::string& why = s->problems[0].reason;
+  EXPECT_NE(
+      why.find("packs/" + victim->copy.pack + " at offset " + std::to_string(victim->copy.offset)),
+      std::string::npos)
+      << why;
+  EXPECT_NE(why.find("is damaged"), std::string::npos) << why;
+  EXPECT_NE(why.find(victim->copy.sha256), std::string::npos) << why;
+  EXPECT_FALSE(fs::exists(out / victim->path));
+  for (const auto& [path, e] : expected)
+    if (path != victim->path) {
+      EXPECT_EQ(openssl_decrypt(path, e.user, e.format == "der"), e.plaintext) << path;
+    }
+  // Not recorded as re-encrypted: a rerun meets it again, and fails it again.
+  auto again = run_reencrypt({"alice", "bob", "carol"}, custody_key.get());
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->already_done, expected.size() - 1);
+  EXPECT_EQ(again->this_run[kFailed], 1u);
+  expect_no_plaintext_on_disk();
+}
+
+// A staging directory made before packs (one file per staged message under messages/, no pack
+// columns in its manifest) is refused by every command that opens it, saying what to do.
+TEST_F(DrTest, AManifestOfTheOneFilePerMessageLayoutIsRefused) {
+  fs::create_directories(staging / "messages");
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((staging / "manifest.db").c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db,
+                         "CREATE TABLE settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+                         "CREATE TABLE messages(path TEXT PRIMARY KEY, format TEXT NOT NULL, "
+                         "digest TEXT NOT NULL, status TEXT NOT NULL, recipients TEXT NOT NULL, "
+                         "users TEXT NOT NULL, reason TEXT NOT NULL, recorded_at INTEGER NOT NULL);"
+                         "INSERT INTO messages VALUES('Maildir/cur/1:2,S', 'mime', 'ab', 'staged', "
+                         "'', 'alice', '', 0);",
+                         nullptr, nullptr, nullptr),
+            SQLITE_OK);
+  sqlite3_close(db);
+  add_encrypted(1);
+  KeyRing ring = load_keys();
+  auto pre = run_predecrypt(ring);
+  ASSERT_FALSE(pre.ok());
+  EXPECT_EQ(pre.error().code, ErrorCode::kFailedPrecondition);
+  EXPECT_NE(pre.error().message.find("one file per message"), std::string::npos)
+      << pre.error().message;
+  EXPECT_NE(pre.error().message.find("new, empty --staging directory"), std::string::npos)
+      << pre.error().message;
+  auto re = run_reencrypt({"alice"}, custody_key.get());
+  ASSERT_FALSE(re.ok());
+  EXPECT_EQ(re.error().code, ErrorCode::kFailedPrecondition);
+  EXPECT_FALSE(fs::exists(staging / "packs"));
+  EXPECT_FALSE(fs::exists(out));
+  // The old manifest is left as it was.
+  EXPECT_EQ(run_command("sqlite3 '" + (staging / "manifest.db").string() +
+                        "' 'SELECT count(*) FROM messages' | grep -qx 1"),
+            0);
 }
 
 }  // namespace
