@@ -26,6 +26,7 @@ if [ "$sanitize" = 1 ]; then
   command -v ninja >/dev/null && generator=(-G Ninja)
   [ -f "$asan/CMakeCache.txt" ] ||
     cmake -S "$root" -B "$asan" "${generator[@]}" -DKMSD_SANITIZE=ON -DCMAKE_BUILD_TYPE=None \
+      -DCMAKE_UNITY_BUILD=ON \
       -DCMAKE_CXX_FLAGS=-O1 -DCMAKE_C_FLAGS=-O1 >/dev/null
   echo "test.sh: building ${targets[*]} with AddressSanitizer + UBSan in the background" >&2
   # Its own process group, so that it can be stopped as a whole.
