@@ -1642,7 +1642,8 @@ void add_dr_commands(CLI::App& app, Commands& commands) {
   auto& p = commands.add<DrArgs>(pre, run_predecrypt);
   pre->add_option("--store", p.store, "the message store: a Maildir, .eml tree or .p7m/.der tree")
       ->required();
-  pre->add_option("--staging", p.staging, "staging directory (created; holds the manifest)")
+  pre->add_option("--staging", p.staging,
+                  "staging directory (created; holds the manifest and packs/, the staged messages)")
       ->required();
   pre->add_option("--keys", p.keys,
                   "key source: directory of users' PKCS#12 files, USER.p12 (passphrase in "
