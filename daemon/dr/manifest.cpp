@@ -102,14 +102,16 @@ Result<std::unique_ptr<Manifest>> Manifest::open(const std::filesystem::path& fi
   // A fixed page cache (1 MiB; SQLite's default is 2 MiB per connection): with the reader's,
   // the manifest's share of memory stays the same whatever the store's size.
   KMSD_TRY(m->exec("PRAGMA cache_size=-1024", "setting the cache size"));
-  KMSD_TRY(m->exec(kSchema, "creating the schema"));
-  // A manifest of the layout before packs has no pack column (its staged messages are files
-  // under messages/): refused rather than half understood.
-  sqlite3_stmt* probe = nullptr;
-  const bool packs = sqlite3_prepare_v2(raw, "SELECT pack FROM messages LIMIT 0", -1, &probe,
-                                        nullptr) == SQLITE_OK;
-  sqlite3_finalize(probe);
-  if (!packs)
+  // A manifest of the layout before packs has a messages table without the pack column (its
+  // staged messages are files under messages/): refused, before anything is created in it.
+  auto compiles = [raw](const char* sql) {
+    sqlite3_stmt* probe = nullptr;
+    const bool ok = sqlite3_prepare_v2(raw, sql, -1, &probe, nullptr) == SQLITE_OK;
+    sqlite3_finalize(probe);
+    return ok;
+  };
+  if (compiles("SELECT path FROM messages LIMIT 0") &&
+      !compiles("SELECT pack FROM messages LIMIT 0"))
     return make_error(ErrorCode::kFailedPrecondition,
                       file.string() +
                           " was made by an older kmsctl that staged one file per message (under "
@@ -117,6 +119,7 @@ Result<std::unique_ptr<Manifest>> Manifest::open(const std::filesystem::path& fi
                           "Finish that recovery with the kmsctl that started it, or start again "
                           "with a new, empty --staging directory (predecrypt stages every "
                           "message again).");
+  KMSD_TRY(m->exec(kSchema, "creating the schema"));
   return m;
 }
 

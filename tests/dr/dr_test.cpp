@@ -472,10 +472,15 @@ TEST_F(DrTest, AManifestOfTheOneFilePerMessageLayoutIsRefused) {
   EXPECT_EQ(re.error().code, ErrorCode::kFailedPrecondition);
   EXPECT_FALSE(fs::exists(staging / "packs"));
   EXPECT_FALSE(fs::exists(out));
-  // The old manifest is left as it was.
-  EXPECT_EQ(run_command("sqlite3 '" + (staging / "manifest.db").string() +
-                        "' 'SELECT count(*) FROM messages' | grep -qx 1"),
-            0);
+  // The old manifest is left as it was: its row, and no table of the new schema added.
+  std::string tables;
+  ASSERT_EQ(
+      run_command("sqlite3 '" + (staging / "manifest.db").string() +
+                      "' \"SELECT (SELECT count(*) FROM messages) || ' ' || group_concat(name) "
+                      "FROM sqlite_master WHERE type = 'table'\"",
+                  &tables),
+      0);
+  EXPECT_EQ(tables, "1 settings,messages\n");
 }
 
 }  // namespace
