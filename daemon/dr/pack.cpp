@@ -97,26 +97,28 @@ Status PackWriter::sync() {
 
 PackReader::PackReader(fs::path staging) : dir_(packs_dir(staging)) {}
 
-Result<int> PackReader::fd_of(const std::string& pack) {
+Result<std::shared_ptr<const UniqueFd>> PackReader::fd_of(const std::string& pack) {
   std::lock_guard lock(mu_);
   auto it = fds_.find(pack);
-  if (it != fds_.end()) return it->second.get();
+  if (it != fds_.end()) return it->second;
   if (!plain_name(pack))
     return make_error(ErrorCode::kInvalidArgument,
                       "the manifest names the pack '" + pack + "', which is not a file name");
   const fs::path path = dir_ / pack;
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
   if (!fd.valid()) return io_error(path, "cannot open the pack", errno);
-  const int raw = fd.get();
-  fds_.emplace(pack, std::move(fd));
-  return raw;
+  if (fds_.size() >= kOpenPacks) fds_.clear();  // closed as their readers finish
+  auto shared = std::make_shared<const UniqueFd>(std::move(fd));
+  fds_.emplace(pack, shared);
+  return shared;
 }
 
 Result<ossl::Bytes> PackReader::read(const ManifestRow& row) {
   const StagedCopy& c = row.copy;
   const std::string where = "packs/" + c.pack + " at offset " + std::to_string(c.offset) + " (" +
                             std::to_string(c.length) + " bytes)";
-  KMSD_ASSIGN_OR_RETURN(const int fd, fd_of(c.pack));
+  KMSD_ASSIGN_OR_RETURN(const auto pack, fd_of(c.pack));
+  const int fd = pack->get();
   ossl::Bytes out(c.length);
   for (std::size_t done = 0; done < out.size();) {
     const ssize_t n =

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <string_view>
@@ -75,8 +76,10 @@ class PackWriter {
   std::uint64_t size_ = 0;
 };
 
-// Reads staged records back by pread, checking each against its SHA-256.
-// Thread-safety: safe to share (pack descriptors are opened under a mutex; reads are pread).
+// Reads staged records back by pread, checking each against its SHA-256. Keeps up to
+// kOpenPacks packs open (a staging directory resumed many times has many packs).
+// Thread-safety: safe to share (pack descriptors are opened under a mutex and shared with the
+// readers using them; reads are pread).
 class PackReader {
  public:
   explicit PackReader(std::filesystem::path staging);
@@ -85,10 +88,11 @@ class PackReader {
   Result<ossl::Bytes> read(const ManifestRow& row);
 
  private:
-  Result<int> fd_of(const std::string& pack);
+  static constexpr std::size_t kOpenPacks = 64;
+  Result<std::shared_ptr<const UniqueFd>> fd_of(const std::string& pack);
   std::filesystem::path dir_;
   std::mutex mu_;
-  std::map<std::string, UniqueFd> fds_;
+  std::map<std::string, std::shared_ptr<const UniqueFd>> fds_;
 };
 
 }  // namespace kmsd::dr

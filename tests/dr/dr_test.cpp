@@ -485,3 +485,38 @@ TEST_F(DrTest, AManifestOfTheOneFilePerMessageLayoutIsRefused) {
 
 }  // namespace
 }  // namespace kmsd::dr::fixture
+
+namespace kmsd::dr::fixture {
+namespace {
+
+// A staging directory resumed many times: every stopped run leaves packs of its own (and dead
+// space in them); reencrypt reads from more packs than it keeps open at once, and every message
+// comes out once, whole.
+TEST_F(DrTest, ManyStoppedRunsLeaveManyPacksThatReencryptReadsAll) {
+  add_encrypted(12);  // 72 messages
+  KeyRing ring = load_keys();
+  int runs = 0;
+  std::size_t recorded = 0;
+  do {
+    // Stops once one message more than before is recorded (the ones found done count too).
+    auto s = run_predecrypt(ring, recorded + 1);
+    ASSERT_TRUE(s.ok()) << s.error().message;
+    ++runs;
+    recorded = manifest_rows().size();
+  } while (recorded < expected.size() && runs < 200);
+  ASSERT_EQ(manifest_rows().size(), expected.size());
+  const auto packs = pack_files();
+  EXPECT_GT(packs.size(), 64u) << runs << " runs";
+  std::set<std::string> named;
+  for (const auto& [path, r] : manifest_rows()) named.insert(r.copy.pack);
+  EXPECT_GT(named.size(), 64u);
+  auto s = run_reencrypt({"alice", "bob", "carol"}, custody_key.get());
+  ASSERT_TRUE(s.ok()) << s.error().message;
+  EXPECT_EQ(s->this_run[kReencrypted], expected.size());
+  EXPECT_EQ(s->this_run.count(kFailed), 0u) << (s->problems.empty() ? "" : s->problems[0].reason);
+  for (const auto& [path, e] : expected)
+    EXPECT_EQ(openssl_decrypt(path, e.user, e.format == "der"), e.plaintext) << path;
+}
+
+}  // namespace
+}  // namespace kmsd::dr::fixture
