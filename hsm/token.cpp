@@ -1,21 +1,26 @@
-// Token: the session pool, login and recovery, key objects, the envelope and the libp11
-// bridge for signing. Raw PKCS#11 lives in hsm/pkcs11.cpp; the blob format in envelope.hpp.
+// Token: the session pool, login and recovery, key objects, the envelope and the CA key
+// bridge for signing (an EVP_PKEY whose private operations run through the pool). Raw PKCS#11 lives
+// in hsm/pkcs11.cpp; the blob format in envelope.hpp.
 #include "hsm/token.hpp"
 
-#include <libp11.h>
 #include <openssl/core_names.h>
+#include <openssl/ec.h>
+#include <openssl/err.h>
 #include <openssl/param_build.h>
 #include <openssl/rand.h>
+#include <openssl/rsa.h>
 
 #include <algorithm>
 #include <atomic>
 #include <charconv>
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <initializer_list>
 #include <map>
 #include <mutex>
 #include <set>
+#include <shared_mutex>
 #include <thread>
 #include <tuple>
 
@@ -157,44 +162,349 @@ std::string describe_tokens(const std::vector<SlotInfo>& slots) {
   return out;
 }
 
-// One process-wide libp11 context per module path, never freed: PKCS11_CTX_unload would
-// C_Finalize the module under our feet, and freeing the last context frees libp11's RSA/EC
-// methods while EVP_PKEYs handed to callers may still use them.
-PKCS11_CTX* libp11_context(const std::string& module_path) {
-  // Never destroyed (not even at exit), so the contexts stay reachable and no static
-  // destructor runs while another thread may still sign.
-  static std::mutex& mu = *new std::mutex;
-  static auto& contexts = *new std::map<std::string, PKCS11_CTX*>;
-  std::lock_guard lock(mu);
-  if (auto it = contexts.find(module_path); it != contexts.end()) return it->second;
-  PKCS11_CTX* ctx = PKCS11_CTX_new();
-  if (ctx == nullptr) return nullptr;
-  if (PKCS11_CTX_load(ctx, module_path.c_str()) != 0) {
-    PKCS11_CTX_free(ctx);
-    return nullptr;
+// ---------------------------------------------------------------------------------------
+// The CA private key as an EVP_PKEY whose private operations run on the token through the
+// Token's own session pool (not libp11). libp11 0.4.12 keeps a session pool of its own and
+// puts a session back into it whatever the token said about it (pkcs11_put_session): after
+// the token closed its sessions, the handles it keeps are numbers the token gives to the
+// sessions kmsd opens next, so a libp11 signature could run in another thread's session.
+// With one pool, every session is leased to one operation at a time, and the HandleRegistry
+// below sees to it that a number the token gave out again is never used twice at once.
+//
+// The keys are OpenSSL "foreign" legacy keys (an EC_KEY_METHOD / RSA_METHOD of ours, as
+// libp11 and engines do), which OpenSSL 3.0 still routes through the legacy signing path;
+// these interfaces are deprecated in 3.0, hence the pragmas around their use.
+
+// The link from keys handed out to the Token they came from: OP runs one private-key
+// operation; the Token cuts it (under the lock) when it is destroyed, so a key that outlives
+// its Token fails cleanly, and the Token waits for operations in flight.
+struct CaKeyLink {
+  using Op = std::function<Result<Bytes>(std::uint64_t epoch, const Bytes& id, CK_MECHANISM_TYPE,
+                                         bool sign, std::span<const std::uint8_t> in)>;
+  std::shared_mutex mu;
+  Op op;
+};
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+
+// What a key handed out knows: its token, the epoch it was fetched in (a key fetched before a
+// recovery, login or logout is refused: fetch it again), the CKA_ID of the private object, and
+// a copy of the public key to check every signature with before it leaves the token layer.
+struct CaKeyRef {
+  std::shared_ptr<CaKeyLink> link;
+  std::uint64_t epoch = 0;
+  Bytes id;
+  EC_KEY* pub_ec = nullptr;
+  RSA* pub_rsa = nullptr;
+  CaKeyRef() = default;
+  CaKeyRef(const CaKeyRef&) = delete;
+  CaKeyRef& operator=(const CaKeyRef&) = delete;
+  ~CaKeyRef() {
+    EC_KEY_free(pub_ec);
+    RSA_free(pub_rsa);
   }
-  contexts.emplace(module_path, ctx);
-  return ctx;
+  Result<Bytes> run(CK_MECHANISM_TYPE mech, bool sign, std::span<const std::uint8_t> in) const {
+    std::shared_lock lock(link->mu);
+    if (!link->op)
+      return make_error(ErrorCode::kUnavailable,
+                        "the key token this CA key came from has been closed; fetch the key again");
+    return link->op(epoch, id, mech, sign, in);
+  }
+};
+
+void free_der(unsigned char* p) noexcept {
+  OPENSSL_free(p);
 }
 
-// See Token::Impl::reset_libp11: retired libp11 slot arrays stay reachable for the life of
-// the process.
-void park_libp11_slots(PKCS11_SLOT* slots, unsigned int n) noexcept {
-  static std::mutex& mu = *new std::mutex;
-  static auto& parked = *new std::vector<std::pair<PKCS11_SLOT*, unsigned int>>;
-  std::lock_guard lock(mu);
-  try {
-    parked.emplace_back(slots, n);
-  } catch (...) {
-    // Out of memory: leaking the array is still the safe choice.
-  }
+void raise_key_error(const std::string& what) {
+  ERR_raise_data(ERR_LIB_USER, ERR_R_OPERATION_FAIL, "%s", what.c_str());
 }
+
+void free_key_ref(void*, void* ptr, CRYPTO_EX_DATA*, int, long, void*) {
+  delete static_cast<CaKeyRef*>(ptr);
+}
+
+int ec_ref_index() {
+  static const int idx =
+      CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_EC_KEY, 0, nullptr, nullptr, nullptr, free_key_ref);
+  return idx;
+}
+int rsa_ref_index() {
+  static const int idx =
+      CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_RSA, 0, nullptr, nullptr, nullptr, free_key_ref);
+  return idx;
+}
+
+// CKM_ECDSA on the digest; the token's r || s becomes an ECDSA_SIG, checked with the public key.
+ECDSA_SIG* token_ecdsa_sign_sig(const unsigned char* dgst, int dlen, const BIGNUM*, const BIGNUM*,
+                                EC_KEY* ec) {
+  const auto* ref = static_cast<const CaKeyRef*>(EC_KEY_get_ex_data(ec, ec_ref_index()));
+  if (ref == nullptr || dlen < 0) {
+    raise_key_error("not a key of the kmsd key token");
+    return nullptr;
+  }
+  auto rs = ref->run(CKM_ECDSA, true, {dgst, static_cast<std::size_t>(dlen)});
+  if (!rs.ok()) {
+    raise_key_error(rs.error().message);
+    return nullptr;
+  }
+  if (rs->empty() || rs->size() % 2 != 0) {
+    raise_key_error("the key token returned an ECDSA signature of odd length");
+    return nullptr;
+  }
+  const int half = static_cast<int>(rs->size() / 2);
+  BIGNUM* r = BN_bin2bn(rs->data(), half, nullptr);
+  BIGNUM* s = BN_bin2bn(rs->data() + half, half, nullptr);
+  ECDSA_SIG* sig = ECDSA_SIG_new();
+  if (r == nullptr || s == nullptr || sig == nullptr || ECDSA_SIG_set0(sig, r, s) != 1) {
+    BN_free(r);
+    BN_free(s);
+    ECDSA_SIG_free(sig);
+    raise_key_error("out of memory building an ECDSA signature");
+    return nullptr;
+  }
+  if (ECDSA_do_verify(dgst, dlen, sig, ref->pub_ec) != 1) {
+    ECDSA_SIG_free(sig);
+    raise_key_error(
+        "the key token's ECDSA signature does not verify with the CA public key; refused");
+    return nullptr;
+  }
+  return sig;
+}
+
+// RSA private operations: PKCS#1 v1.5 (CKM_RSA_PKCS) or raw (CKM_RSA_X_509: OpenSSL pads PSS
+// and unpads OAEP itself around it).
+std::optional<CK_MECHANISM_TYPE> rsa_mechanism(int padding) {
+  if (padding == RSA_PKCS1_PADDING) return CKM_RSA_PKCS;
+  if (padding == RSA_NO_PADDING) return CKM_RSA_X_509;
+  raise_key_error("RSA padding " + std::to_string(padding) +
+                  " is not available with a token key (PKCS#1 v1.5, PSS and OAEP are)");
+  return std::nullopt;
+}
+
+int token_rsa_priv_enc(int flen, const unsigned char* from, unsigned char* to, RSA* rsa,
+                       int padding) {
+  const auto* ref = static_cast<const CaKeyRef*>(RSA_get_ex_data(rsa, rsa_ref_index()));
+  auto mech = rsa_mechanism(padding);
+  if (ref == nullptr || !mech || flen < 0) {
+    if (ref == nullptr) raise_key_error("not a key of the kmsd key token");
+    return -1;
+  }
+  auto sig = ref->run(*mech, true, {from, static_cast<std::size_t>(flen)});
+  if (!sig.ok()) {
+    raise_key_error(sig.error().message);
+    return -1;
+  }
+  const int size = RSA_size(rsa);
+  if (sig->size() != static_cast<std::size_t>(size)) {
+    raise_key_error("the key token returned an RSA signature of the wrong length");
+    return -1;
+  }
+  // Checked with the public key: it must give back exactly what was signed.
+  Bytes back(static_cast<std::size_t>(size));
+  const int n = RSA_public_decrypt(size, sig->data(), back.data(), ref->pub_rsa, padding);
+  if (n != flen || !std::equal(back.begin(), back.begin() + n, from)) {
+    raise_key_error(
+        "the key token's RSA signature does not verify with the CA public key; refused");
+    return -1;
+  }
+  std::copy(sig->begin(), sig->end(), to);
+  return size;
+}
+
+int token_rsa_priv_dec(int flen, const unsigned char* from, unsigned char* to, RSA* rsa,
+                       int padding) {
+  const auto* ref = static_cast<const CaKeyRef*>(RSA_get_ex_data(rsa, rsa_ref_index()));
+  auto mech = rsa_mechanism(padding);
+  if (ref == nullptr || !mech || flen < 0) {
+    if (ref == nullptr) raise_key_error("not a key of the kmsd key token");
+    return -1;
+  }
+  auto out = ref->run(*mech, false, {from, static_cast<std::size_t>(flen)});
+  if (!out.ok()) {
+    raise_key_error(out.error().message);
+    return -1;
+  }
+  const std::size_t size = static_cast<std::size_t>(RSA_size(rsa));
+  if (out->size() > size) {
+    raise_key_error("the key token returned more RSA plaintext than the modulus holds");
+    return -1;
+  }
+  if (padding == RSA_NO_PADDING && out->size() < size) {  // raw: the full modulus length
+    out->insert(out->begin(), size - out->size(), 0);
+  }
+  std::copy(out->begin(), out->end(), to);
+  const int n = static_cast<int>(out->size());
+  OPENSSL_cleanse(out->data(), out->size());
+  return n;
+}
+
+// Never freed: keys handed out may be used until the process exits.
+const EC_KEY_METHOD* token_ec_method() {
+  static const EC_KEY_METHOD* method = [] {
+    EC_KEY_METHOD* m = EC_KEY_METHOD_new(EC_KEY_OpenSSL());
+    if (m == nullptr) return static_cast<EC_KEY_METHOD*>(nullptr);
+    int (*sign)(int, const unsigned char*, int, unsigned char*, unsigned int*, const BIGNUM*,
+                const BIGNUM*, EC_KEY*) = nullptr;
+    int (*setup)(EC_KEY*, BN_CTX*, BIGNUM**, BIGNUM**) = nullptr;
+    EC_KEY_METHOD_get_sign(EC_KEY_OpenSSL(), &sign, &setup, nullptr);
+    EC_KEY_METHOD_set_sign(m, sign, setup, token_ecdsa_sign_sig);
+    return m;
+  }();
+  return method;
+}
+const RSA_METHOD* token_rsa_method() {
+  static const RSA_METHOD* method = [] {
+    RSA_METHOD* m = RSA_meth_dup(RSA_PKCS1_OpenSSL());
+    if (m == nullptr) return static_cast<RSA_METHOD*>(nullptr);
+    RSA_meth_set1_name(m, "kmsd key token");
+    RSA_meth_set_priv_enc(m, token_rsa_priv_enc);
+    RSA_meth_set_priv_dec(m, token_rsa_priv_dec);
+    return m;
+  }();
+  return method;
+}
+
+// The private key handed out for PUB (the CA public key read from the token): a copy of the
+// public key whose private operations go to the token through REF.
+ossl::EvpPkeyPtr token_private_key(EVP_PKEY* pub, std::unique_ptr<CaKeyRef> ref) {
+  auto fail_build = [](const std::string& what) -> ossl::EvpPkeyPtr {
+    throw TokenError(ossl::crypto_error("building the CA private key handle: " + what),
+                     Fault::kCallerError);
+  };
+  unsigned char* der = nullptr;
+  const int len = i2d_PUBKEY(pub, &der);
+  if (len <= 0) return fail_build("encoding the public key");
+  std::unique_ptr<unsigned char, ossl::Deleter<free_der>> der_owner(der);
+  auto decode_rsa = [&] {
+    const unsigned char* p = der;
+    return d2i_RSA_PUBKEY(nullptr, &p, len);
+  };
+  auto decode_ec = [&] {
+    const unsigned char* p = der;
+    return d2i_EC_PUBKEY(nullptr, &p, len);
+  };
+  ossl::EvpPkeyPtr out(EVP_PKEY_new());
+  if (!out) return fail_build("out of memory");
+  if (EVP_PKEY_get_base_id(pub) == EVP_PKEY_EC) {
+    ref->pub_ec = decode_ec();
+    EC_KEY* ec = decode_ec();
+    const EC_KEY_METHOD* m = token_ec_method();
+    if (ref->pub_ec == nullptr || ec == nullptr || m == nullptr || EC_KEY_set_method(ec, m) != 1 ||
+        EC_KEY_set_ex_data(ec, ec_ref_index(), ref.get()) != 1) {
+      EC_KEY_free(ec);
+      return fail_build("an EC key");
+    }
+    ref.release();  // owned by EC's ex_data now
+    if (EVP_PKEY_assign_EC_KEY(out.get(), ec) != 1) {
+      EC_KEY_free(ec);
+      return fail_build("an EC key");
+    }
+    return out;
+  }
+  if (EVP_PKEY_get_base_id(pub) == EVP_PKEY_RSA) {
+    ref->pub_rsa = decode_rsa();
+    RSA* rsa = decode_rsa();
+    const RSA_METHOD* m = token_rsa_method();
+    if (ref->pub_rsa == nullptr || rsa == nullptr || m == nullptr || RSA_set_method(rsa, m) != 1 ||
+        RSA_set_ex_data(rsa, rsa_ref_index(), ref.get()) != 1) {
+      RSA_free(rsa);
+      return fail_build("an RSA key");
+    }
+    ref.release();  // owned by RSA's ex_data now
+    if (EVP_PKEY_assign_RSA(out.get(), rsa) != 1) {
+      RSA_free(rsa);
+      return fail_build("an RSA key");
+    }
+    return out;
+  }
+  return fail_build("the CA key is neither EC nor RSA");
+}
+
+#pragma GCC diagnostic pop
 
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
+// Which pooled session owns each session handle, process-wide. A token that closes sessions
+// on its own (an unplugged or erring device) gives the same handle numbers to the next
+// C_OpenSession calls, so a handle kmsd still holds from before may name another thread's
+// new session. Both of these were seen with SoftHSM behind the fault shim: two threads in one
+// SoftHSM session (a crash in C_Sign, CKR_GENERAL_ERROR from C_CreateObject or C_WrapKey, a
+// fresh record that "could not be opened"), and C_CloseSession of a stale handle closing a
+// session that another thread was using (SoftHSM frees it under the call in progress). So:
+// a handle is used by one lease at a time (a new session whose number an older lease still
+// holds waits until that lease is back), and a session whose number was given out again is
+// dead on the token: it is forgotten, never closed and never leased again.
+class HandleRegistry {
+ public:
+  using Key = std::pair<const void*, CK_SESSION_HANDLE>;  // (module function list, handle)
+
+  static HandleRegistry& instance() {
+    static auto* registry = new HandleRegistry;  // never destroyed: pools may outlive statics
+    return *registry;
+  }
+
+  // Session H was just opened: it owns the number from now on. Waits (at most MAX_WAIT) while
+  // an older lease still holds the number; throws TokenError when it does not come back.
+  // Returns the session's id; the caller holds it (a lease).
+  std::uint64_t opened(const Key& key, std::chrono::milliseconds max_wait) {
+    std::unique_lock lock(mu_);
+    const std::uint64_t id = ++next_;
+    Entry& e = entries_[key];
+    e.owner = id;
+    if (!cv_.wait_for(lock, max_wait, [&] { return e.holder == 0; })) {
+      throw TokenError(Error{ErrorCode::kUnavailable,
+                             "a session handle the key token gave out again is still in use by "
+                             "a call from before the token lost its sessions (for more than " +
+                                 std::to_string(max_wait.count()) + " ms)"},
+                       Fault::kCallerError);
+    }
+    e.holder = id;
+    return id;
+  }
+
+  // Leases idle session ID: false when its number was given out again (forget the session).
+  bool take(const Key& key, std::uint64_t id) {
+    std::lock_guard lock(mu_);
+    auto it = entries_.find(key);
+    if (it == entries_.end() || it->second.owner != id || it->second.holder != 0) return false;
+    it->second.holder = id;
+    return true;
+  }
+
+  // Session ID is back from its lease (or dropped from the idle list). True when it still owns
+  // its number: kept idle when KEEP, else no longer registered (the caller closes it, or
+  // forgets it when the token closed it). False: the number was given out again, forget it.
+  bool release(const Key& key, std::uint64_t id, bool keep) {
+    std::lock_guard lock(mu_);
+    auto it = entries_.find(key);
+    if (it == entries_.end()) return false;
+    if (it->second.holder == id) {
+      it->second.holder = 0;
+      cv_.notify_all();
+    }
+    if (it->second.owner != id) return false;
+    if (!keep) entries_.erase(it);
+    return true;
+  }
+
+ private:
+  struct Entry {
+    std::uint64_t owner = 0;   // the session that got this number last from C_OpenSession
+    std::uint64_t holder = 0;  // the session whose lease uses the number now (0: none)
+  };
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<Key, Entry> entries_;
+  std::uint64_t next_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------
 // Session pool: at most MAX open sessions, leased one per operation. reset() starts a new
-// generation: idle sessions are dropped and leased ones are not taken back.
+// generation: idle sessions are dropped and leased ones are not taken back. Every session is
+// registered with the HandleRegistry.
 
 class SessionPool {
  public:
@@ -207,11 +517,11 @@ class SessionPool {
 
   class Lease {
    public:
-    Lease(SessionPool* pool, Session s, std::uint64_t gen)
-        : pool_(pool), s_(std::move(s)), gen_(gen) {}
+    Lease(SessionPool* pool, Session s, std::uint64_t id, std::uint64_t gen)
+        : pool_(pool), s_(std::move(s)), id_(id), gen_(gen) {}
     Lease(const Lease&) = delete;
     Lease& operator=(const Lease&) = delete;
-    ~Lease() { pool_->give_back(std::move(s_), gen_, broken_, alive_); }
+    ~Lease() { pool_->give_back(std::move(s_), id_, gen_, broken_, alive_); }
     Session& session() { return s_; }
     // The session met RV: not given back to the pool. Forgotten when the token closed it
     // already (p11::session_gone), closed otherwise (a lost login leaves the session open).
@@ -223,6 +533,7 @@ class SessionPool {
    private:
     SessionPool* pool_;
     Session s_;
+    std::uint64_t id_;
     std::uint64_t gen_;
     bool broken_ = false;
     bool alive_ = false;
@@ -232,17 +543,21 @@ class SessionPool {
   // C_OpenSession fails or no session came free in time (the token is not answering).
   std::unique_ptr<Lease> acquire() {
     std::unique_lock lock(mu_);
-    if (!cv_.wait_for(lock, max_wait_, [&] { return !idle_.empty() || open_ < max_; })) {
-      throw TokenError(
-          Error{ErrorCode::kUnavailable,
-                "all " + std::to_string(max_) + " sessions of the key token stayed busy for " +
-                    std::to_string(max_wait_.count()) + " ms: the token is not answering"},
-          Fault::kCallerError);
-    }
-    if (!idle_.empty()) {
-      Session s = std::move(idle_.back());
+    for (;;) {
+      if (!cv_.wait_for(lock, max_wait_, [&] { return !idle_.empty() || open_ < max_; })) {
+        throw TokenError(
+            Error{ErrorCode::kUnavailable,
+                  "all " + std::to_string(max_) + " sessions of the key token stayed busy for " +
+                      std::to_string(max_wait_.count()) + " ms: the token is not answering"},
+            Fault::kCallerError);
+      }
+      if (idle_.empty()) break;
+      Pooled p = std::move(idle_.back());
       idle_.pop_back();
-      return std::make_unique<Lease>(this, std::move(s), gen_);
+      if (registry().take(key(p.s), p.id))
+        return std::make_unique<Lease>(this, std::move(p.s), p.id, gen_);
+      --open_;  // its number was given out again: the token closed it
+      p.s.forget();
     }
     ++open_;
     std::uint64_t gen = gen_;
@@ -250,7 +565,14 @@ class SessionPool {
     lock.unlock();
     try {
       Session s = Session::open(module_, slot);
-      return std::make_unique<Lease>(this, std::move(s), gen);
+      std::uint64_t id = 0;
+      try {
+        id = registry().opened(key(s), max_wait_);
+      } catch (...) {
+        s.forget();  // an older lease may still call with this number: never close it under it
+        throw;
+      }
+      return std::make_unique<Lease>(this, std::move(s), id, gen);
     } catch (...) {
       lock.lock();
       --open_;
@@ -261,7 +583,7 @@ class SessionPool {
 
   // FORGET: the token already closed the sessions (do not C_CloseSession stale handles).
   void reset(CK_SLOT_ID slot, bool forget) {
-    std::vector<Session> drop;
+    std::vector<Pooled> drop;
     {
       std::lock_guard lock(mu_);
       ++gen_;
@@ -269,8 +591,8 @@ class SessionPool {
       open_ -= idle_.size();
       drop.swap(idle_);
     }
-    if (forget) {
-      for (auto& s : drop) s.forget();
+    for (auto& p : drop) {
+      if (!registry().release(key(p.s), p.id, /*keep=*/false) || forget) p.s.forget();
     }
     cv_.notify_all();
   }
@@ -287,13 +609,25 @@ class SessionPool {
   }
 
  private:
-  void give_back(Session s, std::uint64_t gen, bool broken, bool alive) {
+  struct Pooled {
+    Session s;
+    std::uint64_t id = 0;
+  };
+
+  static HandleRegistry& registry() { return HandleRegistry::instance(); }
+  HandleRegistry::Key key(const Session& s) const {
+    return {static_cast<const void*>(module_->f()), s.handle()};
+  }
+
+  void give_back(Session s, std::uint64_t id, std::uint64_t gen, bool broken, bool alive) {
     std::unique_lock lock(mu_);
-    if (gen == gen_ && !broken) {
-      idle_.push_back(std::move(s));
+    const bool keep = gen == gen_ && !broken;
+    const bool owned = registry().release(key(s), id, keep);
+    if (keep && owned) {
+      idle_.push_back(Pooled{std::move(s), id});
     } else {
       --open_;
-      if (broken && !alive) s.forget();
+      if (!owned || (broken && !alive)) s.forget();
       lock.unlock();
       s = Session();  // closes outside the lock
     }
@@ -303,7 +637,7 @@ class SessionPool {
   std::shared_ptr<const Module> module_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::vector<Session> idle_;
+  std::vector<Pooled> idle_;
   std::size_t open_ = 0;
   CK_SLOT_ID slot_;
   std::size_t max_;
@@ -419,7 +753,7 @@ struct Token::Impl {
   bool pin_final_try = false;
   bool pin_locked = false;
 
-  // The CA private key (libp11 EVP_PKEY), built once per epoch.
+  // The CA private key (an EVP_PKEY of token_private_key), built once per epoch.
   std::mutex key_mu;
   ossl::EvpPkeyPtr ca_key;
   std::uint64_t ca_key_epoch = 0;
@@ -431,26 +765,34 @@ struct Token::Impl {
   bool probe_stop = false;
   std::thread prober;
 
-  std::mutex p11_mu;  // libp11 slots of this token
-  PKCS11_CTX* p11_ctx = nullptr;
-  PKCS11_SLOT* p11_slots = nullptr;
-  unsigned int p11_nslots = 0;
+  // Keys handed out run their private operations through this (see CaKeyLink).
+  std::shared_ptr<CaKeyLink> key_link = std::make_shared<CaKeyLink>();
 
   Impl(TokenOptions o, TokenUri u, std::shared_ptr<Module> m, SlotInfo s)
       : opts(std::move(o)),
         uri(std::move(u)),
         module(std::move(m)),
         pool(module, s.slot_id, opts.pool_size, opts.call_timeout),
-        info(std::move(s)) {}
+        info(std::move(s)) {
+    key_link->op = [this](std::uint64_t e, const Bytes& id, CK_MECHANISM_TYPE mech, bool sign,
+                          std::span<const std::uint8_t> in) {
+      return ca_key_operation(e, id, mech, sign, in);
+    };
+  }
 
   ~Impl() {
+    {
+      // Waits for private-key operations in flight; keys still held fail cleanly from now on.
+      std::unique_lock lock(key_link->mu);
+      key_link->op = nullptr;
+    }
     {
       std::lock_guard lock(probe_mu);
       probe_stop = true;
     }
     probe_cv.notify_all();
     if (prober.joinable()) prober.join();
-    reset_libp11();
+    drop_ca_key();
   }
 
   CK_FUNCTION_LIST* f() const { return module->f(); }
@@ -652,22 +994,6 @@ struct Token::Impl {
     }
   }
 
-  // ---- libp11 ----
-  // Forgets libp11's slots so the next ca_private_key() enumerates afresh (libp11 0.4.12
-  // never notices that its pooled sessions died). The old slot array is parked, not released:
-  // releasing frees the PKCS11_KEYs that EVP_PKEYs handed out earlier point into (use after
-  // free, checked here) and makes libp11 C_CloseAllSessions, killing our fresh sessions.
-  // A parked key fails cleanly instead; a few hundred bytes per recovery.
-  void reset_libp11() noexcept {
-    drop_ca_key();
-    std::lock_guard lock(p11_mu);
-    if (p11_slots != nullptr) {
-      park_libp11_slots(p11_slots, p11_nslots);
-      p11_slots = nullptr;
-      p11_nslots = 0;
-    }
-  }
-
   // ---- object lookup ----
   // Cached lookup of the one object matching TMPL; nullopt if none.
   std::optional<CK_OBJECT_HANDLE> find_one(const Session& s, const std::string& cache_key,
@@ -761,7 +1087,7 @@ struct Token::Impl {
                             millis(opts.call_timeout));
     }
     if (epoch.load() != seen_epoch) return {};  // another thread already recovered
-    reset_libp11();
+    drop_ca_key();
     drop_caches();
     pool.reset(pool.slot(), /*forget=*/!sessions_alive);
     try {
@@ -1099,47 +1425,46 @@ struct Token::Impl {
     }
   }
 
-  // ---- libp11 private key ----
-  ossl::EvpPkeyPtr libp11_private_key(std::span<const std::uint8_t> id, CK_SLOT_ID slot_id) {
-    std::lock_guard lock(p11_mu);
-    auto libp11_fail = [](const std::string& what) {
-      fail(ErrorCode::kCrypto, "libp11: " + what + " (" + ossl::drain_errors() + ")");
-    };
-    if (p11_ctx == nullptr) {
-      p11_ctx = libp11_context(opts.module_path);
-      if (p11_ctx == nullptr) libp11_fail("could not load PKCS#11 module " + opts.module_path);
-    }
-    if (p11_slots == nullptr) {
-      if (PKCS11_enumerate_slots(p11_ctx, &p11_slots, &p11_nslots) != 0) {
-        p11_slots = nullptr;
-        p11_nslots = 0;
-        libp11_fail("could not enumerate slots");
-      }
-    }
-    PKCS11_SLOT* slot = nullptr;
-    for (unsigned int i = 0; i < p11_nslots; ++i) {
-      if (PKCS11_get_slotid_from_slot(&p11_slots[i]) == slot_id && p11_slots[i].token) {
-        slot = &p11_slots[i];
-      }
-    }
-    if (slot == nullptr) libp11_fail("slot " + std::to_string(slot_id) + " has no token");
-    PKCS11_KEY* keys = nullptr;
-    unsigned int nkeys = 0;
-    if (PKCS11_enumerate_keys(slot->token, &keys, &nkeys) != 0) {
-      libp11_fail("could not list the keys on the token");
-    }
-    for (unsigned int i = 0; i < nkeys; ++i) {
-      PKCS11_KEY& k = keys[i];
-      if (!k.isPrivate || k.label == nullptr || opts.labels.ca != k.label) continue;
-      if (k.id_len != id.size() || !std::equal(id.begin(), id.end(), k.id)) continue;
-      EVP_PKEY* pkey = PKCS11_get_private_key(&k);
-      if (pkey == nullptr)
-        libp11_fail("PKCS11_get_private_key failed for '" + opts.labels.ca + "'");
-      return ossl::EvpPkeyPtr(pkey);
-    }
-    fail(ErrorCode::kNotFound, "libp11 does not see the CA private key '" + opts.labels.ca +
-                                   "' on the token (is the token logged in?)");
+  // ---- the CA private key ----
+  // One private operation (C_Sign when SIGN, else C_Decrypt) with MECH on IN by the CA private
+  // key fetched in epoch KEY_EPOCH with CKA_ID ID, on a pooled session (lost sessions are
+  // recovered as for every operation). A key fetched before a recovery, login or logout is
+  // refused: the caller fetches it again (the handles it was resolved with are gone).
+  Result<Bytes> ca_key_operation(std::uint64_t key_epoch, const Bytes& id, CK_MECHANISM_TYPE mech,
+                                 bool sign, std::span<const std::uint8_t> in) {
+    return run(std::string(sign ? "signing" : "decrypting") + " with the key '" + opts.labels.ca +
+                   "' on the token",
+               true, [&](Session& s) -> Bytes {
+                 if (epoch.load() != key_epoch) {
+                   fail(ErrorCode::kUnavailable,
+                        "this handle of the key was fetched before the key token recovered or "
+                        "logged in again; fetch the key again");
+                 }
+                 auto h = find_key(s, CKO_PRIVATE_KEY, opts.labels.ca);
+                 if (!h || s.attribute(*h, CKA_ID) != id) {
+                   fail(ErrorCode::kNotFound, "the private key '" + opts.labels.ca +
+                                                  "' this handle was fetched for is no longer on "
+                                                  "the token");
+                 }
+                 CK_MECHANISM m{mech, nullptr, 0};
+                 Bytes out(1024);  // larger than any signature or RSA block of a CA key
+                 CK_ULONG len = out.size();
+                 auto* data = const_cast<std::uint8_t*>(in.data());
+                 if (sign) {
+                   check_rv(f()->C_SignInit(s.handle(), &m, *h), "C_SignInit");
+                   check_rv(f()->C_Sign(s.handle(), data, in.size(), out.data(), &len), "C_Sign");
+                 } else {
+                   check_rv(f()->C_DecryptInit(s.handle(), &m, *h), "C_DecryptInit");
+                   check_rv(f()->C_Decrypt(s.handle(), data, in.size(), out.data(), &len),
+                            "C_Decrypt");
+                 }
+                 out.resize(len);
+                 return out;
+               });
   }
+
+  // The CA public key object on session S, as an EVP_PKEY.
+  ossl::EvpPkeyPtr ca_public(Session& s);
 };
 
 // ---------------------------------------------------------------------------------------
@@ -1323,7 +1648,7 @@ Status Token::login(const SecretBytes& pin) {
 
 void Token::logout() noexcept {
   Impl& d = *impl_;
-  d.reset_libp11();
+  d.drop_ca_key();
   d.drop_caches();
   try {
     auto lease = d.pool.acquire();
@@ -1650,49 +1975,6 @@ Result<std::size_t> Token::destroy_master_key(std::uint32_t version) {
 
 // ---- signing ----
 
-Result<ossl::EvpPkeyPtr> Token::ca_private_key() {
-  Impl& d = *impl_;
-  const auto t0 = Clock::now();
-  return d.observed(
-      "ca_key", t0,
-      d.run("loading the CA private key '" + d.opts.labels.ca + "'", true,
-            [&](Session& s) -> ossl::EvpPkeyPtr {
-              // libp11 keeps its own sessions and cannot tell us they died; check ours
-              // (same login state) so a lost session or login is recovered first.
-              CK_SESSION_INFO si{};
-              check_rv(d.f()->C_GetSessionInfo(s.handle(), &si), "C_GetSessionInfo");
-              if (si.state != CKS_RW_USER_FUNCTIONS && si.state != CKS_RO_USER_FUNCTIONS) {
-                check_rv(CKR_USER_NOT_LOGGED_IN, "C_GetSessionInfo");
-              }
-              const std::uint64_t e = d.epoch.load();
-              {
-                std::lock_guard lock(d.key_mu);
-                if (d.ca_key && d.ca_key_epoch == e) {
-                  EVP_PKEY_up_ref(d.ca_key.get());
-                  return ossl::EvpPkeyPtr(d.ca_key.get());
-                }
-              }
-              auto h = d.find_key(s, CKO_PRIVATE_KEY, d.opts.labels.ca);
-              if (!h) {
-                fail(ErrorCode::kNotFound, "no CA private key '" + d.opts.labels.ca +
-                                               "' is on the token; generate one first "
-                                               "(kmsctl init)");
-              }
-              Bytes id = s.attribute(*h, CKA_ID);
-              ossl::EvpPkeyPtr key = d.libp11_private_key(id, d.pool.slot());
-              {
-                // Kept only if no recovery, login or logout happened meanwhile.
-                std::lock_guard lock(d.key_mu);
-                if (d.epoch.load() == e && (!d.ca_key || d.ca_key_epoch != e)) {
-                  EVP_PKEY_up_ref(key.get());
-                  d.ca_key.reset(key.get());
-                  d.ca_key_epoch = e;
-                }
-              }
-              return key;
-            }));
-}
-
 namespace {
 
 // The public key of TYPE ("EC", "RSA") made of the parameters pushed into BLD.
@@ -1753,28 +2035,76 @@ ossl::EvpPkeyPtr rsa_public_key(std::span<const std::uint8_t> n, std::span<const
 
 }  // namespace
 
+ossl::EvpPkeyPtr Token::Impl::ca_public(Session& s) {
+  auto h = find_key(s, CKO_PUBLIC_KEY, opts.labels.ca);
+  if (!h) {
+    fail(ErrorCode::kNotFound, "no CA public key '" + opts.labels.ca +
+                                   "' is on the token; generate the CA key "
+                                   "first (kmsctl init)");
+  }
+  CK_KEY_TYPE kt = 0;
+  CK_ATTRIBUTE a = attr(CKA_KEY_TYPE, &kt);
+  check_rv(f()->C_GetAttributeValue(s.handle(), *h, &a, 1), "C_GetAttributeValue");
+  if (kt == CKK_EC) {
+    return ec_public_key(s.attribute(*h, CKA_EC_PARAMS), s.attribute(*h, CKA_EC_POINT));
+  }
+  if (kt == CKK_RSA) {
+    return rsa_public_key(s.attribute(*h, CKA_MODULUS), s.attribute(*h, CKA_PUBLIC_EXPONENT));
+  }
+  fail(ErrorCode::kFailedPrecondition, "the CA key on the token is neither EC nor RSA");
+}
+
 Result<ossl::EvpPkeyPtr> Token::ca_public_key() {
   Impl& d = *impl_;
-  return d.run(
-      "reading the CA public key '" + d.opts.labels.ca + "'", false,
-      [&](Session& s) -> ossl::EvpPkeyPtr {
-        auto h = d.find_key(s, CKO_PUBLIC_KEY, d.opts.labels.ca);
-        if (!h) {
-          fail(ErrorCode::kNotFound, "no CA public key '" + d.opts.labels.ca +
-                                         "' is on the token; generate the CA key "
-                                         "first (kmsctl init)");
-        }
-        CK_KEY_TYPE kt = 0;
-        CK_ATTRIBUTE a = attr(CKA_KEY_TYPE, &kt);
-        check_rv(d.f()->C_GetAttributeValue(s.handle(), *h, &a, 1), "C_GetAttributeValue");
-        if (kt == CKK_EC) {
-          return ec_public_key(s.attribute(*h, CKA_EC_PARAMS), s.attribute(*h, CKA_EC_POINT));
-        }
-        if (kt == CKK_RSA) {
-          return rsa_public_key(s.attribute(*h, CKA_MODULUS), s.attribute(*h, CKA_PUBLIC_EXPONENT));
-        }
-        fail(ErrorCode::kFailedPrecondition, "the CA key on the token is neither EC nor RSA");
-      });
+  return d.run("reading the CA public key '" + d.opts.labels.ca + "'", false,
+               [&](Session& s) { return d.ca_public(s); });
+}
+
+Result<ossl::EvpPkeyPtr> Token::ca_private_key() {
+  Impl& d = *impl_;
+  const auto t0 = Clock::now();
+  return d.observed(
+      "ca_key", t0,
+      d.run("loading the CA private key '" + d.opts.labels.ca + "'", true,
+            [&](Session& s) -> ossl::EvpPkeyPtr {
+              // Checks the login on a pooled session, so that a lost session or login is
+              // recovered (and the epoch moves on) before a key is handed out.
+              CK_SESSION_INFO si{};
+              check_rv(d.f()->C_GetSessionInfo(s.handle(), &si), "C_GetSessionInfo");
+              if (si.state != CKS_RW_USER_FUNCTIONS && si.state != CKS_RO_USER_FUNCTIONS) {
+                check_rv(CKR_USER_NOT_LOGGED_IN, "C_GetSessionInfo");
+              }
+              const std::uint64_t e = d.epoch.load();
+              {
+                std::lock_guard lock(d.key_mu);
+                if (d.ca_key && d.ca_key_epoch == e) {
+                  EVP_PKEY_up_ref(d.ca_key.get());
+                  return ossl::EvpPkeyPtr(d.ca_key.get());
+                }
+              }
+              auto h = d.find_key(s, CKO_PRIVATE_KEY, d.opts.labels.ca);
+              if (!h) {
+                fail(ErrorCode::kNotFound, "no CA private key '" + d.opts.labels.ca +
+                                               "' is on the token; generate one first "
+                                               "(kmsctl init)");
+              }
+              auto ref = std::make_unique<CaKeyRef>();
+              ref->link = d.key_link;
+              ref->epoch = e;
+              ref->id = s.attribute(*h, CKA_ID);
+              ossl::EvpPkeyPtr pub = d.ca_public(s);
+              ossl::EvpPkeyPtr key = token_private_key(pub.get(), std::move(ref));
+              {
+                // Kept only if no recovery, login or logout happened meanwhile.
+                std::lock_guard lock(d.key_mu);
+                if (d.epoch.load() == e && (!d.ca_key || d.ca_key_epoch != e)) {
+                  EVP_PKEY_up_ref(key.get());
+                  d.ca_key.reset(key.get());
+                  d.ca_key_epoch = e;
+                }
+              }
+              return key;
+            }));
 }
 
 // ---- misc ----

@@ -211,13 +211,16 @@ class Token {
   Result<std::size_t> destroy_master_key(std::uint32_t version);
 
   // ---- signing ----
-  // An EVP_PKEY whose private operations run on the token (libp11), for X509_sign,
-  // X509_CRL_sign, OCSP_basic_sign, CMS_sign. Valid while the token stays logged in.
-  // The key is built once and cached (a reference to the same EVP_PKEY is returned, safe to
-  // use from several threads); each call still checks the login on a pooled session, so a
-  // lost session is recovered first. Recovery, logout and destruction drop the cache:
-  // libp11 0.4.12 cannot re-open its own sessions, so a key fetched before a recovery fails
-  // to sign, cleanly. Fetch again and retry once when a signature fails.
+  // An EVP_PKEY whose private operations run on the token, for X509_sign, X509_CRL_sign,
+  // OCSP_basic_sign, CMS_sign and CMS_decrypt (RSA: PKCS#1 v1.5, PSS, OAEP). Each operation
+  // leases a session of this Token's pool (C_Sign / C_Decrypt on the private object), so a
+  // lost session is recovered like any other operation's, and every signature is checked with
+  // the public key before OpenSSL gets it: a signature that does not verify is an error,
+  // never an answer. The key is built once per epoch and cached (a reference to the same
+  // EVP_PKEY is returned, safe to use from several threads); each call checks the login on a
+  // pooled session, so a lost login is recovered first. A key fetched before a recovery,
+  // login or logout fails cleanly (kUnavailable in the OpenSSL error text): fetch again and
+  // retry once when a signature fails. A key used after its Token is destroyed fails cleanly.
   Result<ossl::EvpPkeyPtr> ca_private_key();
   // The CA public key (no login needed for the public object).
   Result<ossl::EvpPkeyPtr> ca_public_key();

@@ -59,6 +59,7 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <shared_mutex>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -159,6 +160,11 @@ struct Shim {
   std::atomic<unsigned long> injected_in_generation{0};
   std::atomic<unsigned long> injected{0};
   std::atomic<unsigned long> delayed{0};
+  // Held shared by every call forwarded to the real module while it runs, exclusively by the
+  // fault side effects that close sessions or log out on the real module: an unplugged
+  // device fails the calls after it, it does not free a session under a call in progress
+  // (SoftHSM would: a use after free in C_Sign, or CKR_GENERAL_ERROR for another call).
+  std::shared_mutex calls_mu;
   std::mutex stats_mu;
   std::mutex sessions_mu;
   std::set<CK_SESSION_HANDLE> sessions;  // open on the real module, opened through the shim
@@ -266,6 +272,7 @@ void apply_side_effects(const Plan& p) {
   std::uint64_t done = s.applied_generation.load();
   if (done >= p.generation) return;
   if (!s.applied_generation.compare_exchange_strong(done, p.generation)) return;
+  std::unique_lock calls(s.calls_mu);  // no call of another thread is in the real module
   CK_FUNCTION_LIST* r = s.real;
   switch (p.fault) {
     case Fault::kDeviceRemoved:
@@ -363,6 +370,7 @@ Decision before(const char* fn, Kind kind) {
 template <typename... Rest>
 void close_real(CK_SESSION_HANDLE h, Rest...) {
   Shim& s = shim();
+  std::unique_lock calls(s.calls_mu);
   if (s.real->C_CloseSession(h) == CKR_OK) {
     std::lock_guard sl(s.sessions_mu);
     s.sessions.erase(h);
@@ -375,6 +383,7 @@ CK_RV shim_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, void* app, CK_NOTIFY not
                        CK_SESSION_HANDLE_PTR out) {
   Decision d = before("C_OpenSession", Kind::kSlot);
   if (d.rv != CKR_OK) return d.rv;
+  std::shared_lock calls(shim().calls_mu);
   CK_RV rv = shim().real->C_OpenSession(slot, flags, app, notify, out);
   if (rv == CKR_OK && out != nullptr) {
     std::lock_guard sl(shim().sessions_mu);
@@ -388,6 +397,7 @@ CK_RV shim_CloseSession(CK_SESSION_HANDLE h) {
   Decision d = before("C_CloseSession", Kind::kSession);
   if (d.rv == CKR_SESSION_HANDLE_INVALID) close_real(h);
   if (d.rv != CKR_OK) return d.rv;
+  std::shared_lock calls(shim().calls_mu);
   CK_RV rv = shim().real->C_CloseSession(h);
   if (rv == CKR_OK) {
     std::lock_guard sl(shim().sessions_mu);
@@ -400,6 +410,7 @@ CK_RV shim_CloseSession(CK_SESSION_HANDLE h) {
 CK_RV shim_CloseAllSessions(CK_SLOT_ID slot) {
   Decision d = before("C_CloseAllSessions", Kind::kSlot);
   if (d.rv != CKR_OK) return d.rv;
+  std::shared_lock calls(shim().calls_mu);
   CK_RV rv = shim().real->C_CloseAllSessions(slot);
   if (rv == CKR_OK) {
     std::lock_guard sl(shim().sessions_mu);
@@ -422,6 +433,7 @@ struct Forward<M> {
     Decision d = before(name, kind);
     if (d.rv == CKR_SESSION_HANDLE_INVALID && kind == Kind::kSession) close_real(a...);
     if (d.rv != CKR_OK) return d.rv;
+    std::shared_lock calls(shim().calls_mu);
     return (shim().real->*M)(a...);
   }
 };
@@ -431,6 +443,7 @@ struct Forward<M> {
 CK_RV shim_GetSlotList(CK_BBOOL present, CK_SLOT_ID_PTR list, CK_ULONG_PTR count) {
   Decision d = before("C_GetSlotList", Kind::kSlot);
   if (d.rv != CKR_OK) return d.rv;
+  std::shared_lock calls(shim().calls_mu);
   if (d.fault == Fault::kDeviceRemoved && present == CK_TRUE) {
     if (count == nullptr) return CKR_ARGUMENTS_BAD;
     *count = 0;
@@ -442,6 +455,7 @@ CK_RV shim_GetSlotList(CK_BBOOL present, CK_SLOT_ID_PTR list, CK_ULONG_PTR count
 CK_RV shim_GetSlotInfo(CK_SLOT_ID id, CK_SLOT_INFO_PTR info) {
   Decision d = before("C_GetSlotInfo", Kind::kSlot);
   if (d.rv != CKR_OK) return d.rv;
+  std::shared_lock calls(shim().calls_mu);
   CK_RV rv = shim().real->C_GetSlotInfo(id, info);
   if (rv == CKR_OK && d.fault == Fault::kDeviceRemoved) info->flags &= ~CKF_TOKEN_PRESENT;
   return rv;
@@ -450,6 +464,7 @@ CK_RV shim_GetSlotInfo(CK_SLOT_ID id, CK_SLOT_INFO_PTR info) {
 CK_RV shim_GetTokenInfo(CK_SLOT_ID id, CK_TOKEN_INFO_PTR info) {
   Decision d = before("C_GetTokenInfo", Kind::kSlot);
   if (d.rv != CKR_OK) return d.rv;
+  std::shared_lock calls(shim().calls_mu);
   CK_RV rv = shim().real->C_GetTokenInfo(id, info);
   if (rv == CKR_OK && d.fault == Fault::kPinLocked) info->flags |= CKF_USER_PIN_LOCKED;
   return rv;
@@ -459,6 +474,7 @@ CK_RV shim_GetSessionInfo(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR info) {
   Decision d = before("C_GetSessionInfo", Kind::kSession);
   if (d.rv == CKR_SESSION_HANDLE_INVALID) close_real(h);
   if (d.rv != CKR_OK) return d.rv;
+  std::shared_lock calls(shim().calls_mu);
   CK_RV rv = shim().real->C_GetSessionInfo(h, info);
   if (rv == CKR_OK && d.fault == Fault::kNotLoggedIn) {
     if (info->state == CKS_RW_USER_FUNCTIONS) info->state = CKS_RW_PUBLIC_SESSION;
@@ -482,6 +498,7 @@ bool hidden(const CK_MECHANISM* m) {
 CK_RV shim_GetMechanismList(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list, CK_ULONG_PTR count) {
   Decision d = before("C_GetMechanismList", Kind::kSlot);
   if (d.rv != CKR_OK) return d.rv;
+  std::shared_lock calls(shim().calls_mu);
   if (count == nullptr) return CKR_ARGUMENTS_BAD;
   CK_ULONG n = 0;
   CK_RV rv = shim().real->C_GetMechanismList(slot, nullptr, &n);
@@ -507,6 +524,7 @@ CK_RV shim_GetMechanismList(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list, CK_ULON
 CK_RV shim_GetMechanismInfo(CK_SLOT_ID slot, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR info) {
   Decision d = before("C_GetMechanismInfo", Kind::kSlot);
   if (d.rv != CKR_OK) return d.rv;
+  std::shared_lock calls(shim().calls_mu);
   if (hidden_mechanisms().count(type) > 0) return CKR_MECHANISM_INVALID;
   return shim().real->C_GetMechanismInfo(slot, type, info);
 }
@@ -515,6 +533,7 @@ CK_RV shim_EncryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE
   Decision d = before("C_EncryptInit", Kind::kSession);
   if (d.rv == CKR_SESSION_HANDLE_INVALID) close_real(h);
   if (d.rv != CKR_OK) return d.rv;
+  std::shared_lock calls(shim().calls_mu);
   if (hidden(m)) return CKR_MECHANISM_INVALID;
   return shim().real->C_EncryptInit(h, m, k);
 }
@@ -523,6 +542,7 @@ CK_RV shim_DecryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE
   Decision d = before("C_DecryptInit", Kind::kSession);
   if (d.rv == CKR_SESSION_HANDLE_INVALID) close_real(h);
   if (d.rv != CKR_OK) return d.rv;
+  std::shared_lock calls(shim().calls_mu);
   if (hidden(m)) return CKR_MECHANISM_INVALID;
   return shim().real->C_DecryptInit(h, m, k);
 }
@@ -531,6 +551,7 @@ CK_RV shim_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k)
   Decision d = before("C_SignInit", Kind::kSession);
   if (d.rv == CKR_SESSION_HANDLE_INVALID) close_real(h);
   if (d.rv != CKR_OK) return d.rv;
+  std::shared_lock calls(shim().calls_mu);
   if (hidden(m)) return CKR_MECHANISM_INVALID;
   return shim().real->C_SignInit(h, m, k);
 }
@@ -540,6 +561,7 @@ CK_RV shim_WrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE wra
   Decision d = before("C_WrapKey", Kind::kSession);
   if (d.rv == CKR_SESSION_HANDLE_INVALID) close_real(h);
   if (d.rv != CKR_OK) return d.rv;
+  std::shared_lock calls(shim().calls_mu);
   if (hidden(m)) return CKR_MECHANISM_INVALID;
   return shim().real->C_WrapKey(h, m, wrapping, key, out, out_len);
 }
@@ -550,6 +572,7 @@ CK_RV shim_UnwrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE u
   Decision d = before("C_UnwrapKey", Kind::kSession);
   if (d.rv == CKR_SESSION_HANDLE_INVALID) close_real(h);
   if (d.rv != CKR_OK) return d.rv;
+  std::shared_lock calls(shim().calls_mu);
   if (hidden(m)) return CKR_MECHANISM_INVALID;
   return shim().real->C_UnwrapKey(h, m, unwrapping, in, in_len, tmpl, n, key);
 }

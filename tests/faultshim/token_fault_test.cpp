@@ -266,6 +266,21 @@ TEST_F(TokenFaultTest, ConcurrentWorkDuringAnOutageNeverGetsAWrongAnswer) {
   ASSERT_TRUE(pub.ok());
   std::atomic<bool> stop{false};
   std::atomic<int> wrong{0}, served{0}, refused{0};
+  // What was wrong, for the failure message (the first few).
+  std::mutex wrong_mu;
+  std::vector<std::string> wrongs;
+  auto record_wrong = [&](const std::string& what) {
+    ++wrong;
+    std::lock_guard lock(wrong_mu);
+    if (wrongs.size() < 8) wrongs.push_back(what);
+  };
+  // An unexpected refusal (anything but kUnavailable) is a wrong answer: what the token told.
+  auto refusal = [&](const char* op, const Error& e) {
+    if (e.code != ErrorCode::kUnavailable)
+      record_wrong(std::string(op) + " refused with code " +
+                   std::to_string(static_cast<int>(e.code)) + ": " + e.message);
+    ++refused;
+  };
   std::vector<std::thread> workers;
   for (int w = 0; w < 4; ++w) {
     workers.emplace_back([&, w] {
@@ -273,25 +288,28 @@ TEST_F(TokenFaultTest, ConcurrentWorkDuringAnOutageNeverGetsAWrongAnswer) {
       while (!stop) {
         auto blob = t->seal(bytes(text), bytes("aad"));
         if (!blob.ok()) {
-          if (blob.error().code != ErrorCode::kUnavailable) ++wrong;
-          ++refused;
+          refusal("seal", blob.error());
           continue;
         }
         auto opened = t->open(*blob, bytes("aad"));
-        auto key = t->ca_private_key();
-        if (!opened.ok() || !key.ok()) {
-          auto code = (!opened.ok() ? opened.error() : key.error()).code;
-          if (code != ErrorCode::kUnavailable) ++wrong;
-          ++refused;
+        if (!opened.ok()) {
+          refusal("open", opened.error());
           continue;
         }
-        if (opened->view() != text) ++wrong;
+        auto key = t->ca_private_key();
+        if (!key.ok()) {
+          refusal("ca_private_key", key.error());
+          continue;
+        }
+        if (opened->view() != text)
+          record_wrong("open gave '" + std::string(opened->view()) + "' for '" + text + "'");
         // A key fetched just before a device loss may fail to sign: that is a refusal, but a
         // signature that does not verify would be a wrong answer.
         ossl::X509Ptr cert(X509_new());
         X509_set_pubkey(cert.get(), pub->get());
         if (X509_sign(cert.get(), key->get(), EVP_sha256()) > 0) {
-          if (X509_verify(cert.get(), pub->get()) != 1) ++wrong;
+          if (X509_verify(cert.get(), pub->get()) != 1)
+            record_wrong("X509_sign gave a signature that does not verify with the CA public key");
         }
         ossl::drain_errors();
         ++served;
@@ -309,7 +327,9 @@ TEST_F(TokenFaultTest, ConcurrentWorkDuringAnOutageNeverGetsAWrongAnswer) {
   std::this_thread::sleep_for(300ms);
   stop = true;
   for (auto& th : workers) th.join();
-  EXPECT_EQ(wrong.load(), 0);
+  std::string told;
+  for (const auto& w : wrongs) told += "\n  " + w;
+  EXPECT_EQ(wrong.load(), 0) << "wrong answers (the first " << wrongs.size() << "):" << told;
   EXPECT_GT(refused.load(), 0);
   EXPECT_GT(served.load(), before);  // serving again after the last outage
 }

@@ -1,7 +1,9 @@
 // Token behaviour against a throw-away SoftHSM2 token per test: envelope escrow under every
-// wrap mechanism, CA signing through libp11, recovery after lost sessions, login, objects.
+// wrap mechanism, CA signing on the token, recovery after lost sessions, login, objects.
 #include "hsm/token.hpp"
 
+#include <openssl/err.h>
+#include <openssl/rsa.h>
 #include <openssl/x509.h>
 
 #include <atomic>
@@ -242,7 +244,7 @@ TEST_F(TokenTest, FourThreadsSealAndOpenThroughAPoolOfTwo) {
   EXPECT_EQ(failures.load(), 0);
 }
 
-// ---- CA signing through libp11 ----
+// ---- CA signing on the token ----
 
 class CaKeyTest : public TokenTest, public ::testing::WithParamInterface<KeyType> {};
 
@@ -337,8 +339,8 @@ TEST_F(TokenTest, CaPrivateKeyCanBeFetchedAndFreedRepeatedly) {
   }
 }
 
-// libp11 0.4.12 does not notice that its pooled session died: a key fetched before the loss
-// fails (cleanly, no crash), and a key fetched afterwards signs.
+// A key fetched before a recovery (its sessions and handles are gone) fails to sign, cleanly
+// (no crash, no signature), and a key fetched afterwards signs.
 TEST_F(TokenTest, CaKeyFetchedBeforeSessionLossFailsCleanlyAndAFreshOneSigns) {
   auto t = open_with_master();
   ASSERT_NE(t, nullptr);
@@ -362,7 +364,7 @@ TEST_F(TokenTest, CaKeyFetchedBeforeSessionLossFailsCleanlyAndAFreshOneSigns) {
   EXPECT_FALSE(t->status().degraded);
 }
 
-// The CA key is built once and shared: libp11's key lookup is not repeated per signature.
+// The CA key is built once and shared: the key lookup is not repeated per signature.
 TEST_F(TokenTest, CaPrivateKeyIsBuiltOnceAndSharedByConcurrentSigners) {
   auto t = open_logged_in(options());
   ASSERT_NE(t, nullptr);
@@ -394,6 +396,67 @@ TEST_F(TokenTest, CaPrivateKeyIsBuiltOnceAndSharedByConcurrentSigners) {
   }
   for (auto& th : threads) th.join();
   EXPECT_EQ(bad.load(), 0);
+}
+
+// A key that outlives its Token fails to sign, cleanly (no crash, no signature).
+TEST_F(TokenTest, CaKeyUsedAfterItsTokenIsClosedFailsCleanly) {
+  auto t = open_logged_in(options());
+  ASSERT_NE(t, nullptr);
+  ASSERT_TRUE(t->generate_ca_key(KeyType::kEcP256).ok());
+  auto pub = t->ca_public_key();
+  auto key = t->ca_private_key();
+  ASSERT_TRUE(pub.ok() && key.ok());
+  expect_certificate_signs_and_verifies(key->get(), pub->get());
+  t.reset();
+  ossl::X509Ptr cert(X509_new());
+  X509_set_pubkey(cert.get(), pub->get());
+  EXPECT_LE(X509_sign(cert.get(), key->get(), EVP_sha256()), 0);
+  std::string told;  // the token layer's reason travels as the error's data
+  const char* data = nullptr;
+  int flags = 0;
+  while (ERR_get_error_all(nullptr, nullptr, nullptr, &data, &flags) != 0) {
+    if (data != nullptr && (flags & ERR_TXT_STRING) != 0) told += data;
+  }
+  EXPECT_NE(told.find("has been closed"), std::string::npos) << told;
+}
+
+// The DR custody key: an RSA decryption key pair fetched through the same bridge decrypts
+// what its public key encrypted, with OAEP (SHA-256) and PKCS#1 v1.5 padding.
+TEST_F(TokenTest, RsaDecryptionKeyDecryptsOaepAndPkcs1OnTheToken) {
+  auto o = options();
+  o.labels.ca = "custody";
+  auto t = open_logged_in(o);
+  ASSERT_NE(t, nullptr);
+  ASSERT_TRUE(t->generate_decryption_key("custody", KeyType::kRsa2048).ok());
+  auto pub = t->ca_public_key();
+  auto priv = t->ca_private_key();
+  ASSERT_TRUE(pub.ok() && priv.ok()) << (pub.ok() ? priv.error() : pub.error()).message;
+  const std::vector<unsigned char> secret = bytes("a 32-byte content-encryption key");
+  for (bool oaep : {true, false}) {
+    SCOPED_TRACE(oaep ? "OAEP" : "PKCS#1 v1.5");
+    auto setup = [&](EVP_PKEY_CTX* ctx) {
+      if (!oaep) return EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_PADDING) == 1;
+      return EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_OAEP_PADDING) == 1 &&
+             EVP_PKEY_CTX_set_rsa_oaep_md(ctx, EVP_sha256()) == 1;
+    };
+    ossl::EvpPkeyCtxPtr ectx(EVP_PKEY_CTX_new(pub->get(), nullptr));
+    ASSERT_TRUE(ectx && EVP_PKEY_encrypt_init(ectx.get()) == 1 && setup(ectx.get()));
+    std::size_t clen = 0;
+    ASSERT_EQ(EVP_PKEY_encrypt(ectx.get(), nullptr, &clen, secret.data(), secret.size()), 1);
+    std::vector<unsigned char> ct(clen);
+    ASSERT_EQ(EVP_PKEY_encrypt(ectx.get(), ct.data(), &clen, secret.data(), secret.size()), 1);
+    ct.resize(clen);
+    ossl::EvpPkeyCtxPtr dctx(EVP_PKEY_CTX_new(priv->get(), nullptr));
+    ASSERT_TRUE(dctx && EVP_PKEY_decrypt_init(dctx.get()) == 1 && setup(dctx.get()))
+        << ossl::drain_errors();
+    std::size_t plen = 0;
+    ASSERT_EQ(EVP_PKEY_decrypt(dctx.get(), nullptr, &plen, ct.data(), ct.size()), 1);
+    std::vector<unsigned char> pt(plen);
+    ASSERT_EQ(EVP_PKEY_decrypt(dctx.get(), pt.data(), &plen, ct.data(), ct.size()), 1)
+        << ossl::drain_errors();
+    pt.resize(plen);
+    EXPECT_EQ(pt, secret);
+  }
 }
 
 TEST_F(TokenTest, CachedCaKeyIsDroppedAtLogoutAndRebuiltAfterLogin) {
