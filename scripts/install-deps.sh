@@ -6,7 +6,7 @@ set -euo pipefail
 PACKAGES=(
   build-essential cmake pkg-config
   libssl-dev openssl
-  libp11-dev libp11-kit-dev
+  libp11-kit-dev
   softhsm2 opensc
   libengine-pkcs11-openssl
   libboost-dev
