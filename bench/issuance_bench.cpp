@@ -10,7 +10,7 @@
 //      `kmsctl init`, the real kmsd started with a startup-secret file, /readyz = 200;
 //   2. N users enabled over the admin API (POST /v1/users/bulk, 1000 per call), their one-time
 //      tokens kept; N P-256 key pairs and CSRs made before any timing;
-//   3. the raw token rate: ECDSA P-256 signatures with the CA key through hsm::Token (a libp11
+//   3. the raw token rate: ECDSA P-256 signatures with the CA key through hsm::Token (its
 //      EVP_PKEY, one per thread, as token_bench), C threads, from this process with its own
 //      session pool while kmsd idles; measured before and after the API phase. Two breakdown
 //      figures go with it: a fresh Token::ca_private_key() per signature, and a whole user

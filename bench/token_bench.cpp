@@ -4,7 +4,7 @@
 //   token_bench [--seconds S] [--threads N]
 //
 // Figures: envelope seal+open per second (token-wrapped data key vs a software-only
-// AES-256-GCM seal+open), CA signatures per second through libp11 (EC P-256 and RSA-2048)
+// AES-256-GCM seal+open), CA signatures per second through the token key (EC P-256 and RSA-2048)
 // vs the same signature with a software key. No assertions: it prints, people judge.
 #include <openssl/evp.h>
 #include <openssl/rand.h>
@@ -140,7 +140,7 @@ int main(int argc, char** argv) {
     }
     auto soft = ca::generate_key(kt);
     for (int t = 1; t <= max_threads; ++t) {
-      // One libp11 key per thread, as a signing service would hold per worker.
+      // One token key per thread, as a signing service would hold per worker.
       std::vector<ossl::EvpPkeyPtr> keys;
       for (int i = 0; i < t; ++i) keys.push_back(std::move((*token)->ca_private_key().value()));
       std::atomic<int> next{0};

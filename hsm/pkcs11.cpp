@@ -113,8 +113,8 @@ Result<std::shared_ptr<Module>> Module::load(const std::string& path) {
                       "no PKCS#11 module configured; set token.module in kmsd.toml (e.g. "
                       "/usr/lib/softhsm/libsofthsm2.so)");
   }
-  // RTLD_LOCAL: the module's symbols stay out of our namespace; libp11 dlopens the same path
-  // and gets the same instance.
+  // RTLD_LOCAL: the module's symbols stay out of our namespace; another Token dlopening the
+  // same path gets the same instance.
   void* handle = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (handle == nullptr) {
     const char* why = ::dlerror();
@@ -140,7 +140,7 @@ Result<std::shared_ptr<Module>> Module::load(const std::string& path) {
   std::shared_ptr<Module> m(new Module(path, handle, f));
   rv = m->initialize();
   if (rv != CKR_OK) {
-    // Deliberately no dlclose: another user (libp11) may hold the same instance.
+    // Deliberately no dlclose: another Token may hold the same instance.
     return make_error(ErrorCode::kUnavailable, "C_Initialize of PKCS#11 module " + path +
                                                    " failed: " + rv_name(rv) +
                                                    "; check the module's own configuration "

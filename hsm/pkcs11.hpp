@@ -51,8 +51,9 @@ struct TokenError : std::exception {
 void check_rv(CK_RV rv, std::string_view function);
 
 // A dlopen'ed PKCS#11 module with its function list, C_Initialize'd with CKF_OS_LOCKING_OK.
-// Never finalized and never dlclose'd: libp11 loads the same module in this process and a
-// C_Finalize would pull the rug from under it (dlopen's refcount keeps one instance).
+// Never finalized and never dlclose'd: other Tokens in this process (an operator card, the key
+// token) may load the same module, and a C_Finalize would pull the rug from under them
+// (dlopen's refcount keeps one instance).
 class Module {
  public:
   static Result<std::shared_ptr<Module>> load(const std::string& path);

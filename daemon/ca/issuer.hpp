@@ -67,7 +67,7 @@ Result<ossl::X509Ptr> issue(const IssueRequest& req, X509* issuer_cert, EVP_PKEY
                             const EVP_MD* md);
 
 // issue() with the CA key taken from TOKEN for this signature; an empty REQ.serial is drawn
-// from the token's RNG (new_serial). libp11 0.4.12 keys do not
+// from the token's RNG (new_serial). Token keys (hsm::Token::ca_private_key) do not
 // survive a lost session, so never keep one: if the first signature fails, a fresh key is
 // fetched (the token layer recovers its sessions on the way) and the signature retried once.
 Result<ossl::X509Ptr> issue_on_token(const IssueRequest& req, X509* issuer_cert, hsm::Token& token,

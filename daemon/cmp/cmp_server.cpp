@@ -189,7 +189,7 @@ bool printable_id(std::string_view s) {
   return true;
 }
 
-// Whether KEY can sign right now (libp11 keys go stale after a lost token session).
+// Whether KEY can sign right now (a token key goes stale after a lost token session).
 bool can_sign(EVP_PKEY* key, const EVP_MD* md) {
   static constexpr unsigned char kProbe[] = "kmsd CMP responder key check";
   ossl::EvpMdCtxPtr c(EVP_MD_CTX_new());
@@ -387,7 +387,7 @@ bool CmpServer::Impl::install(OSSL_CMP_CTX* ctx, const Signer& s) {
 }
 
 void CmpServer::Impl::refresh_key(OSSL_CMP_CTX* ctx) {
-  // The service's token work may have recovered a lost session, which leaves a libp11 key
+  // The service's token work may have recovered a lost session, which leaves a token key
   // fetched before it unusable: take a fresh one for the response signature.
   auto key = fresh_key();
   if (key.ok() && OSSL_CMP_CTX_set1_pkey(ctx, key->get()) == 1) return;

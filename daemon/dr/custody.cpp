@@ -48,7 +48,7 @@ Result<CustodyKey> open_custody_key_on_token(const std::string& uri, const std::
   opts.module_path = module;
   opts.token_uri = token_uri;
   opts.pool_size = std::max<std::size_t>(1, sessions);
-  opts.labels.ca = object;  // the token layer fetches a libp11 key by this label
+  opts.labels.ca = object;  // the token layer fetches the token key by this label
   CustodyKey out;
   KMSD_ASSIGN_OR_RETURN(out.token, hsm::Token::open(opts));
   KMSD_TRY(out.token->login(pin));

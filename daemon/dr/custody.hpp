@@ -1,6 +1,6 @@
 // The DR custody key: the key pre-decryption encrypts every message to while users have no
 // keys. In production its private half is an RSA-3072 key on the new key token, used through
-// libp11 (hsm::Token); for drills a PKCS#12 file will do.
+// the token's session pool (hsm::Token); for drills a PKCS#12 file will do.
 #pragma once
 
 #include <filesystem>

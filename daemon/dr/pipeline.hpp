@@ -116,7 +116,7 @@ inline constexpr const char* kWaiting = "waiting";  // a user has no new certifi
 struct ReencryptOptions {
   std::filesystem::path staging;
   std::filesystem::path out;
-  EVP_PKEY* custody_key = nullptr;  // software (drills) or a token key through libp11
+  EVP_PKEY* custody_key = nullptr;  // software (drills) or a token key (hsm::Token)
   X509* custody_cert = nullptr;
   std::map<std::string, X509*> new_certs;  // user -> new encryption certificate
   unsigned threads = 0;

@@ -315,7 +315,7 @@ Status Revocation::regenerate_locked() {
   KMSD_ASSIGN_OR_RETURN(auto crl,
                         build_crl(store_, ca.get(), number, this_update, next_update, entries));
 
-  // A fresh libp11 key per CRL; one retry with another fresh key (the token layer recovers
+  // A fresh token key per CRL; one retry with another fresh key (the token layer recovers
   // lost sessions on the way).
   {
     KMSD_ASSIGN_OR_RETURN(auto key, token_.ca_private_key());
@@ -455,7 +455,7 @@ std::vector<std::uint8_t> Revocation::respond(std::span<const std::uint8_t> requ
   }
   auto signed_bs = sign_once(key->get());
   if (!signed_bs.ok()) {
-    // A libp11 key fetched before a lost session fails cleanly: fetch a fresh one, once.
+    // A token key fetched before a lost session fails cleanly: fetch a fresh one, once.
     auto fresh = token_.ca_private_key();
     if (!fresh.ok()) {
       if (token_cannot_sign_now(fresh.error().code)) return try_later(fresh.error());

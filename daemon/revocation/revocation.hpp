@@ -71,7 +71,7 @@ class Revocation {
              std::function<ossl::X509Ptr()> ca_certificate);
 
   // Makes a new CRL now from every revoked certificate in the store, signed on the token
-  // (a fresh libp11 key per CRL, one retry with another fresh key), verified against the CA
+  // (a fresh token key per CRL, one retry with another fresh key), verified against the CA
   // certificate before it is published. Keeps it in the store (cRLNumber and DER in one
   // transaction) and, when crl_path is set, writes it there atomically with mode 0644.
   // Errors: kFailedPrecondition (token not logged in: sealed), kUnavailable (token fault),

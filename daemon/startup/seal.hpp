@@ -26,7 +26,7 @@ namespace kmsd::startup {
 // What an unsealed daemon can use. Immutable once built; replaced on every unseal.
 struct KeyMaterial {
   // The CA private key is deliberately absent: fetch it from the token for each signature
-  // (ca::issue_on_token), because a libp11 key does not survive a lost session.
+  // (ca::issue_on_token), because a token key does not survive a lost session.
   ossl::X509Ptr ca_cert;
   ossl::X509Ptr tls_cert;    // admin listener certificate, issued at unseal
   ossl::EvpPkeyPtr tls_key;  // in memory only, never written anywhere

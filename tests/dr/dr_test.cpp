@@ -214,7 +214,7 @@ TEST_F(DrTest, AnotherCustodyCertificateIsRefusedForAStartedStaging) {
 }
 
 // The production shape: the custody key is an RSA-3072 key on a (SoftHSM) token, used through
-// libp11 by CMS_decrypt.
+// the token's session pool by CMS_decrypt.
 class DrTokenTest : public DrTest {
  protected:
   std::unique_ptr<kmsd::testing::SoftHsmToken> token;
