@@ -26,6 +26,9 @@ struct PredecryptService::Session {
   std::mutex keys_mu;  // guards ring and opened
   KeyRing ring;
   std::set<std::string> opened;  // users whose escrowed history is in RING
+  // "ski:<hex>" -> serial of every encryption certificate this KMS issued; built on the first
+  // recipient named only by its subject key identifier (openssl cms -keyid, some mail clients).
+  std::optional<std::map<std::string, std::string>> ski_serials;
   std::atomic<std::size_t> staged{0}, unknown{0}, failed{0};
 
   SessionCounts counts() {
@@ -70,6 +73,22 @@ std::string subject_of(X509* cert) {
   char* p = nullptr;
   const long n = BIO_get_mem_data(bio.get(), &p);
   return std::string(p, static_cast<std::size_t>(n));
+}
+
+// "ski:<hex>" -> serial of every encryption certificate in STORE that has a subject key
+// identifier. Loads the certificates once (a DR session's fallback for recipients named only by
+// their key identifier; issuer-and-serial recipients are looked up one by one).
+Result<std::map<std::string, std::string>> encryption_certificates_by_ski(store::Store& store) {
+  KMSD_ASSIGN_OR_RETURN(auto certs, store.certificates(store::CertKind::kEncryption));
+  std::map<std::string, std::string> out;
+  for (const auto& c : certs) {
+    const unsigned char* p = c.der.data();
+    ossl::X509Ptr x(d2i_X509(nullptr, &p, static_cast<long>(c.der.size())));
+    if (!x) continue;  // an unreadable row names no recipient; the message stays unknown
+    if (const ASN1_OCTET_STRING* ski = X509_get0_subject_key_id(x.get()))
+      out.emplace(ski_id(ski), c.serial);
+  }
+  return out;
 }
 
 }  // namespace
@@ -252,8 +271,21 @@ Result<Rewrapped> PredecryptService::rewrap(const std::string& request_id, const
     std::lock_guard lock(s->keys_mu);
     for (const auto& id : parsed.recipients) {
       const KeyRing::Entry* e = s->ring.find(id);
+      std::string serial;
       if (e == nullptr && id.rfind("isn:", 0) == 0) {
-        const std::string serial = id.substr(id.rfind('#') + 1);
+        serial = id.substr(id.rfind('#') + 1);
+      } else if (e == nullptr && id.rfind("ski:", 0) == 0) {
+        if (!s->ski_serials) {
+          auto index = encryption_certificates_by_ski(store_);
+          if (!index.ok()) {
+            load_error = index.error().message;
+            continue;
+          }
+          s->ski_serials = std::move(*index);
+        }
+        if (auto it = s->ski_serials->find(id); it != s->ski_serials->end()) serial = it->second;
+      }
+      if (!serial.empty()) {
         auto cert = store_.find_certificate(serial);
         if (cert.ok() && cert->has_value() && (*cert)->user_id &&
             (*cert)->kind == store::CertKind::kEncryption &&

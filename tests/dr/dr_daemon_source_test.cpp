@@ -65,16 +65,18 @@ class DrDaemonSourceTest : public KmsdTest {
         0);
   }
 
-  // The body of message N, and a message with it to CERT (openssl cms, S/MIME).
+  // The body of message N, and a message with it to CERT (openssl cms, S/MIME); with KEYID the
+  // recipient is named by its subject key identifier only (-keyid), not issuer and serial.
   std::string body(int n) const {
     return "Content-Type: text/plain\r\n\r\nBoard minutes DAEMON-SRC-PLAINTEXT-" +
            std::to_string(n) + "-QZX\r\n";
   }
   std::string marker(int n) const { return "DAEMON-SRC-PLAINTEXT-" + std::to_string(n) + "-QZX"; }
-  void encrypt_to(const fs::path& cert, const fs::path& out, int n) {
+  void encrypt_to(const fs::path& cert, const fs::path& out, int n, bool keyid = false) {
     write_private(dir() / "body.txt", body(n));
-    auto r = sh("openssl cms -encrypt -binary -aes256 -in " + shell_quote(dir() / "body.txt") +
-                " -out " + shell_quote(out) + " -recip " + shell_quote(cert));
+    auto r =
+        sh("openssl cms -encrypt -binary -aes256 -in " + shell_quote(dir() / "body.txt") +
+           " -out " + shell_quote(out) + " -recip " + shell_quote(cert) + (keyid ? " -keyid" : ""));
     ASSERT_EQ(r.status, 0) << r.output;
   }
 
@@ -143,7 +145,7 @@ TEST_F(DrDaemonSourceTest, ApprovedSessionStagesThroughKmsdToTheApprovedCustodyC
       ++n;
       const std::string rel =
           std::string(n % 2 ? "cur" : "new") + "/" + std::to_string(n) + ".daemon:2,S";
-      encrypt_to(cert, store() / rel, n);
+      encrypt_to(cert, store() / rel, n, /*keyid=*/k == 1);  // each user's second: SKI only
       sent[rel] = {user, n};
     }
   const int encrypted = n;
