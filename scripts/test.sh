@@ -4,8 +4,12 @@
 # store, lifecycle, the CA and its PKCS#12 export, kmsctl's bulk-file parser) again, built with
 # AddressSanitizer + UBSan.
 #
-#   KMSD_SANITIZE_TESTS=0 scripts/test.sh    # without the sanitizer stage
+#   KMSD_SANITIZE_TESTS=1 scripts/test.sh    # with the sanitizer stage
 #
+# The stage is off by default, so CI does not run it: with it, a clean-clone run on the 2-core
+# machine took 15 min 1 s (2 December, unity build; another build ran beside it for a few
+# minutes), and earlier runs 13 min 45 s and 14 min 54 s: past or too close to the 15-minute
+# budget.
 # The sanitizer build (unity, -O1, only those tests and the libraries under them: about 150 s of
 # compiler CPU) runs at low priority while the main suite runs (the suite mostly waits on kmsd,
 # SoftHSM and the stock clients), so the stage adds little to the wall time. The parsers (CMP,
@@ -17,7 +21,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 build=${BUILD_DIR:-$root/build}
 BUILD_DIR=$build "$root/scripts/build.sh"
 
-sanitize=${KMSD_SANITIZE_TESTS:-1}
+sanitize=${KMSD_SANITIZE_TESTS:-0}
 targets=(common_test hsm_test rotation_envelope_test store_test lifecycle_test ca_test cli_test)
 asan=${ASAN_BUILD_DIR:-$root/build-asan-ci}
 asan_pid=
