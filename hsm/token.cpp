@@ -179,8 +179,9 @@ std::string describe_tokens(const std::vector<SlotInfo>& slots) {
 // operation; the Token cuts it (under the lock) when it is destroyed, so a key that outlives
 // its Token fails cleanly, and the Token waits for operations in flight.
 struct CaKeyLink {
-  using Op = std::function<Result<Bytes>(std::uint64_t epoch, const Bytes& id, CK_MECHANISM_TYPE,
-                                         bool sign, std::span<const std::uint8_t> in)>;
+  using Op =
+      std::function<Result<Bytes>(std::uint64_t epoch, CK_OBJECT_HANDLE key, CK_MECHANISM_TYPE,
+                                  bool sign, std::span<const std::uint8_t> in)>;
   std::shared_mutex mu;
   Op op;
 };
@@ -188,28 +189,34 @@ struct CaKeyLink {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
 
+// The legacy key types' owners (their free functions are deprecated: called here, under the
+// pragma, not from common/ossl.hpp's Deleter).
+void free_ec_key(EC_KEY* k) noexcept {
+  EC_KEY_free(k);
+}
+void free_rsa(RSA* k) noexcept {
+  RSA_free(k);
+}
+using EcKeyPtr = std::unique_ptr<EC_KEY, ossl::Deleter<free_ec_key>>;
+using RsaPtr = std::unique_ptr<RSA, ossl::Deleter<free_rsa>>;
+
 // What a key handed out knows: its token, the epoch it was fetched in (a key fetched before a
-// recovery, login or logout is refused: fetch it again), the CKA_ID of the private object, and
-// a copy of the public key to check every signature with before it leaves the token layer.
+// recovery, login or logout is refused: fetch it again), the private object's handle in that
+// epoch (handles stay valid until the token recovers or logs in again, which moves the epoch
+// on), and a copy of the public key to check every signature with before it leaves the token
+// layer.
 struct CaKeyRef {
   std::shared_ptr<CaKeyLink> link;
   std::uint64_t epoch = 0;
-  Bytes id;
-  EC_KEY* pub_ec = nullptr;
-  RSA* pub_rsa = nullptr;
-  CaKeyRef() = default;
-  CaKeyRef(const CaKeyRef&) = delete;
-  CaKeyRef& operator=(const CaKeyRef&) = delete;
-  ~CaKeyRef() {
-    EC_KEY_free(pub_ec);
-    RSA_free(pub_rsa);
-  }
+  CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
+  EcKeyPtr pub_ec;
+  RsaPtr pub_rsa;
   Result<Bytes> run(CK_MECHANISM_TYPE mech, bool sign, std::span<const std::uint8_t> in) const {
     std::shared_lock lock(link->mu);
     if (!link->op)
       return make_error(ErrorCode::kUnavailable,
                         "the key token this CA key came from has been closed; fetch the key again");
-    return link->op(epoch, id, mech, sign, in);
+    return link->op(epoch, handle, mech, sign, in);
   }
 };
 
@@ -264,7 +271,7 @@ ECDSA_SIG* token_ecdsa_sign_sig(const unsigned char* dgst, int dlen, const BIGNU
     raise_key_error("out of memory building an ECDSA signature");
     return nullptr;
   }
-  if (ECDSA_do_verify(dgst, dlen, sig, ref->pub_ec) != 1) {
+  if (ECDSA_do_verify(dgst, dlen, sig, ref->pub_ec.get()) != 1) {
     ECDSA_SIG_free(sig);
     raise_key_error(
         "the key token's ECDSA signature does not verify with the CA public key; refused");
@@ -303,7 +310,7 @@ int token_rsa_priv_enc(int flen, const unsigned char* from, unsigned char* to, R
   }
   // Checked with the public key: it must give back exactly what was signed.
   Bytes back(static_cast<std::size_t>(size));
-  const int n = RSA_public_decrypt(size, sig->data(), back.data(), ref->pub_rsa, padding);
+  const int n = RSA_public_decrypt(size, sig->data(), back.data(), ref->pub_rsa.get(), padding);
   if (n != flen || !std::equal(back.begin(), back.begin() + n, from)) {
     raise_key_error(
         "the key token's RSA signature does not verify with the CA public key; refused");
@@ -388,35 +395,27 @@ ossl::EvpPkeyPtr token_private_key(EVP_PKEY* pub, std::unique_ptr<CaKeyRef> ref)
   ossl::EvpPkeyPtr out(EVP_PKEY_new());
   if (!out) return fail_build("out of memory");
   if (EVP_PKEY_get_base_id(pub) == EVP_PKEY_EC) {
-    ref->pub_ec = decode_ec();
-    EC_KEY* ec = decode_ec();
+    ref->pub_ec.reset(decode_ec());
+    EcKeyPtr ec(decode_ec());
     const EC_KEY_METHOD* m = token_ec_method();
-    if (ref->pub_ec == nullptr || ec == nullptr || m == nullptr || EC_KEY_set_method(ec, m) != 1 ||
-        EC_KEY_set_ex_data(ec, ec_ref_index(), ref.get()) != 1) {
-      EC_KEY_free(ec);
+    if (!ref->pub_ec || !ec || m == nullptr || EC_KEY_set_method(ec.get(), m) != 1 ||
+        EC_KEY_set_ex_data(ec.get(), ec_ref_index(), ref.get()) != 1)
       return fail_build("an EC key");
-    }
     ref.release();  // owned by EC's ex_data now
-    if (EVP_PKEY_assign_EC_KEY(out.get(), ec) != 1) {
-      EC_KEY_free(ec);
-      return fail_build("an EC key");
-    }
+    if (EVP_PKEY_assign_EC_KEY(out.get(), ec.get()) != 1) return fail_build("an EC key");
+    ec.release();  // owned by OUT now
     return out;
   }
   if (EVP_PKEY_get_base_id(pub) == EVP_PKEY_RSA) {
-    ref->pub_rsa = decode_rsa();
-    RSA* rsa = decode_rsa();
+    ref->pub_rsa.reset(decode_rsa());
+    RsaPtr rsa(decode_rsa());
     const RSA_METHOD* m = token_rsa_method();
-    if (ref->pub_rsa == nullptr || rsa == nullptr || m == nullptr || RSA_set_method(rsa, m) != 1 ||
-        RSA_set_ex_data(rsa, rsa_ref_index(), ref.get()) != 1) {
-      RSA_free(rsa);
+    if (!ref->pub_rsa || !rsa || m == nullptr || RSA_set_method(rsa.get(), m) != 1 ||
+        RSA_set_ex_data(rsa.get(), rsa_ref_index(), ref.get()) != 1)
       return fail_build("an RSA key");
-    }
     ref.release();  // owned by RSA's ex_data now
-    if (EVP_PKEY_assign_RSA(out.get(), rsa) != 1) {
-      RSA_free(rsa);
-      return fail_build("an RSA key");
-    }
+    if (EVP_PKEY_assign_RSA(out.get(), rsa.get()) != 1) return fail_build("an RSA key");
+    rsa.release();  // owned by OUT now
     return out;
   }
   return fail_build("the CA key is neither EC nor RSA");
@@ -774,9 +773,9 @@ struct Token::Impl {
         module(std::move(m)),
         pool(module, s.slot_id, opts.pool_size, opts.call_timeout),
         info(std::move(s)) {
-    key_link->op = [this](std::uint64_t e, const Bytes& id, CK_MECHANISM_TYPE mech, bool sign,
+    key_link->op = [this](std::uint64_t e, CK_OBJECT_HANDLE key, CK_MECHANISM_TYPE mech, bool sign,
                           std::span<const std::uint8_t> in) {
-      return ca_key_operation(e, id, mech, sign, in);
+      return ca_key_operation(e, key, mech, sign, in);
     };
   }
 
@@ -1427,11 +1426,14 @@ struct Token::Impl {
 
   // ---- the CA private key ----
   // One private operation (C_Sign when SIGN, else C_Decrypt) with MECH on IN by the CA private
-  // key fetched in epoch KEY_EPOCH with CKA_ID ID, on a pooled session (lost sessions are
+  // key object KEY, resolved in epoch KEY_EPOCH, on a pooled session (lost sessions are
   // recovered as for every operation). A key fetched before a recovery, login or logout is
-  // refused: the caller fetches it again (the handles it was resolved with are gone).
-  Result<Bytes> ca_key_operation(std::uint64_t key_epoch, const Bytes& id, CK_MECHANISM_TYPE mech,
-                                 bool sign, std::span<const std::uint8_t> in) {
+  // refused: the caller fetches it again (the handles it was resolved with are gone). No
+  // lookup per operation: an object destroyed within the epoch makes the token refuse the
+  // handle, which recovers, moves the epoch on and so refuses the key the same way.
+  Result<Bytes> ca_key_operation(std::uint64_t key_epoch, CK_OBJECT_HANDLE key,
+                                 CK_MECHANISM_TYPE mech, bool sign,
+                                 std::span<const std::uint8_t> in) {
     return run(std::string(sign ? "signing" : "decrypting") + " with the key '" + opts.labels.ca +
                    "' on the token",
                true, [&](Session& s) -> Bytes {
@@ -1440,21 +1442,15 @@ struct Token::Impl {
                         "this handle of the key was fetched before the key token recovered or "
                         "logged in again; fetch the key again");
                  }
-                 auto h = find_key(s, CKO_PRIVATE_KEY, opts.labels.ca);
-                 if (!h || s.attribute(*h, CKA_ID) != id) {
-                   fail(ErrorCode::kNotFound, "the private key '" + opts.labels.ca +
-                                                  "' this handle was fetched for is no longer on "
-                                                  "the token");
-                 }
                  CK_MECHANISM m{mech, nullptr, 0};
                  Bytes out(1024);  // larger than any signature or RSA block of a CA key
                  CK_ULONG len = out.size();
                  auto* data = const_cast<std::uint8_t*>(in.data());
                  if (sign) {
-                   check_rv(f()->C_SignInit(s.handle(), &m, *h), "C_SignInit");
+                   check_rv(f()->C_SignInit(s.handle(), &m, key), "C_SignInit");
                    check_rv(f()->C_Sign(s.handle(), data, in.size(), out.data(), &len), "C_Sign");
                  } else {
-                   check_rv(f()->C_DecryptInit(s.handle(), &m, *h), "C_DecryptInit");
+                   check_rv(f()->C_DecryptInit(s.handle(), &m, key), "C_DecryptInit");
                    check_rv(f()->C_Decrypt(s.handle(), data, in.size(), out.data(), &len),
                             "C_Decrypt");
                  }
@@ -2091,7 +2087,7 @@ Result<ossl::EvpPkeyPtr> Token::ca_private_key() {
               auto ref = std::make_unique<CaKeyRef>();
               ref->link = d.key_link;
               ref->epoch = e;
-              ref->id = s.attribute(*h, CKA_ID);
+              ref->handle = *h;
               ossl::EvpPkeyPtr pub = d.ca_public(s);
               ossl::EvpPkeyPtr key = token_private_key(pub.get(), std::move(ref));
               {
