@@ -87,10 +87,6 @@ class DrDaemonSourceTest : public KmsdTest {
            shell_quote(pass_path()) + " --ca " + shell_quote(dir() / "ca.pem") +
            (request.empty() ? "" : " --request " + request) + " --threads 2 --no-progress -o json";
   }
-
-  std::string sql(const std::string& query) {
-    return sh("sqlite3 " + shell_quote(db_path()) + " " + shell_quote(query)).output;
-  }
 };
 
 TEST_F(DrDaemonSourceTest, ApprovedSessionStagesThroughKmsdToTheApprovedCustodyCertificateOnly) {

@@ -60,10 +60,6 @@ class AdminsTest : public KmsdTest {
     return api(method, path, body, cert_args);
   }
 
-  std::string sql(const std::string& query) {
-    return sh("sqlite3 " + shell_quote(db_path()) + " " + shell_quote(query)).output;
-  }
-
   // Every row an API call could change (settings aside: the CRL bookkeeping lives there).
   std::string state_digest() {
     return sh("sqlite3 " + shell_quote(db_path()) +
