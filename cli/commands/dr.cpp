@@ -513,6 +513,14 @@ int run_dr_status(const DrArgs& a) {
     for (const auto& e : fs::directory_iterator(packs, ec))
       if (e.is_regular_file()) pack_bytes[e.path().filename().string()] = e.file_size(ec);
   for (const auto& r : *rows) staged_bytes += r.status == dr::kStaged ? r.copy.length : 0;
+  // The runs' staging keys (encrypted to the custody certificate): reencrypt needs the one of
+  // every run whose packs hold staged messages.
+  std::vector<std::string> staging_keys;
+  const fs::path keks = dr::keys_dir(a.staging);
+  if (fs::is_directory(keks, ec))
+    for (const auto& e : fs::directory_iterator(keks, ec))
+      if (e.is_regular_file()) staging_keys.push_back(e.path().filename().string());
+  std::sort(staging_keys.begin(), staging_keys.end());
   std::uintmax_t total_bytes = 0;
   for (const auto& [name, n] : pack_bytes) total_bytes += n;
   if (a.output == "json") {
@@ -529,17 +537,22 @@ int run_dr_status(const DrArgs& a) {
                        {"sha256", r.copy.sha256}};
       messages.push_back(std::move(m));
     }
-    std::cout
-        << json{{"counts", *counts},         {"reencrypted", done->size()},  {"packs", pack_bytes},
-                {"pack_bytes", total_bytes}, {"staged_bytes", staged_bytes}, {"messages", messages}}
-               .dump(2)
-        << "\n";
+    std::cout << json{{"counts", *counts},
+                      {"reencrypted", done->size()},
+                      {"packs", pack_bytes},
+                      {"pack_bytes", total_bytes},
+                      {"staged_bytes", staged_bytes},
+                      {"staging_keys", staging_keys},
+                      {"messages", messages}}
+                     .dump(2)
+              << "\n";
     return kOk;
   }
   for (const auto& [status, n] : *counts) std::cout << status << " " << n << "\n";
   std::cout << "reencrypted " << done->size() << "\n";
   std::cout << "packs " << pack_bytes.size() << " file(s), " << total_bytes << " bytes, "
             << staged_bytes << " of them staged messages\n";
+  std::cout << "staging keys " << staging_keys.size() << " file(s) in keys/ (one per run)\n";
   return kOk;
 }
 
@@ -963,6 +976,7 @@ int run_finish(const DrArgs& a) {
                       {"forced", a.force},
                       {"custody_objects_destroyed", sum->custody_objects_destroyed},
                       {"staged_files_removed", sum->staged_files_removed},
+                      {"staging_keys_removed", sum->staging_keys_removed},
                       {"key_files_destroyed", sum->key_files_destroyed},
                       {"old_keys_wiped", sum->old_keys_wiped}}
                      .dump(2)
@@ -971,7 +985,8 @@ int run_finish(const DrArgs& a) {
   }
   std::cout << "dr finish: custody key '" << a.custody_label << "' destroyed ("
             << sum->custody_objects_destroyed << " object(s)); " << sum->staged_files_removed
-            << " staged pack file(s) removed; " << sum->key_files_destroyed
+            << " staged pack file(s) and " << sum->staging_keys_removed
+            << " run staging key file(s) removed; " << sum->key_files_destroyed
             << " PKCS#12 file(s) overwritten and removed; " << sum->old_keys_wiped
             << " sealed old key(s) wiped from the old database";
   if (sum->staged_waiting > 0)
@@ -1642,8 +1657,10 @@ void add_dr_commands(CLI::App& app, Commands& commands) {
   auto& p = commands.add<DrArgs>(pre, run_predecrypt);
   pre->add_option("--store", p.store, "the message store: a Maildir, .eml tree or .p7m/.der tree")
       ->required();
-  pre->add_option("--staging", p.staging,
-                  "staging directory (created; holds the manifest and packs/, the staged messages)")
+  pre->add_option(
+         "--staging", p.staging,
+         "staging directory (created; holds the manifest, packs/ (the staged messages) and "
+         "keys/ (each run's staging key, encrypted to the custody certificate))")
       ->required();
   pre->add_option("--keys", p.keys,
                   "key source: directory of users' PKCS#12 files, USER.p12 (passphrase in "

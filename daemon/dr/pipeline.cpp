@@ -361,8 +361,14 @@ Result<RunSummary> run_pool(const std::function<Result<std::optional<Item>>()>& 
 
 }  // namespace
 
-Rewrapped rewrap_with(const FindKey& find, CMS_ContentInfo* cms,
-                      const std::vector<std::string>& recipients, X509* custody_cert) {
+namespace {
+
+// Encrypts a message's content (the BIO, consumed) for staging.
+using SealFn = std::function<Result<CmsPtr>(BIO*)>;
+
+Rewrapped rewrap_sealing(const FindKey& find, CMS_ContentInfo* cms,
+                         const std::vector<std::string>& recipients, const SealFn& seal,
+                         const char* sealing) {
   Rewrapped out;
   const KeyRing::Entry* chosen = nullptr;
   std::set<std::string> users;
@@ -387,15 +393,40 @@ Rewrapped rewrap_with(const FindKey& find, CMS_ContentInfo* cms,
                  "': " + content.error().message;
     return out;
   }
-  auto custody = encrypt(content->get(), {custody_cert});
+  auto custody = seal(content->get());
   content->reset();  // the plaintext buffer is cleansed as it is freed
   if (!custody.ok()) {
     out.status = kFailed;
-    out.reason = "cannot encrypt to the custody certificate: " + custody.error().message;
+    out.reason = std::string("cannot ") + sealing + ": " + custody.error().message;
     return out;
   }
   out.status = kStaged;
   out.cms = std::move(*custody);
+  return out;
+}
+
+}  // namespace
+
+Rewrapped rewrap_with(const FindKey& find, CMS_ContentInfo* cms,
+                      const std::vector<std::string>& recipients, X509* custody_cert) {
+  return rewrap_sealing(
+      find, cms, recipients,
+      [custody_cert](BIO* content) { return encrypt(content, {custody_cert}); },
+      "encrypt to the custody certificate");
+}
+
+Rewrapped rewrap_with(const FindKey& find, CMS_ContentInfo* cms,
+                      const std::vector<std::string>& recipients, const StagingKey& key) {
+  return rewrap_sealing(
+      find, cms, recipients, [&key](BIO* content) { return key.seal(content); },
+      "seal under the run's staging key");
+}
+
+Rewrapped KeySource::rewrap_sealed(CMS_ContentInfo*, const std::vector<std::string>&,
+                                   const StagingKey&) const {
+  Rewrapped out;
+  out.status = kFailed;
+  out.reason = "internal error: this key source cannot seal under a staging key";
   return out;
 }
 
@@ -440,6 +471,15 @@ Result<RunSummary> predecrypt(const PredecryptOptions& o) {
   // One pack per worker, named for this run: appends need no lock, and no run appends to a pack
   // an earlier (perhaps killed) run wrote.
   const std::string run_id = new_run_id();
+  // The run's staging key, stored (encrypted to the custody certificate) before any pack of the
+  // run exists: a record sealed under it always has its KEK file on disk.
+  std::optional<StagingKey> staging_key;
+  if (source.can_seal() && !o.per_message_custody) {
+    remove_staging_key_leftovers(o.staging);
+    KMSD_ASSIGN_OR_RETURN(auto key, StagingKey::generate(run_id));
+    KMSD_TRY(key.store(o.staging, o.custody_cert));
+    staging_key.emplace(std::move(key));
+  }
   std::vector<std::unique_ptr<PackWriter>> writers;
   for (unsigned w = 0; w < pool_size(o.threads, total); ++w)
     writers.push_back(
@@ -478,7 +518,9 @@ Result<RunSummary> predecrypt(const PredecryptOptions& o) {
       return out;
     }
     row.recipients = join(parsed.recipients, "\n");
-    Rewrapped custody = source.rewrap(parsed.cms.get(), parsed.recipients, o.custody_cert);
+    Rewrapped custody =
+        staging_key ? source.rewrap_sealed(parsed.cms.get(), parsed.recipients, *staging_key)
+                    : source.rewrap(parsed.cms.get(), parsed.recipients, o.custody_cert);
     row.users = custody.users;
     if (custody.status != kStaged) {
       row.status = custody.status;
@@ -549,6 +591,7 @@ Result<RunSummary> reencrypt(const ReencryptOptions& o) {
   const std::size_t staged = counts.count(kStaged) != 0 ? counts.at(kStaged) : 0;
   KMSD_ASSIGN_OR_RETURN(auto reader, ManifestReader::open(o.staging / "manifest.db"));
   PackReader packs(o.staging);
+  StagingKeyCache keks(o.staging, o.custody_key, o.custody_cert);
 
   // Staged rows in path order, a page at a time.
   std::deque<ManifestReader::StagedRow> page;
@@ -610,10 +653,27 @@ Result<RunSummary> reencrypt(const ReencryptOptions& o) {
         if (parsed.kind != Kind::kEncrypted)
           return fail("the staged copy in packs/" + r.copy.pack + " at offset " +
                       std::to_string(r.copy.offset) + " is " + parsed.what);
-        auto content = decrypt(parsed.cms.get(), o.custody_key, o.custody_cert);
-        if (!content.ok())
-          return fail("cannot decrypt the staged copy with the custody key: " +
-                      content.error().message);
+        Result<ossl::BioPtr> content = make_error(ErrorCode::kInternal, "unset");
+        if (sealed_under_kek(parsed.cms.get())) {
+          // Sealed under its run's staging key: the run is in the pack's name.
+          const std::string run = run_of_pack(r.copy.pack);
+          if (run.empty())
+            return fail("the staged copy in packs/" + r.copy.pack +
+                        " is sealed under a staging key, but the pack's name names no run");
+          auto kek = keks.get(run);
+          if (!kek.ok()) return fail(kek.error().message);
+          content = (*kek)->open(parsed.cms.get());
+          if (!content.ok())
+            return fail("cannot open the staged copy in packs/" + r.copy.pack + " at offset " +
+                        std::to_string(r.copy.offset) + " with run " + run +
+                        "'s staging key: " + content.error().message);
+        } else {
+          // Encrypted to the custody certificate (earlier versions, the daemon key source).
+          content = decrypt(parsed.cms.get(), o.custody_key, o.custody_cert);
+          if (!content.ok())
+            return fail("cannot decrypt the staged copy with the custody key: " +
+                        content.error().message);
+        }
         auto cms = encrypt(content->get(), to);
         content->reset();
         if (!cms.ok())

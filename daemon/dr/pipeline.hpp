@@ -5,8 +5,13 @@
 // Staging directory layout:
 //   manifest.db          the manifest (daemon/dr/manifest.hpp)
 //   packs/<run>-w<N>.pack  append-only packs of staged messages (daemon/dr/pack.hpp), one per
-//                        worker per run, each message encrypted to the custody certificate only;
-//                        its manifest row gives the pack, offset, length and SHA-256
+//                        worker per run; its manifest row gives the pack, offset, length and
+//                        SHA-256 of each record
+//   keys/<run>.kek.der   the run's staging key (KEK), encrypted to the custody certificate
+//                        (daemon/dr/staging_key.hpp): runs with the PKCS#12 key source seal each
+//                        record under it (a KEKRecipientInfo); runs with the running daemon's
+//                        key source encrypt each record to the custody certificate itself (a
+//                        KeyTransRecipientInfo), as every run did before staging keys
 // Re-encryption writes <out>/<path>, in the original format, encrypted to the users' new
 // certificates. Plaintext exists only in memory, one message per worker at a time, in
 // cleansing buffers; no file ever holds it.
@@ -24,6 +29,7 @@
 #include "daemon/dr/keyring.hpp"
 #include "daemon/dr/manifest.hpp"
 #include "daemon/dr/message.hpp"
+#include "daemon/dr/staging_key.hpp"
 
 namespace kmsd::dr {
 
@@ -57,7 +63,8 @@ struct Rewrapped {
   std::string status;  // kStaged, kUnknownRecipient or kFailed
   std::string reason;  // for every status but kStaged
   std::string users;   // users whose old key opens it, ","-separated
-  CmsPtr cms;          // kStaged: the content encrypted to the custody certificate only
+  CmsPtr cms;          // kStaged: the content encrypted to the custody certificate only, or sealed
+                       // under the run's staging key only
 };
 
 // Where the old keys are. Opens an encrypted message and encrypts its content to the custody
@@ -69,6 +76,13 @@ class KeySource {
   // RECIPIENTS: the message's recipient identifiers (ParsedMessage::recipients).
   virtual Rewrapped rewrap(CMS_ContentInfo* cms, const std::vector<std::string>& recipients,
                            X509* custody_cert) const = 0;
+  // A source that opens messages in this process can seal the content under the run's staging
+  // key instead (one AES key wrap per message instead of an RSA-3072 encryption). Sources that
+  // cannot (the running daemon's: the content never leaves kmsd) say false, and predecrypt
+  // calls rewrap() with the custody certificate.
+  virtual bool can_seal() const { return false; }
+  virtual Rewrapped rewrap_sealed(CMS_ContentInfo* cms, const std::vector<std::string>& recipients,
+                                  const StagingKey& key) const;
 };
 
 // With the keys FIND gives for recipient identifiers, in this process (the PKCS#12 source, and
@@ -76,6 +90,9 @@ class KeySource {
 using FindKey = std::function<const KeyRing::Entry*(const std::string& recipient_id)>;
 Rewrapped rewrap_with(const FindKey& find, CMS_ContentInfo* cms,
                       const std::vector<std::string>& recipients, X509* custody_cert);
+// The same, the content sealed under the run's staging key KEY instead.
+Rewrapped rewrap_with(const FindKey& find, CMS_ContentInfo* cms,
+                      const std::vector<std::string>& recipients, const StagingKey& key);
 
 class KeyRingSource final : public KeySource {
  public:
@@ -84,6 +101,12 @@ class KeyRingSource final : public KeySource {
                    X509* custody_cert) const override {
     return rewrap_with([this](const std::string& id) { return ring_.find(id); }, cms, recipients,
                        custody_cert);
+  }
+  bool can_seal() const override { return true; }
+  Rewrapped rewrap_sealed(CMS_ContentInfo* cms, const std::vector<std::string>& recipients,
+                          const StagingKey& key) const override {
+    return rewrap_with([this](const std::string& id) { return ring_.find(id); }, cms, recipients,
+                       key);
   }
 
  private:
@@ -96,6 +119,10 @@ struct PredecryptOptions {
   const KeyRing* keys = nullptr;      // the PKCS#12 source, or:
   const KeySource* source = nullptr;  // any source (the running daemon's)
   X509* custody_cert = nullptr;
+  // Encrypt every record to the custody certificate even when the source could seal under a
+  // staging key: the layout before staging keys, kept so that tests can write it (reencrypt
+  // must go on reading staging directories made by earlier versions).
+  bool per_message_custody = false;
   unsigned threads = 0;  // 0: one per core
   ProgressFn progress;
   // For crash tests: commit this many messages, then stop as a killed run would (the bytes of
@@ -125,7 +152,10 @@ struct ReencryptOptions {
 };
 
 // Re-encrypts every staged message whose users all have a new certificate; the others stay
-// staged ("waiting") for a later run. Already re-encrypted messages are skipped.
+// staged ("waiting") for a later run. Already re-encrypted messages are skipped. A record sealed
+// under a staging key is opened with its run's KEK (keys/<run>.kek.der, opened once per run with
+// the custody key); a record encrypted to the custody certificate with the custody key. A run
+// whose KEK file is missing or damaged fails only its own messages (they stay staged).
 Result<RunSummary> reencrypt(const ReencryptOptions& options);
 
 }  // namespace kmsd::dr

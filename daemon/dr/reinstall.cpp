@@ -13,6 +13,7 @@
 #include "daemon/approvals/policy_gate.hpp"
 #include "daemon/ca/issuer.hpp"
 #include "daemon/dr/manifest.hpp"
+#include "daemon/dr/staging_key.hpp"
 
 namespace kmsd::dr {
 
@@ -386,6 +387,16 @@ Result<FinishSummary> finish(store::Store& store, hsm::Token& token, audit::Audi
     if (ec)
       return make_error(ErrorCode::kIo, "cannot remove " + packs.string() + ": " + ec.message());
   }
+  // The runs' staging keys (each encrypted to the custody key just destroyed): they open the
+  // packs, so they go with them.
+  const fs::path keks = keys_dir(o.staging);
+  if (fs::exists(keks, ec)) {
+    for (const auto& e : fs::directory_iterator(keks, ec))
+      if (e.is_regular_file()) ++sum.staging_keys_removed;
+    fs::remove_all(keks, ec);
+    if (ec)
+      return make_error(ErrorCode::kIo, "cannot remove " + keks.string() + ": " + ec.message());
+  }
   if (o.keys) {
     std::vector<fs::path> files;
     for (const auto& e : fs::directory_iterator(*o.keys, ec)) {
@@ -409,6 +420,7 @@ Result<FinishSummary> finish(store::Store& store, hsm::Token& token, audit::Audi
     json details = what;
     details["custody_objects_destroyed"] = sum.custody_objects_destroyed;
     details["staged_files_removed"] = sum.staged_files_removed;
+    details["staging_keys_removed"] = sum.staging_keys_removed;
     details["key_files_destroyed"] = sum.key_files_destroyed;
     details["old_keys_wiped"] = sum.old_keys_wiped;
     return audit.append(o.actor, "dr.finish", details);

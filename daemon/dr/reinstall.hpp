@@ -135,14 +135,15 @@ struct FinishSummary {
   std::size_t key_files_destroyed = 0;
   std::size_t old_keys_wiped = 0;
   std::size_t staged_files_removed = 0;  // pack files under <staging>/packs/
+  std::size_t staging_keys_removed = 0;  // the runs' KEK files under <staging>/keys/
 };
 
 // Destroys the retired material once re-encryption is done: the custody key pair on TOKEN,
-// the staged copies (encrypted to it), the PKCS#12 files of the key directory (overwritten,
-// synced, unlinked) and the sealed keys of the old database (emptied with secure_delete and
-// vacuumed; the rows' identities stay, as the key history is append-only). The manifest stays
-// as the record. kFailedPrecondition while staged messages wait and FORCE is false; nothing
-// is destroyed then. Audit: "dr.finish.start" before anything is destroyed (fails closed),
+// the staged copies and the runs' staging keys (encrypted to it), the PKCS#12 files of the key
+// directory (overwritten, synced, unlinked) and the sealed keys of the old database (emptied with
+// secure_delete and vacuumed; the rows' identities stay, as the key history is append-only). The
+// manifest stays as the record. kFailedPrecondition while staged messages wait and FORCE is false;
+// nothing is destroyed then. Audit: "dr.finish.start" before anything is destroyed (fails closed),
 // "dr.finish" with the counts after.
 Result<FinishSummary> finish(store::Store& store, hsm::Token& token, audit::AuditLog& audit,
                              const FinishOptions& options);

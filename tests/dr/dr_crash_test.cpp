@@ -11,6 +11,7 @@
 #include <sqlite3.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <functional>
 
 #include <nlohmann/json.hpp>
 
@@ -34,10 +35,9 @@ std::size_t count_rows(const fs::path& db_file, const char* table) {
   return n;
 }
 
-// Runs ARGS and SIGKILLs it once TABLE of the manifest has AT rows. True when it was killed
-// (false: it finished first).
-bool run_and_kill_at(const std::vector<std::string>& args, const fs::path& manifest,
-                     const char* table, std::size_t at) {
+// Runs ARGS and SIGKILLs it once READY() says so. True when it was killed (false: it finished
+// first).
+bool run_and_kill_when(const std::vector<std::string>& args, const std::function<bool()>& ready) {
   pid_t pid = ::fork();
   if (pid == 0) {
     std::vector<char*> argv;
@@ -51,7 +51,7 @@ bool run_and_kill_at(const std::vector<std::string>& args, const fs::path& manif
   }
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (std::chrono::steady_clock::now() < deadline) {
-    if (count_rows(manifest, table) >= at) break;
+    if (ready()) break;
     int status = 0;
     if (::waitpid(pid, &status, WNOHANG) == pid) return false;
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -62,6 +62,12 @@ bool run_and_kill_at(const std::vector<std::string>& args, const fs::path& manif
   return WIFSIGNALED(status);
 }
 
+// Runs ARGS and SIGKILLs it once TABLE of the manifest has AT rows.
+bool run_and_kill_at(const std::vector<std::string>& args, const fs::path& manifest,
+                     const char* table, std::size_t at) {
+  return run_and_kill_when(args, [&] { return count_rows(manifest, table) >= at; });
+}
+
 std::string shell_line(const std::vector<std::string>& args) {
   std::string cmd;
   for (const auto& a : args) cmd += "'" + a + "' ";
@@ -70,7 +76,7 @@ std::string shell_line(const std::vector<std::string>& args) {
 
 TEST_F(DrTest, PredecryptAndReencryptKilledAtSeveralPointsHandleEveryMessageOnce) {
   const fs::path kmsctl = fs::path(std::getenv("KMSD_BUILD_DIR")) / "cli" / "kmsctl";
-  add_encrypted(100);  // 3 users x 2 keys x 100 = 600 encrypted
+  add_encrypted(160);  // 3 users x 2 keys x 160 = 960 encrypted
   add_others();
   std::size_t encrypted = 0;
   for (const auto& [p, e] : expected) encrypted += e.status == kStaged;
@@ -93,6 +99,14 @@ TEST_F(DrTest, PredecryptAndReencryptKilledAtSeveralPointsHandleEveryMessageOnce
                                         "--no-progress",
                                         "-o",
                                         "json"};
+  // Killed as soon as its run's staging key file exists, before (or just after) its first
+  // records: the KEK file is whole (written under a temporary name, then linked), and the next
+  // run stages every message not recorded, under a KEK of its own.
+  ASSERT_TRUE(
+      run_and_kill_when(pre, [&] { return fs::exists(staging / "keys") && !kek_runs().empty(); }));
+  const auto first_kek = kek_runs();
+  ASSERT_EQ(first_kek.size(), 1u);
+  EXPECT_EQ(kek_of_run(*first_kek.begin()).size(), 32u);
   int kills = 0;
   // Recorded before a kill: never staged again (pack, offset, SHA-256 of the record).
   std::map<std::string, StagedCopy> staged_copies;
@@ -130,6 +144,12 @@ TEST_F(DrTest, PredecryptAndReencryptKilledAtSeveralPointsHandleEveryMessageOnce
   std::map<std::string, std::set<std::string>> runs;  // run id -> its packs
   for (const auto& p : pack_files()) runs[p.substr(0, p.rfind("-w"))].insert(p);
   EXPECT_GE(runs.size(), 2u);
+  // Every run has its own KEK file (the run killed at its KEK file too, and every run that
+  // wrote a pack), each opening with the custody key to 32 bytes.
+  const auto kek_files = kek_runs();
+  EXPECT_GE(kek_files.size(), 5u);  // the early kill, three kills, the last run
+  for (const auto& [run, packs] : runs) EXPECT_TRUE(kek_files.count(run)) << run;
+  for (const auto& run : kek_files) EXPECT_EQ(kek_of_run(run).size(), 32u) << run;
   for (const auto& [path, r] : rows)
     if (r.status == kStaged) {
       EXPECT_EQ(open_staged(r), expected[path].plaintext) << path;

@@ -14,6 +14,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <chrono>
 #include <fstream>
 #include <map>
@@ -31,6 +32,7 @@
 #include "daemon/dr/manifest.hpp"
 #include "daemon/dr/message.hpp"
 #include "daemon/dr/pipeline.hpp"
+#include "daemon/dr/staging_key.hpp"
 #include "tests/support/sandbox.hpp"
 
 namespace kmsd::dr::fixture {
@@ -156,6 +158,14 @@ class DrTest : public ::testing::Test {
   ossl::X509Ptr custody_cert;
   std::map<std::string, Expected> expected;  // store path -> what must happen
   int counter = 0;
+  // Staged records must be sealed under their run's staging key (a KEKRecipientInfo); false
+  // where a test stages some the way earlier versions did (to the custody certificate).
+  bool expect_kek_records = true;
+  std::map<std::string, SecretBytes> keks;  // run -> KEK, as kek_of_run() opened it
+  // The custody key and certificate the KEK files are opened with, when they are not
+  // custody_key / custody_cert (a custody key on a token).
+  EVP_PKEY* kek_opener = nullptr;
+  X509* kek_opener_cert = nullptr;
 
   void SetUp() override {
     fs::create_directories(work);
@@ -355,22 +365,110 @@ class DrTest : public ::testing::Test {
     return staged_record(row).substr(row.copy.header_length);
   }
 
-  // The content of ROW's staged copy, opened with the custody key; checks that the copy is
-  // EnvelopedData to the custody certificate only.
+  // The KEK of RUN: <staging>/keys/<run>.kek.der (checked: mode 0600, in a 0700 keys/, CMS
+  // EnvelopedData with exactly one recipient, a KeyTransRecipientInfo to the custody
+  // certificate) opened with the custody key by OpenSSL's CMS_decrypt, 32 bytes.
+  const SecretBytes& kek_of_run(const std::string& run) {
+    auto known = keks.find(run);
+    if (known != keks.end()) return known->second;
+    const fs::path file = staging / "keys" / (run + ".kek.der");
+    struct stat st {};
+    EXPECT_EQ(::stat(file.c_str(), &st), 0) << file;
+    EXPECT_EQ(st.st_mode & 0777, 0600u) << file;
+    EXPECT_EQ(::stat((staging / "keys").c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, 0700u);
+    const std::string der = read_all(file);
+    const unsigned char* p = reinterpret_cast<const unsigned char*>(der.data());
+    CmsPtr cms(d2i_CMS_ContentInfo(nullptr, &p, static_cast<long>(der.size())));
+    EVP_PKEY* key = kek_opener != nullptr ? kek_opener : custody_key.get();
+    X509* cert = kek_opener_cert != nullptr ? kek_opener_cert : custody_cert.get();
+    SecretBytes kek;
+    EXPECT_TRUE(cms) << file;
+    if (cms) {
+      STACK_OF(CMS_RecipientInfo)* ris = CMS_get0_RecipientInfos(cms.get());
+      EXPECT_EQ(sk_CMS_RecipientInfo_num(ris), 1) << file;
+      if (sk_CMS_RecipientInfo_num(ris) == 1) {
+        CMS_RecipientInfo* ri = sk_CMS_RecipientInfo_value(ris, 0);
+        EXPECT_EQ(CMS_RecipientInfo_type(ri), CMS_RECIPINFO_TRANS) << file;
+        EXPECT_EQ(CMS_RecipientInfo_ktri_cert_cmp(ri, cert), 0) << file;
+      }
+      ossl::BioPtr out(BIO_new(BIO_s_secmem()));
+      EXPECT_EQ(CMS_decrypt(cms.get(), key, cert, nullptr, out.get(), CMS_BINARY), 1)
+          << file << ": " << ossl::drain_errors();
+      char* data = nullptr;
+      const long n = BIO_get_mem_data(out.get(), &data);
+      EXPECT_EQ(n, 32) << file;
+      if (n > 0)
+        kek = SecretBytes(reinterpret_cast<const std::uint8_t*>(data), static_cast<std::size_t>(n));
+    }
+    return keks.emplace(run, std::move(kek)).first->second;
+  }
+
+  // The content of ROW's staged copy. A record sealed under a staging key must have exactly one
+  // recipient, a KEKRecipientInfo whose key identifier is its pack's run id, and opens with that
+  // run's KEK (CMS_decrypt_set1_key); otherwise (only when !expect_kek_records) it must be
+  // EnvelopedData to the custody certificate only, opened with the custody key.
   std::string open_staged(const ManifestRow& row) {
     const std::string der = staged_der(row);
     ParsedMessage pm = parse_message(
         {reinterpret_cast<const std::uint8_t*>(der.data()), der.size()}, Format::kDer);
     EXPECT_EQ(pm.kind, Kind::kEncrypted) << row.path;
     if (pm.kind != Kind::kEncrypted) return {};
-    EXPECT_EQ(pm.recipients.size(), 1u) << row.path;
-    EXPECT_EQ(pm.recipients.at(0), recipient_ids_of_cert(custody_cert.get())[0]) << row.path;
-    auto pt = decrypt(pm.cms.get(), custody_key.get(), custody_cert.get());
-    EXPECT_TRUE(pt.ok()) << row.path << ": " << (pt.ok() ? "" : pt.error().message);
-    if (!pt.ok()) return {};
+    STACK_OF(CMS_RecipientInfo)* ris = CMS_get0_RecipientInfos(pm.cms.get());
+    EXPECT_EQ(sk_CMS_RecipientInfo_num(ris), 1) << row.path;
+    if (sk_CMS_RecipientInfo_num(ris) != 1) return {};
+    CMS_RecipientInfo* ri = sk_CMS_RecipientInfo_value(ris, 0);
+    const int type = CMS_RecipientInfo_type(ri);
+    if (expect_kek_records) {
+      EXPECT_EQ(type, CMS_RECIPINFO_KEK) << row.path;
+    }
+    ossl::BioPtr pt;
+    if (type == CMS_RECIPINFO_KEK) {
+      EXPECT_TRUE(pm.recipients.empty()) << row.path;  // no certificate opens it
+      ASN1_OCTET_STRING* id = nullptr;
+      EXPECT_EQ(CMS_RecipientInfo_kekri_get0_id(ri, nullptr, &id, nullptr, nullptr, nullptr), 1);
+      const std::string run = run_of_pack(row.copy.pack);
+      EXPECT_FALSE(run.empty()) << row.copy.pack;
+      EXPECT_EQ(std::string(reinterpret_cast<const char*>(ASN1_STRING_get0_data(id)),
+                            static_cast<std::size_t>(ASN1_STRING_length(id))),
+                run)
+          << row.path;
+      const SecretBytes& kek = kek_of_run(run);
+      EXPECT_EQ(
+          CMS_decrypt_set1_key(pm.cms.get(), const_cast<std::uint8_t*>(kek.data()), kek.size(),
+                               reinterpret_cast<const unsigned char*>(run.data()), run.size()),
+          1)
+          << row.path << ": " << ossl::drain_errors();
+      pt.reset(BIO_new(BIO_s_secmem()));
+      EXPECT_EQ(CMS_decrypt(pm.cms.get(), nullptr, nullptr, nullptr, pt.get(), CMS_BINARY), 1)
+          << row.path << ": " << ossl::drain_errors();
+    } else {
+      EXPECT_EQ(type, CMS_RECIPINFO_TRANS) << row.path;
+      EXPECT_EQ(pm.recipients.size(), 1u) << row.path;
+      if (pm.recipients.size() != 1) return {};
+      EXPECT_EQ(pm.recipients.at(0), recipient_ids_of_cert(custody_cert.get())[0]) << row.path;
+      auto opened = decrypt(pm.cms.get(), custody_key.get(), custody_cert.get());
+      EXPECT_TRUE(opened.ok()) << row.path << ": " << (opened.ok() ? "" : opened.error().message);
+      if (!opened.ok()) return {};
+      pt = std::move(*opened);
+    }
     char* p = nullptr;
-    const long n = BIO_get_mem_data(pt->get(), &p);
-    return std::string(p, static_cast<std::size_t>(n));
+    const long n = BIO_get_mem_data(pt.get(), &p);
+    return std::string(p, static_cast<std::size_t>(std::max(0L, n)));
+  }
+
+  // The run ids that have a KEK file in the staging directory.
+  std::set<std::string> kek_runs() {
+    std::set<std::string> runs;
+    if (fs::exists(staging / "keys"))
+      for (const auto& f : fs::directory_iterator(staging / "keys")) {
+        const std::string name = f.path().filename().string();
+        if (name.front() == '.') continue;  // a killed run's temporary file
+        const auto ext = name.rfind(".kek.der");
+        EXPECT_NE(ext, std::string::npos) << name;
+        if (ext != std::string::npos) runs.insert(name.substr(0, ext));
+      }
+    return runs;
   }
 
   // The pack files in the staging directory.
@@ -382,11 +480,23 @@ class DrTest : public ::testing::Test {
     return names;
   }
 
-  // Every file under the temporary directory, searched for every encrypted message's marker.
+  // Every file under the temporary directory, searched for every encrypted message's marker,
+  // and for every run's staging key (from its KEK file, opened with the custody key): its raw
+  // 32 bytes and its hex in either case.
   void expect_no_plaintext_on_disk() {
     std::vector<std::string> markers;
     for (const auto& [path, e] : expected)
       if (!e.plaintext.empty()) markers.push_back(e.plaintext.substr(e.plaintext.find("SECRET")));
+    std::vector<std::string> kek_needles;  // test memory only; never written anywhere
+    for (const auto& run : kek_runs()) {
+      const SecretBytes& kek = kek_of_run(run);
+      ASSERT_EQ(kek.size(), 32u) << run;
+      kek_needles.emplace_back(kek.view());
+      std::string hex = ossl::hex(kek.span());
+      kek_needles.push_back(hex);
+      for (auto& c : hex) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+      kek_needles.push_back(hex);
+    }
     std::size_t scanned = 0;
     for (const auto& f : fs::recursive_directory_iterator(tmp.path())) {
       if (!f.is_regular_file()) continue;
@@ -396,6 +506,8 @@ class DrTest : public ::testing::Test {
         const std::string needle = m.substr(0, m.find("-ZQX") + 4);
         ASSERT_EQ(data.find(needle), std::string::npos) << needle << " found in " << f.path();
       }
+      for (const auto& k : kek_needles)
+        ASSERT_EQ(data.find(k), std::string::npos) << "a run's staging key found in " << f.path();
     }
     EXPECT_GT(scanned, expected.size());
   }

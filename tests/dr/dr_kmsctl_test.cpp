@@ -125,24 +125,51 @@ TEST_F(DrTest, KmsctlReencryptsAsUsersEnroll) {
       << log;
   EXPECT_NE(log.find("staged 14"), std::string::npos) << log;
   EXPECT_NE(log.find("unknown-recipient  Maildir/new/foreign.2"), std::string::npos) << log;
-  // `openssl cms -decrypt -inform DER` opens each staged record (its DER part, cut from the pack
-  // at the row's offset) with the custody key.
+  // The openssl command line alone opens the staging area: `openssl cms -decrypt` opens the
+  // run's KEK file (keys/<run>.kek.der) with the custody key (the KEK goes to a pipe, never to a
+  // file), and each staged record (its DER part, cut from the pack at the row's offset) with
+  // that KEK (-secretkey, -secretkeyid = the run id).
   write_all(work / "custody.key", pem_key(custody_key.get()));
+  const auto runs = kek_runs();
+  ASSERT_EQ(runs.size(), 1u);
+  const std::string run = *runs.begin();
+  std::string kek_hex;
+  ASSERT_EQ(run_command("openssl cms -decrypt -binary -inform DER -in '" +
+                            (staging / "keys" / (run + ".kek.der")).string() + "' -recip '" +
+                            (work / "custody.pem").string() + "' -inkey '" +
+                            (work / "custody.key").string() + "' | od -An -v -tx1 | tr -d ' \\n'",
+                        &kek_hex),
+            0)
+      << kek_hex;
+  ASSERT_EQ(kek_hex, ossl::hex(kek_of_run(run).span()));
+  const std::string run_hex =
+      ossl::hex({reinterpret_cast<const std::uint8_t*>(run.data()), run.size()});
   for (const auto& [path, r] : manifest_rows()) {
     if (r.status != kStaged) continue;
     write_all(work / "staged.der", staged_der(r));
     const fs::path result = work / "staged.out";
     std::string ossl_log;
     ASSERT_EQ(run_command("openssl cms -decrypt -binary -inform DER -in '" +
-                              (work / "staged.der").string() + "' -recip '" +
-                              (work / "custody.pem").string() + "' -inkey '" +
-                              (work / "custody.key").string() + "' -out '" + result.string() + "'",
+                              (work / "staged.der").string() + "' -secretkey " + kek_hex +
+                              " -secretkeyid " + run_hex + " -out '" + result.string() + "'",
                           &ossl_log),
               0)
         << path << ": " << ossl_log;
     EXPECT_EQ(read_all(result), expected[path].plaintext) << path;
     fs::remove(result);
+    // The custody key alone opens no record: it opens the KEK file.
+    ossl_log.clear();
+    EXPECT_NE(
+        run_command("openssl cms -decrypt -binary -inform DER -in '" +
+                        (work / "staged.der").string() + "' -recip '" +
+                        (work / "custody.pem").string() + "' -inkey '" +
+                        (work / "custody.key").string() + "' -out '" + result.string() + "' 2>&1",
+                    &ossl_log),
+        0)
+        << path;
+    fs::remove(result);
   }
+
   fs::create_directories(recipients);
   fs::copy_file(work / "alice-new.pem", recipients / "alice.pem");
   fs::copy_file(work / "bob-new.pem", recipients / "bob.pem");
@@ -283,6 +310,17 @@ TEST_F(DrTest, KmsctlPrepareMakesATokenCustodyKeyThatReencryptWithTheTokenUses) 
   EXPECT_EQ(j["this_run"]["reencrypted"].get<std::size_t>(), expected.size());
   for (const auto& [path, e] : expected)
     EXPECT_EQ(openssl_decrypt(path, e.user, e.format == "der"), e.plaintext) << path;
+  // The run's KEK file opens with the token's custody key (kmsctl has exited: one process on
+  // the token at a time).
+  auto token_cert_x509 = ossl::x509_from_pem(read_all(token_cert));
+  ASSERT_TRUE(token_cert_x509.ok());
+  auto custody_on_token = open_custody_key_on_token(
+      "pkcs11:token=kmsd-new;object=kms-dr-custody", kmsd::testing::kSoftHsmModule,
+      SecretBytes::from_string(kmsd::testing::kUserPin), token_cert_x509->get(), 1);
+  ASSERT_TRUE(custody_on_token.ok()) << custody_on_token.error().message;
+  kek_opener = custody_on_token->key.get();
+  kek_opener_cert = token_cert_x509->get();
+  ASSERT_EQ(kek_runs().size(), 1u);
   expect_no_plaintext_on_disk();
 }
 

@@ -264,6 +264,9 @@ TEST_F(DrTokenTest, ReencryptsWithTheCustodyKeyOnAToken) {
   EXPECT_EQ(s->this_run.count(kFailed), 0u);
   for (const auto& [path, e] : expected)
     EXPECT_EQ(openssl_decrypt(path, e.user, e.format == "der"), e.plaintext) << path;
+  // The run's KEK file opens with the token key (C_Decrypt behind CMS_decrypt).
+  kek_opener = key->key.get();
+  ASSERT_EQ(kek_runs().size(), 1u);
   expect_no_plaintext_on_disk();
 }
 
