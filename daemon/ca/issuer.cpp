@@ -234,7 +234,7 @@ Result<ossl::X509Ptr> issue(const IssueRequest& req, X509* issuer_cert, EVP_PKEY
   // Built from a public key info, the certificate has no decoded key yet, and OpenSSL needs one
   // for most uses (X509_verify_cert, TLS): it is read back from its DER once.
   auto finish = [&req](ossl::X509Ptr signed_cert) -> Result<ossl::X509Ptr> {
-    if (req.public_key_info == nullptr) return signed_cert;
+    if (req.public_key_info == nullptr || !req.decode_public_key) return signed_cert;
     KMSD_ASSIGN_OR_RETURN(auto der, ossl::x509_to_der(signed_cert.get()));
     return ossl::x509_from_der(der);
   };
@@ -347,8 +347,19 @@ std::string serial_hex(const X509* cert) {
 }
 
 bool public_key_matches(X509* cert, EVP_PKEY* key) {
+  if (cert == nullptr || key == nullptr) return false;
   EVP_PKEY* pub = X509_get0_pubkey(cert);
-  return pub != nullptr && key != nullptr && EVP_PKEY_eq(pub, key) == 1;
+  ossl::X509Ptr decoded;
+  if (pub == nullptr) {
+    // Issued without its decoded key (IssueRequest::decode_public_key): read back from DER.
+    ERR_clear_error();
+    auto der = ossl::x509_to_der(cert);
+    auto back = der.ok() ? ossl::x509_from_der(*der) : Result<ossl::X509Ptr>(der.error());
+    if (!back.ok()) return false;
+    decoded = std::move(*back);
+    pub = X509_get0_pubkey(decoded.get());
+  }
+  return pub != nullptr && EVP_PKEY_eq(pub, key) == 1;
 }
 
 bool signed_by(X509* cert, X509* issuer) {

@@ -267,6 +267,8 @@ struct Issuing {
     ireq.subject = subject;
     ireq.public_key = key;
     ireq.public_key_info = spki;
+    // The certificates are stored, sent (PEM, CMP) and hashed, never verified with here.
+    ireq.decode_public_key = false;
     ireq.validity = validity;
     ireq.x509_version = version;
     if (version != 1) {

@@ -77,6 +77,10 @@ struct DeliveredKey {
   SecretBytes pkcs8_der;      // the private key, PKCS#8 DER; cleansed on destruction
 };
 
+// The certificates of an enrollment are as signed: built from the request's public key info,
+// they carry no decoded public key (ca::IssueRequest::decode_public_key; decoding costs OpenSSL
+// 3.0 a quarter of an issuance). They encode, hash and compare (ca::public_key_matches) as any
+// certificate; to verify a chain with one or pair it with its key, read its DER back first.
 struct Enrollment {
   std::string user_id;
   ossl::X509Ptr signing_certificate;

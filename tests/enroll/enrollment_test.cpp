@@ -189,11 +189,13 @@ class EnrollmentTest : public testing::TokenSandbox {
     return w;
   }
 
-  bool verifies_against_ca(X509* cert) {
+  // As a client verifies it: from its DER (the service's certificates carry no decoded key).
+  bool verifies_against_ca(X509* issued) {
+    auto cert = ossl::x509_from_der(ossl::x509_to_der(issued).value()).value();
     ossl::X509StorePtr store(X509_STORE_new());
     X509_STORE_add_cert(store.get(), ca_.get());
     ossl::X509StoreCtxPtr vctx(X509_STORE_CTX_new());
-    X509_STORE_CTX_init(vctx.get(), store.get(), cert, nullptr);
+    X509_STORE_CTX_init(vctx.get(), store.get(), cert.get(), nullptr);
     return X509_verify_cert(vctx.get()) == 1;
   }
 
