@@ -32,6 +32,11 @@ std::string tail_lines(const std::string& text, int lines);
 std::uint16_t free_port();
 // Nearest-rank percentile P (0..1) of SORTED.
 double percentile(const std::vector<double>& sorted, double p);
+// CPU seconds (user + system) used so far by this process, all threads; by process PID (from
+// /proc/PID/stat, -1 when it cannot be read). Differences of these give load-independent
+// figures on a shared machine.
+double process_cpu_seconds();
+double pid_cpu_seconds(pid_t pid);
 
 // GET / POST http://127.0.0.1:PORT TARGET over plain HTTP; status 0 when nothing answered.
 std::pair<int, std::string> http_get(std::uint16_t port, const std::string& target);
