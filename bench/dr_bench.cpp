@@ -9,7 +9,14 @@
 // after the predecrypt runs (the machine's load changes in between on a shared machine); the
 // same ratio per CPU second (the child's user + system time against the raw operations' thread
 // CPU time) does not depend on the load.
-// Usage: dr_bench [--messages N] [--small N] [--threads T] [--sample S] [--users U] (--help)
+// What predecrypt does per message here is what `kmsctl dr predecrypt --keys` does: open it with
+// the user's key and seal the content under the run's staging key (one AES key wrap; the KEK is
+// encrypted to the RSA-3072 custody certificate once per run, keys/<run>.kek.der). With
+// --per-message-custody it encrypts each message to the custody certificate instead (one
+// RSA-3072 public-key operation per message: the layout before staging keys, and what the
+// running-daemon key source still does), for a comparison in the same binary.
+// Usage: dr_bench [--messages N] [--small N] [--threads T] [--sample S] [--users U]
+//                 [--per-message-custody] (--help)
 #include <openssl/cms.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
@@ -228,7 +235,8 @@ long vm_hwm_kib() {
 
 // predecrypt STORE in a child process; its rate and its peak resident memory.
 ChildRun predecrypt_in_child(const fs::path& store, const fs::path& staging,
-                             const dr::KeyRing& ring, X509* custody, unsigned threads) {
+                             const dr::KeyRing& ring, X509* custody, unsigned threads,
+                             bool per_message_custody) {
   int fds[2];
   if (::pipe(fds) != 0) std::exit(1);
   const pid_t pid = ::fork();
@@ -240,6 +248,7 @@ ChildRun predecrypt_in_child(const fs::path& store, const fs::path& staging,
     o.keys = &ring;
     o.custody_cert = custody;
     o.threads = threads;
+    o.per_message_custody = per_message_custody;
     auto s = dr::predecrypt(o);
     double out[3] = {0, 0, static_cast<double>(vm_hwm_kib())};
     if (s.ok() && s->this_run.count(dr::kStaged) != 0 &&
@@ -278,6 +287,7 @@ ChildRun predecrypt_in_child(const fs::path& store, const fs::path& staging,
 int main(int argc, char** argv) {
   std::size_t messages = 50000, small = 5000, sample = 40, users = 8;
   unsigned threads = std::max(1u, std::thread::hardware_concurrency());
+  bool per_message_custody = false;
   CLI::App app{"kmsd disaster-recovery pre-decryption benchmark"};
   app.add_option("--messages", messages, "messages in the large store")
       ->check(CLI::Range(std::size_t{1}, std::size_t{10000000}))
@@ -293,6 +303,9 @@ int main(int argc, char** argv) {
   app.add_option("--users", users, "recipients (alternating RSA-2048 and P-256)")
       ->check(CLI::Range(std::size_t{2}, std::size_t{10000}))
       ->capture_default_str();
+  app.add_flag("--per-message-custody", per_message_custody,
+               "encrypt every staged message to the custody certificate (the layout before "
+               "staging keys) instead of sealing it under the run's staging key");
   CLI11_PARSE(app, argc, argv);
   std::string t = (fs::temp_directory_path() / "kmsd-dr-bench-XXXXXX").string();
   if (::mkdtemp(t.data()) == nullptr) return 1;
@@ -339,8 +352,10 @@ int main(int argc, char** argv) {
   const RawRate ecdh1 = raw_rate(to[1].key.get(), threads, 2.0);
 
   // predecrypt: the small store, then the large one, each in its own process
-  auto s = predecrypt_in_child(dir / "small", dir / "staging-small", ring, custody.get(), threads);
-  auto l = predecrypt_in_child(dir / "large", dir / "staging-large", ring, custody.get(), threads);
+  auto s = predecrypt_in_child(dir / "small", dir / "staging-small", ring, custody.get(), threads,
+                               per_message_custody);
+  auto l = predecrypt_in_child(dir / "large", dir / "staging-large", ring, custody.get(), threads,
+                               per_message_custody);
   if (!s.ok || !l.ok) {
     std::fprintf(stderr, "dr_bench: a predecrypt run failed\n");
     return 1;
@@ -369,7 +384,21 @@ int main(int argc, char** argv) {
   }
   const double shell = static_cast<double>(done) / seconds_since(t0);
 
+  std::size_t kek_files = 0;
+  std::error_code ec;
+  if (fs::is_directory(dir / "staging-large" / "keys", ec))
+    for (const auto& e : fs::directory_iterator(dir / "staging-large" / "keys", ec))
+      kek_files += e.is_regular_file() ? 1 : 0;
   std::printf("threads: %u\n", threads);
+  if (per_message_custody)
+    std::printf(
+        "staged records: each encrypted to the RSA-3072 custody certificate "
+        "(--per-message-custody: one RSA-3072 public-key operation per message)\n");
+  else
+    std::printf(
+        "staged records: sealed under the run's staging key (one AES key wrap per message; "
+        "%zu KEK file(s) in keys/, encrypted to the RSA-3072 custody certificate)\n",
+        kek_files);
   std::printf(
       "raw private-key ops: RSA-2048 decrypt %.0f/s, P-256 ECDH %.0f/s -> bound %.0f msg/s "
       "for a 50/50 store (%.0f before the predecrypt runs, %.0f after)\n",

@@ -1,5 +1,6 @@
 // Disaster recovery library: predecrypt classifies every message and stages each one it can open
-// to the custody certificate only, a stopped run resumes, reencrypt writes the original formats
+// for the custody key only (sealed under the run's staging key, which is encrypted to the custody
+// certificate: dr_kek_test), a stopped run resumes, reencrypt writes the original formats
 // that `openssl cms -decrypt` opens with the users' new keys, the custody key may live on a
 // token, and no plaintext reaches a file.
 #include "tests/dr/dr_fixture.hpp"
@@ -55,8 +56,8 @@ TEST_F(DrTest, PredecryptClassifiesEveryMessageAndStagesOnlyToTheCustodyKey) {
     if (e.status == kStaged) {
       EXPECT_EQ(r.users, e.user) << path;
       // The staged copy, read from its pack at the row's offset (0600, SHA-256 as recorded), is
-      // DER to the custody certificate only and opens to exactly the original content; a MIME
-      // message's own header lines come first.
+      // DER sealed under the run's staging key only (whose file opens with the custody key) and
+      // opens to exactly the original content; a MIME message's own header lines come first.
       EXPECT_EQ(open_staged(r), e.plaintext) << path;
       const std::string staged = staged_record(r);
       if (e.format == "mime" && path.find("cli-") == std::string::npos) {
