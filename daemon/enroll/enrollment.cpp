@@ -10,6 +10,7 @@
 #include "common/clock.hpp"
 #include "daemon/ca/issuer.hpp"
 #include "daemon/lifecycle/state_machine.hpp"
+#include "daemon/lifecycle/store_state.hpp"
 #include "daemon/provision/initializer.hpp"
 #include "hsm/envelope.hpp"
 
@@ -31,20 +32,6 @@ constexpr const char* kUsedOrReplaced =
     "this enrollment token was used or replaced while the request was being processed; ask "
     "your administrator for a new token";
 
-lifecycle::UserState to_lifecycle(store::UserState s) {
-  switch (s) {
-    case store::UserState::kEnabled:
-      return lifecycle::UserState::kEnabled;
-    case store::UserState::kActive:
-      return lifecycle::UserState::kActive;
-    case store::UserState::kRevoked:
-      return lifecycle::UserState::kRevoked;
-    case store::UserState::kRecovery:
-      return lifecycle::UserState::kRecovery;
-  }
-  return lifecycle::UserState::kNone;
-}
-
 std::chrono::sys_seconds as_time(std::int64_t t) {
   return std::chrono::sys_seconds(std::chrono::seconds(t));
 }
@@ -63,7 +50,7 @@ Result<std::optional<Facts>> read_facts(store::Store& store, const std::string& 
   if (!user) return std::optional<Facts>();
   Facts f;
   f.user = std::move(*user);
-  f.from = to_lifecycle(f.user.state);
+  f.from = lifecycle::from_store(f.user.state);
   KMSD_ASSIGN_OR_RETURN(f.token, store.find_enrollment_token(id));
   KMSD_ASSIGN_OR_RETURN(f.depth, store.key_history_depth(id));
   f.facts.has_key_history = f.depth > 0;

@@ -8,6 +8,7 @@
 #include "common/csv.hpp"
 #include "common/ossl.hpp"
 #include "daemon/lifecycle/state_machine.hpp"
+#include "daemon/lifecycle/store_state.hpp"
 
 namespace kmsd::users {
 
@@ -15,33 +16,6 @@ using json = nlohmann::json;
 using lifecycle::Action;
 
 namespace {
-
-lifecycle::UserState to_lifecycle(store::UserState s) {
-  switch (s) {
-    case store::UserState::kEnabled:
-      return lifecycle::UserState::kEnabled;
-    case store::UserState::kActive:
-      return lifecycle::UserState::kActive;
-    case store::UserState::kRevoked:
-      return lifecycle::UserState::kRevoked;
-    case store::UserState::kRecovery:
-      return lifecycle::UserState::kRecovery;
-  }
-  return lifecycle::UserState::kNone;
-}
-
-store::UserState to_store(lifecycle::UserState s) {
-  switch (s) {
-    case lifecycle::UserState::kActive:
-      return store::UserState::kActive;
-    case lifecycle::UserState::kRevoked:
-      return store::UserState::kRevoked;
-    case lifecycle::UserState::kRecovery:
-      return store::UserState::kRecovery;
-    default:
-      return store::UserState::kEnabled;
-  }
-}
 
 policy::UserIdentity identity_of(const UserInput& in) {
   policy::UserIdentity u;
@@ -129,7 +103,7 @@ Result<Prepared> prepare(store::Store& store, const std::string& id) {
   Prepared p;
   KMSD_ASSIGN_OR_RETURN(p.user, store.find_user(id));
   if (!p.user) return p;
-  p.from = to_lifecycle(p.user->state);
+  p.from = lifecycle::from_store(p.user->state);
   KMSD_ASSIGN_OR_RETURN(p.token, store.find_enrollment_token(id));
   KMSD_ASSIGN_OR_RETURN(int depth, store.key_history_depth(id));
   p.facts.has_key_history = depth > 0;
@@ -174,7 +148,7 @@ Result<Issued> UserService::enable(const UserInput& in, const std::string& admin
     user.email = in.email;
     user.display_name = in.display_name;
     user.dn = in.dn;
-    user.state = to_store(d->to);
+    user.state = lifecycle::to_store(d->to);
     user.updated_at = now;
     if (p.user) {
       KMSD_TRY(store_.update_user(user));
@@ -246,7 +220,7 @@ Result<json> UserService::revoke(const std::string& id, int reason, const std::s
     if (d->discard_pending_token && p.facts.has_pending_token)
       KMSD_TRY(store_.delete_enrollment_token(id));
     store::UserRecord user = *p.user;
-    user.state = to_store(d->to);
+    user.state = lifecycle::to_store(d->to);
     user.updated_at = now;
     KMSD_TRY(store_.update_user(user));
     KMSD_TRY(audit_.append(admin, "user.revoke",
@@ -275,7 +249,7 @@ Result<json> UserService::recover(const std::string& id, const std::string& admi
     if (!d.ok()) return d.error();
     if (p.facts.has_pending_token) KMSD_TRY(store_.delete_enrollment_token(id));
     store::UserRecord user = *p.user;
-    user.state = to_store(d->to);
+    user.state = lifecycle::to_store(d->to);
     user.updated_at = now;
     KMSD_TRY(store_.update_user(user));
     KMSD_ASSIGN_OR_RETURN(int depth, store_.key_history_depth(id));
