@@ -290,19 +290,30 @@ std::optional<CK_MECHANISM_TYPE> rsa_mechanism(int padding) {
   return std::nullopt;
 }
 
-int token_rsa_priv_enc(int flen, const unsigned char* from, unsigned char* to, RSA* rsa,
-                       int padding) {
+// Both RSA private operations: FROM through RSA's key on the token (C_Sign when SIGN, else
+// C_Decrypt) with PADDING's mechanism. Null, with the error raised, when it failed.
+std::optional<Bytes> token_rsa_operation(int flen, const unsigned char* from, RSA* rsa, int padding,
+                                         bool sign, const CaKeyRef** ref_out) {
   const auto* ref = static_cast<const CaKeyRef*>(RSA_get_ex_data(rsa, rsa_ref_index()));
   auto mech = rsa_mechanism(padding);
   if (ref == nullptr || !mech || flen < 0) {
     if (ref == nullptr) raise_key_error("not a key of the kmsd key token");
-    return -1;
+    return std::nullopt;
   }
-  auto sig = ref->run(*mech, true, {from, static_cast<std::size_t>(flen)});
-  if (!sig.ok()) {
-    raise_key_error(sig.error().message);
-    return -1;
+  auto out = ref->run(*mech, sign, {from, static_cast<std::size_t>(flen)});
+  if (!out.ok()) {
+    raise_key_error(out.error().message);
+    return std::nullopt;
   }
+  *ref_out = ref;
+  return std::move(*out);
+}
+
+int token_rsa_priv_enc(int flen, const unsigned char* from, unsigned char* to, RSA* rsa,
+                       int padding) {
+  const CaKeyRef* ref = nullptr;
+  auto sig = token_rsa_operation(flen, from, rsa, padding, true, &ref);
+  if (!sig) return -1;
   const int size = RSA_size(rsa);
   if (sig->size() != static_cast<std::size_t>(size)) {
     raise_key_error("the key token returned an RSA signature of the wrong length");
@@ -322,17 +333,9 @@ int token_rsa_priv_enc(int flen, const unsigned char* from, unsigned char* to, R
 
 int token_rsa_priv_dec(int flen, const unsigned char* from, unsigned char* to, RSA* rsa,
                        int padding) {
-  const auto* ref = static_cast<const CaKeyRef*>(RSA_get_ex_data(rsa, rsa_ref_index()));
-  auto mech = rsa_mechanism(padding);
-  if (ref == nullptr || !mech || flen < 0) {
-    if (ref == nullptr) raise_key_error("not a key of the kmsd key token");
-    return -1;
-  }
-  auto out = ref->run(*mech, false, {from, static_cast<std::size_t>(flen)});
-  if (!out.ok()) {
-    raise_key_error(out.error().message);
-    return -1;
-  }
+  const CaKeyRef* ref = nullptr;
+  auto out = token_rsa_operation(flen, from, rsa, padding, false, &ref);
+  if (!out) return -1;
   const std::size_t size = static_cast<std::size_t>(RSA_size(rsa));
   if (out->size() > size) {
     raise_key_error("the key token returned more RSA plaintext than the modulus holds");
