@@ -1433,8 +1433,18 @@ int run_drill(const DrArgs& a) {
       failures.push_back({"enroll", user, "the delivered encryption key does not parse"});
       continue;
     }
+    // An enrollment's certificates carry no decoded public key (enroll::Enrollment): read back
+    // from DER, as a user's mail client gets it, so that CMS can encrypt to it.
+    auto cert_der = ossl::x509_to_der(e->encryption_certificate.get());
+    auto cert =
+        cert_der.ok() ? ossl::x509_from_der(*cert_der) : Result<ossl::X509Ptr>(cert_der.error());
+    if (!cert.ok()) {
+      failures.push_back(
+          {"enroll", user, "the encryption certificate does not parse: " + cert.error().message});
+      continue;
+    }
     new_keys[user] = std::move(key);
-    new_certs[user] = std::move(e->encryption_certificate);
+    new_certs[user] = std::move(*cert);
   }
   phase_done("enroll", t0, new_certs.size(), "users");
 

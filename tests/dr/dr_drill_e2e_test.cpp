@@ -159,7 +159,7 @@ TEST_F(DrillE2eTest, TwentyUsersDrillReadsBackEveryMessageAndLeavesProductionUnt
                   shell_quote(dir() / "user.pass") + " --token-dir " +
                   shell_quote(token().token_dir()) + " --report " + shell_quote(report) +
                   " --work " + shell_quote(work) + " --keep --no-progress");
-  ASSERT_EQ(r.status, 0) << r.output;
+  ASSERT_EQ(r.status, 0) << r.output << read_file(report / "drill.md");
   EXPECT_THAT(r.output, HasSubstr("DR drill PASSED"));
   auto j = json::parse(read_file(report / "drill.json"), nullptr, false);
   ASSERT_TRUE(j.is_object()) << read_file(report / "drill.json");
