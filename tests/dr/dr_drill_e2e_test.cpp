@@ -248,11 +248,23 @@ TEST_F(DrillE2eTest, TwentyUsersDrillReadsBackEveryMessageAndLeavesProductionUnt
   }
   EXPECT_GE(packs, 1u);
   EXPECT_LT(packs, static_cast<std::size_t>(encrypted));
+  // The drill's predecrypt run sealed its records under one staging key, stored in keys/.
+  std::size_t kek_files = 0;
+  for (const auto& e : fs::directory_iterator(work / "staging" / "keys")) {
+    ++kek_files;
+    EXPECT_EQ(e.path().extension(), ".der") << e.path();
+    EXPECT_EQ(e.status().permissions() & fs::perms::all,
+              fs::perms::owner_read | fs::perms::owner_write)
+        << e.path();
+  }
+  EXPECT_EQ(kek_files, 1u);
   auto forced = sh(finish + " --force");
   ASSERT_EQ(forced.status, 0) << forced.output;
   auto fj = json::parse(forced.output.substr(forced.output.find('{')), nullptr, false);
   EXPECT_EQ(fj["custody_objects_destroyed"], 2);
   EXPECT_EQ(fj["staged_files_removed"], packs);
+  EXPECT_EQ(fj["staging_keys_removed"], kek_files);
+  EXPECT_FALSE(fs::exists(work / "staging" / "keys"));
   EXPECT_EQ(fj["old_keys_wiped"], kUsers + kUsers / 4);
   EXPECT_FALSE(fs::exists(work / "staging" / "packs"));
   auto left = sh("sqlite3 " + shell_quote(work / "old.db") +
