@@ -528,6 +528,10 @@ int Daemon::run() {
     return v;
   };
   msrc.version = KMSD_APP_VERSION;
+  msrc.group_commits = [&d] {
+    const auto s = d.store->group_commit_stats();
+    return std::make_pair(s.groups, s.transactions);
+  };
   metrics::install(registry, msrc);
   (*pub)->start();
   (*adm)->start();

@@ -493,7 +493,9 @@ Result<Enrollment> EnrollmentService::enroll_locked(const std::string& user_id,
   Enrollment out;
   out.user_id = user_id;
   bool revoked_any = false;
-  Status st = store_.transaction([&]() -> Status {
+  // Grouped: enrollments that finish together share one COMMIT (the function below touches
+  // only the store, the token and the audit log).
+  Status st = store_.grouped_transaction([&]() -> Status {
     KMSD_ASSIGN_OR_RETURN(auto f, read_facts(store_, user_id));
     // The token checked in step 1 must be the one still pending: not used meanwhile by a
     // concurrent enrollment, not replaced by a reissue, and the history not grown.
@@ -604,7 +606,7 @@ Result<Enrollment> EnrollmentService::renew(X509* current, const SigningRequest&
   const bool same = s.renew_encryption_key == config::RenewKey::kSame;
   KMSD_ASSIGN_OR_RETURN(auto prepared, issuing.prepare(before->user, before->depth, req, same));
 
-  Status st = store_.transaction([&]() -> Status {
+  Status st = store_.grouped_transaction([&]() -> Status {
     KMSD_ASSIGN_OR_RETURN(auto f, read_facts(store_, holder.user_id));
     if (!f || f->depth != before->depth)
       return make_error(ErrorCode::kFailedPrecondition,

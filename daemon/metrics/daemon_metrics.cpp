@@ -102,6 +102,18 @@ void install(Registry& registry, DaemonSources src) {
         out.sample("kmsd_http_connections_open", {{"listener", name}}, static_cast<double>(n));
     }
 
+    if (src.group_commits) {
+      const auto [groups, transactions] = src.group_commits();
+      out.family("kmsd_store_group_commits_total", "counter",
+                 "COMMITs of grouped store transactions (enrollments and renewals that finished "
+                 "together share one).");
+      out.sample("kmsd_store_group_commits_total", {}, static_cast<double>(groups));
+      out.family("kmsd_store_grouped_transactions_total", "counter",
+                 "Grouped store transactions committed or refused; divided by "
+                 "kmsd_store_group_commits_total, the mean group size.");
+      out.sample("kmsd_store_grouped_transactions_total", {}, static_cast<double>(transactions));
+    }
+
     std::string error;
     auto c = counts->read(&error);
     out.family("kmsd_store_up", "gauge", "1 when the store's counts below could be read.");

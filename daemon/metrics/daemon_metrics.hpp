@@ -5,10 +5,12 @@
 // Neither exposes a user id, token, subject, serial or administrator name.
 #pragma once
 
+#include <cstdint>
 #include <filesystem>
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/result.hpp"
@@ -33,6 +35,9 @@ struct DaemonSources {
   // Open connections per listener name.
   std::function<std::vector<std::pair<std::string, std::size_t>>()> connections;
   std::string version;
+  // The store's group commit (store::Store::group_commit_stats): COMMITs of grouped
+  // transactions, and the transactions they held.
+  std::function<std::pair<std::uint64_t, std::uint64_t>()> group_commits;
 };
 
 // Registers the token observer and the scrape-time gauges on REGISTRY. The sources must

@@ -11,7 +11,9 @@
 #include <array>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <mutex>
 #include <unordered_map>
@@ -550,6 +552,58 @@ struct Store::Impl {
   int version = 0;
   int depth = 0;  // 0: no transaction; 1: BEGIN IMMEDIATE; >1: nested savepoints
 
+  // Group commit (grouped_transaction): callers waiting for the next group, and whether a
+  // thread is running one. Guarded by group_mu, which is never held while `mu` is taken.
+  struct Grouped {
+    const std::function<Status()>* fn = nullptr;
+    Status status;
+    std::exception_ptr thrown;
+    bool done = false;
+  };
+  std::mutex group_mu;
+  std::condition_variable group_cv;
+  std::vector<Grouped*> waiting;
+  bool group_running = false;
+  std::uint64_t groups = 0, grouped = 0;  // group_commit_stats(), under group_mu
+  static constexpr std::size_t kMaxGroup = 64;
+
+  // Runs GROUP in one transaction (the caller holds no lock).
+  void run_group(const std::vector<Grouped*>& group) {
+    std::lock_guard lock(mu);
+    Status begin = exec("BEGIN IMMEDIATE", "starting transaction");
+    if (!begin.ok()) {
+      for (Grouped* g : group) g->status = begin;
+      return;
+    }
+    depth = 1;
+    static const std::string kSavepoint = "kmsd_group";
+    for (Grouped* g : group) {
+      if (Status sp = exec("SAVEPOINT " + kSavepoint, "starting a grouped transaction"); !sp.ok()) {
+        g->status = sp;
+        continue;
+      }
+      try {
+        g->status = (*g->fn)();
+      } catch (...) {
+        g->thrown = std::current_exception();
+      }
+      depth = 1;  // whatever a nested call that threw left behind
+      if (g->thrown || !g->status.ok()) {
+        rollback_to(kSavepoint);
+      } else if (Status rel = exec("RELEASE " + kSavepoint, "finishing a grouped transaction");
+                 !rel.ok()) {
+        g->status = rel;
+      }
+    }
+    depth = 0;
+    Status commit = exec("COMMIT", "committing transaction");
+    if (!commit.ok()) {
+      rollback();
+      for (Grouped* g : group)
+        if (!g->thrown && g->status.ok()) g->status = commit;
+    }
+  }
+
   Result<Lease> stmt(const std::string& sql) {
     auto it = cache.find(sql);
     if (it == cache.end()) {
@@ -804,7 +858,9 @@ int Store::schema_version() const {
 
 // --- backup (daemon/backup) ------------------------------------------------------------
 
-const fs::path& Store::path() const { return impl_->path; }
+const fs::path& Store::path() const {
+  return impl_->path;
+}
 
 Status Store::transaction(const std::function<Status()>& fn) {
   std::lock_guard lock(impl_->mu);
@@ -850,6 +906,56 @@ Status Store::transaction(const std::function<Status()>& fn) {
   Status c = d.exec("COMMIT", "committing transaction");
   if (!c.ok()) d.rollback();
   return c;
+}
+
+Status Store::grouped_transaction(const std::function<Status()>& fn) {
+  Impl& d = *impl_;
+  // Inside a transaction of this thread (which then holds `mu`): join it.
+  if (d.mu.try_lock()) {
+    const bool nested = d.depth > 0;
+    Status st;
+    if (nested) {
+      try {
+        st = transaction(fn);
+      } catch (...) {
+        d.mu.unlock();
+        throw;
+      }
+    }
+    d.mu.unlock();
+    if (nested) return st;
+  }
+  Impl::Grouped me;
+  me.fn = &fn;
+  std::unique_lock wait(d.group_mu);
+  d.waiting.push_back(&me);
+  while (!me.done) {
+    if (d.group_running) {
+      d.group_cv.wait(wait);
+      continue;
+    }
+    // Lead the next group: everything waiting now (this call among it), up to kMaxGroup.
+    d.group_running = true;
+    const std::size_t n = std::min(d.waiting.size(), Impl::kMaxGroup);
+    std::vector<Impl::Grouped*> group(d.waiting.begin(),
+                                      d.waiting.begin() + static_cast<std::ptrdiff_t>(n));
+    d.waiting.erase(d.waiting.begin(), d.waiting.begin() + static_cast<std::ptrdiff_t>(n));
+    wait.unlock();
+    d.run_group(group);
+    wait.lock();
+    for (Impl::Grouped* g : group) g->done = true;
+    ++d.groups;
+    d.grouped += group.size();
+    d.group_running = false;
+    d.group_cv.notify_all();
+  }
+  if (me.thrown) std::rethrow_exception(me.thrown);
+  return me.status;
+}
+
+Store::GroupCommitStats Store::group_commit_stats() const {
+  std::lock_guard lock(impl_->group_mu);
+  return {impl_->groups, impl_->grouped};
 }
 
 // --- settings ----------------------------------------------------------------------------

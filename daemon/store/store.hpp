@@ -166,6 +166,21 @@ class Store {
   // Nested calls join the outer transaction.
   Status transaction(const std::function<Status()>& fn);
 
+  // transaction() with group commit: the FNs of threads that call this while a commit is in
+  // progress run one after another, each in its own savepoint, in one transaction with one
+  // COMMIT (one fsync) for all of them. Each caller returns once that COMMIT returned, with
+  // its own FN's result (or exception); a FN that fails rolls back only its own changes. If the
+  // COMMIT fails, every caller of the group gets that error and nothing of the group is kept.
+  // FN may run on another caller's thread, so it must not need a lock its own caller holds:
+  // it may use this store, the token and the audit log (which only take the store's lock).
+  // Called inside a transaction, it joins that transaction as transaction() does.
+  Status grouped_transaction(const std::function<Status()>& fn);
+  struct GroupCommitStats {
+    std::uint64_t groups = 0;        // COMMITs of grouped transactions
+    std::uint64_t transactions = 0;  // grouped transactions in them
+  };
+  GroupCommitStats group_commit_stats() const;
+
   // Small typed settings (e.g. "initialized_at", "ca_serial", "master_key_version").
   Result<std::optional<std::string>> get_setting(const std::string& key);
   Status put_setting(const std::string& key, const std::string& value);

@@ -3,6 +3,7 @@
 #include <sqlite3.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -10,6 +11,7 @@
 #include <fstream>
 #include <iterator>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -587,6 +589,116 @@ TEST_F(StoreTest, NestedTransactionJoinsTheOuterOne) {
   std::vector<std::string> serials;
   for (const auto& c : *certs) serials.push_back(c.serial);
   EXPECT_EQ(serials, (std::vector<std::string>{"0b", "0e"}));
+}
+
+TEST_F(StoreTest, GroupedTransactionsShareACommitAndKeepEachCallersOwnResult) {
+  auto s = open_store();
+  ASSERT_TRUE(s);
+  // The first caller's function holds its group open until the three others have called and
+  // had time to queue: they then commit together, in a second group.
+  std::atomic<int> entered{0};
+  std::atomic<bool> first_running{false};
+  auto first = std::thread([&] {
+    Status st = s->grouped_transaction([&]() -> Status {
+      first_running = true;
+      while (entered.load() < 3) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      return s->insert_certificate(cert("a0", CertKind::kAdmin));
+    });
+    EXPECT_TRUE(st.ok()) << st.error().message;
+  });
+  while (!first_running) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  Status ok_result, failed_result;
+  bool threw = false;
+  std::vector<std::thread> others;
+  others.emplace_back([&] {
+    ++entered;
+    ok_result = s->grouped_transaction([&]() -> Status {
+      KMSD_TRY(s->insert_certificate(cert("b0", CertKind::kAdmin)));
+      return s->put_setting("b", "kept");
+    });
+  });
+  others.emplace_back([&] {
+    ++entered;
+    failed_result = s->grouped_transaction([&]() -> Status {
+      KMSD_TRY(s->insert_certificate(cert("c0", CertKind::kAdmin)));
+      KMSD_TRY(s->put_setting("c", "rolled back"));
+      return make_error(ErrorCode::kFailedPrecondition, "c refuses");
+    });
+  });
+  others.emplace_back([&] {
+    ++entered;
+    try {
+      (void)s->grouped_transaction([&]() -> Status {
+        EXPECT_TRUE(s->insert_certificate(cert("d0", CertKind::kAdmin)).ok());
+        throw std::runtime_error("d throws");
+      });
+    } catch (const std::runtime_error& e) {
+      threw = std::string(e.what()) == "d throws";
+    }
+  });
+  first.join();
+  for (auto& t : others) t.join();
+
+  EXPECT_TRUE(ok_result.ok()) << ok_result.error().message;
+  ASSERT_FALSE(failed_result.ok());
+  EXPECT_EQ(failed_result.error().message, "c refuses");
+  EXPECT_TRUE(threw);
+  // Each caller's own changes: kept, or undone without touching the others'.
+  auto certs = s->certificates(CertKind::kAdmin);
+  ASSERT_TRUE(certs.ok());
+  std::vector<std::string> serials;
+  for (const auto& c : *certs) serials.push_back(c.serial);
+  std::sort(serials.begin(), serials.end());
+  EXPECT_EQ(serials, (std::vector<std::string>{"a0", "b0"}));
+  EXPECT_EQ(s->get_setting("b").value(), std::optional<std::string>("kept"));
+  EXPECT_FALSE(s->get_setting("c").value().has_value());
+  // Four transactions, and fewer COMMITs: the three that waited shared one.
+  const auto stats = s->group_commit_stats();
+  EXPECT_EQ(stats.transactions, 4u);
+  EXPECT_EQ(stats.groups, 2u);
+  // Committed for good: a second connection sees exactly the kept rows.
+  RawDb raw(db_path());
+  EXPECT_EQ(raw.query("SELECT group_concat(serial) FROM (SELECT serial FROM certificates "
+                      "ORDER BY serial)"),
+            "a0,b0");
+}
+
+TEST_F(StoreTest, GroupedTransactionInsideATransactionJoinsIt) {
+  auto s = open_store();
+  ASSERT_TRUE(s);
+  auto st = s->transaction([&]() -> Status {
+    KMSD_TRY(s->grouped_transaction(
+        [&]() -> Status { return s->insert_certificate(cert("0a", CertKind::kAdmin)); }));
+    return make_error(ErrorCode::kInternal, "outer fails");
+  });
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(count_certs(*s, CertKind::kAdmin), 0u);
+  EXPECT_EQ(s->group_commit_stats().transactions, 0u);
+
+  // Under load from eight threads every grouped transaction lands exactly once.
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t)
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 25; ++i) {
+        char serial[16];
+        std::snprintf(serial, sizeof serial, "%02x%04x", t, i);
+        Status r = s->grouped_transaction([&]() -> Status {
+          KMSD_TRY(s->insert_certificate(cert(serial, CertKind::kServer, i)));
+          return s->put_setting(std::string("g_") + serial, serial);
+        });
+        if (!r.ok()) ++failures;
+      }
+    });
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(count_certs(*s, CertKind::kServer), 200u);
+  const auto stats = s->group_commit_stats();
+  EXPECT_EQ(stats.transactions, 200u);
+  EXPECT_LE(stats.groups, 200u);
+  RawDb raw(db_path());
+  EXPECT_EQ(raw.query("SELECT count(*) FROM settings WHERE key LIKE 'g_%'"), "200");
 }
 
 TEST_F(StoreTest, ConcurrentInsertsFromFourThreadsAllLand) {
