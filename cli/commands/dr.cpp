@@ -521,6 +521,42 @@ int run_dr_status(const DrArgs& a) {
     for (const auto& e : fs::directory_iterator(keks, ec))
       if (e.is_regular_file()) staging_keys.push_back(e.path().filename().string());
   std::sort(staging_keys.begin(), staging_keys.end());
+  // The runs whose staged messages still wait for reencrypt, and whether what opens them is
+  // there: one record of each run is read to see how the run sealed them, and a run that sealed
+  // them under its staging key needs keys/<run>.kek.der.
+  struct WaitingRun {
+    std::size_t waiting = 0;
+    const dr::ManifestRow* sample = nullptr;
+  };
+  std::map<std::string, WaitingRun> waiting_runs;
+  for (const auto& r : *rows) {
+    if (r.status != dr::kStaged || done->count(r.path) != 0) continue;
+    auto& w = waiting_runs[dr::run_of_pack(r.copy.pack)];
+    ++w.waiting;
+    if (w.sample == nullptr) w.sample = &r;
+  }
+  dr::PackReader pack_reader(a.staging);
+  json runs = json::object();
+  std::vector<std::string> keys_missing;
+  for (const auto& [run, w] : waiting_runs) {
+    std::string sealed;
+    auto bytes = pack_reader.read(*w.sample);
+    if (!bytes.ok()) {
+      sealed = "unreadable: " + bytes.error().message;
+    } else {
+      const std::size_t headers = static_cast<std::size_t>(
+          std::min<std::uint64_t>(w.sample->copy.header_length, bytes->size()));
+      auto parsed = dr::parse_message(std::span<const std::uint8_t>(*bytes).subspan(headers),
+                                      dr::Format::kDer);
+      sealed = parsed.kind != dr::Kind::kEncrypted      ? "unreadable: " + parsed.what
+               : dr::sealed_under_kek(parsed.cms.get()) ? "staging-key"
+                                                        : "custody-certificate";
+    }
+    const bool has_file = !run.empty() && fs::exists(dr::kek_file(a.staging, run), ec);
+    if (sealed == "staging-key" && !has_file) keys_missing.push_back(run);
+    runs[run.empty() ? std::string("(no run id)") : run] = {
+        {"waiting", w.waiting}, {"sealed", sealed}, {"staging_key_file", has_file}};
+  }
   std::uintmax_t total_bytes = 0;
   for (const auto& [name, n] : pack_bytes) total_bytes += n;
   if (a.output == "json") {
@@ -543,6 +579,8 @@ int run_dr_status(const DrArgs& a) {
                       {"pack_bytes", total_bytes},
                       {"staged_bytes", staged_bytes},
                       {"staging_keys", staging_keys},
+                      {"waiting_runs", runs},
+                      {"staging_keys_missing", keys_missing},
                       {"messages", messages}}
                      .dump(2)
               << "\n";
@@ -553,6 +591,11 @@ int run_dr_status(const DrArgs& a) {
   std::cout << "packs " << pack_bytes.size() << " file(s), " << total_bytes << " bytes, "
             << staged_bytes << " of them staged messages\n";
   std::cout << "staging keys " << staging_keys.size() << " file(s) in keys/ (one per run)\n";
+  for (const auto& run : keys_missing)
+    std::cout << "MISSING keys/" << run << ".kek.der: " << waiting_runs.at(run).waiting
+              << " staged message(s) of run " << run
+              << " are sealed under its staging key and wait for reencrypt, which cannot open "
+                 "them without it. Restore the file from a backup of the staging directory.\n";
   return kOk;
 }
 

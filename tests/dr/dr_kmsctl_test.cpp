@@ -189,6 +189,30 @@ TEST_F(DrTest, KmsctlReencryptsAsUsersEnroll) {
                      " message(s): no new encryption certificate yet for carol"),
             std::string::npos)
       << log;
+  // Status names the run carol's messages wait in, sealed under its staging key, and whether
+  // its KEK file is there; with the file moved away it says MISSING and what to do.
+  const std::string status = k + "status --staging '" + staging.string() + "'";
+  log.clear();
+  ASSERT_EQ(run_command(status + " -o json 2>/dev/null", &log), 0) << log;
+  auto waiting = nlohmann::json::parse(log);
+  ASSERT_EQ(waiting["waiting_runs"].size(), 1u) << log;
+  EXPECT_EQ(waiting["waiting_runs"][run]["waiting"].get<std::size_t>(), carol);
+  EXPECT_EQ(waiting["waiting_runs"][run]["sealed"], "staging-key");
+  EXPECT_EQ(waiting["waiting_runs"][run]["staging_key_file"], true);
+  EXPECT_TRUE(waiting["staging_keys_missing"].empty());
+  const fs::path kek = staging / "keys" / (run + ".kek.der");
+  fs::rename(kek, work / "kek.der.aside");
+  log.clear();
+  ASSERT_EQ(run_command(status + " 2>&1", &log), 0) << log;
+  EXPECT_NE(
+      log.find("MISSING keys/" + run + ".kek.der: " + std::to_string(carol) + " staged message(s)"),
+      std::string::npos)
+      << log;
+  EXPECT_NE(log.find("Restore the file from a backup"), std::string::npos) << log;
+  log.clear();
+  ASSERT_EQ(run_command(status + " -o json 2>/dev/null", &log), 0) << log;
+  EXPECT_EQ(nlohmann::json::parse(log)["staging_keys_missing"], nlohmann::json::array({run}));
+  fs::rename(work / "kek.der.aside", kek);
   fs::copy_file(work / "carol-new.pem", recipients / "carol.pem");
   log.clear();
   ASSERT_EQ(run_command(re + " -o json 2>/dev/null", &log), 0) << log;
