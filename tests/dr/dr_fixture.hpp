@@ -302,7 +302,9 @@ class DrTest : public ::testing::Test {
     return std::move(*r);
   }
 
-  Result<RunSummary> run_predecrypt(const KeyRing& ring, std::size_t stop_after = 0) {
+  // PER_MESSAGE_CUSTODY: stage as earlier versions did (every record to the custody certificate).
+  Result<RunSummary> run_predecrypt(const KeyRing& ring, std::size_t stop_after = 0,
+                                    bool per_message_custody = false) {
     PredecryptOptions o;
     o.store = store;
     o.staging = staging;
@@ -310,6 +312,7 @@ class DrTest : public ::testing::Test {
     o.custody_cert = custody_cert.get();
     o.threads = 2;
     o.stop_after = stop_after;
+    o.per_message_custody = per_message_custody;
     return predecrypt(o);
   }
 
@@ -524,6 +527,15 @@ class DrTest : public ::testing::Test {
     std::string got = read_all(result);
     fs::remove(result);
     return got;
+  }
+
+  // Every message of EXPECTED in OUT opens with `openssl cms -decrypt` and its user's new key,
+  // byte-identical to what was encrypted (EXCEPT: store paths left out).
+  void expect_every_message_opens(const std::set<std::string>& except = {}) {
+    for (const auto& [path, e] : expected) {
+      if (except.count(path)) continue;
+      EXPECT_EQ(openssl_decrypt(path, e.user, e.format == "der"), e.plaintext) << path;
+    }
   }
 };
 

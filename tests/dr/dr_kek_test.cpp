@@ -130,15 +130,7 @@ TEST_F(DrTest, ReencryptOpensOldCustodyRecordsAndKekRecordsOfOneStagingDirectory
   add_encrypted(3);  // 18 messages
   add_openssl_cli();
   KeyRing ring = load_keys();
-  PredecryptOptions o;
-  o.store = store;
-  o.staging = staging;
-  o.keys = &ring;
-  o.custody_cert = custody_cert.get();
-  o.threads = 2;
-  o.per_message_custody = true;
-  o.stop_after = 8;
-  auto old_run = predecrypt(o);
+  auto old_run = run_predecrypt(ring, 8, /*per_message_custody=*/true);
   ASSERT_TRUE(old_run.ok()) << old_run.error().message;
   EXPECT_TRUE(old_run->stopped_early);
   EXPECT_TRUE(kek_runs().empty());  // the old layout has no staging key
@@ -169,8 +161,7 @@ TEST_F(DrTest, ReencryptOpensOldCustodyRecordsAndKekRecordsOfOneStagingDirectory
   ASSERT_TRUE(s.ok()) << s.error().message;
   EXPECT_EQ(s->this_run[kReencrypted], expected.size());
   EXPECT_EQ(s->this_run.count(kFailed), 0u) << (s->problems.empty() ? "" : s->problems[0].reason);
-  for (const auto& [path, e] : expected)
-    EXPECT_EQ(openssl_decrypt(path, e.user, e.format == "der"), e.plaintext) << path;
+  expect_every_message_opens();
   expect_no_plaintext_on_disk();
 }
 
@@ -210,10 +201,7 @@ TEST_F(DrTest, AMissingOrDamagedKekFileFailsOnlyThatRunsMessagesAndLosesNothing)
     EXPECT_NE(p.reason.find("restore the file"), std::string::npos) << p.reason;
     EXPECT_FALSE(fs::exists(out / p.path)) << p.path;
   }
-  for (const auto& [path, e] : expected)
-    if (!victims.count(path)) {
-      EXPECT_EQ(openssl_decrypt(path, e.user, e.format == "der"), e.plaintext) << path;
-    }
+  expect_every_message_opens(victims);
 
   // Damaged: a byte of the encrypted key flipped near the end of the file.
   std::string damaged = saved;
@@ -236,8 +224,7 @@ TEST_F(DrTest, AMissingOrDamagedKekFileFailsOnlyThatRunsMessagesAndLosesNothing)
   ASSERT_TRUE(last.ok()) << last.error().message;
   EXPECT_EQ(last->this_run[kReencrypted], victims.size());
   EXPECT_EQ(last->this_run.count(kFailed), 0u);
-  for (const auto& [path, e] : expected)
-    EXPECT_EQ(openssl_decrypt(path, e.user, e.format == "der"), e.plaintext) << path;
+  expect_every_message_opens();
   expect_no_plaintext_on_disk();
 }
 
