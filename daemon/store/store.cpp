@@ -577,7 +577,12 @@ struct Store::Impl {
     }
     depth = 1;
     static const std::string kSavepoint = "kmsd_group";
+    bool lost = false;  // SQLite rolled the whole transaction back by itself (disk full, I/O)
     for (Grouped* g : group) {
+      if (!in_sqlite_transaction()) {
+        lost = true;
+        break;
+      }
       if (Status sp = exec("SAVEPOINT " + kSavepoint, "starting a grouped transaction"); !sp.ok()) {
         g->status = sp;
         continue;
@@ -596,6 +601,17 @@ struct Store::Impl {
       }
     }
     depth = 0;
+    if (lost || !in_sqlite_transaction()) {
+      // Nothing of the group is in the database: every caller not already refused is told so,
+      // including those whose function did not run.
+      const Error gone{ErrorCode::kStore,
+                       "the store's transaction was rolled back by SQLite (disk full or an I/O "
+                       "error; see the log) and nothing of this change was kept; fix the disk "
+                       "and try again"};
+      for (Grouped* g : group)
+        if (!g->thrown && g->status.ok()) g->status = gone;
+      return;
+    }
     Status commit = exec("COMMIT", "committing transaction");
     if (!commit.ok()) {
       rollback();
