@@ -1,5 +1,7 @@
 #include "common/files.hpp"
 
+#include "common/fd.hpp"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -13,12 +15,16 @@ namespace kmsd::files {
 
 namespace fs = std::filesystem;
 
-namespace {
-Error io_error(const fs::path& path, std::string_view what) {
+Error io_error(const fs::path& path, std::string_view what, int err) {
   return make_error(ErrorCode::kIo,
-                    std::string(what) + " " + path.string() + ": " + std::strerror(errno));
+                    std::string(what) + " " + path.string() + ": " + std::strerror(err));
 }
-}  // namespace
+
+Status sync_dir(const fs::path& dir) {
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.valid() || ::fsync(fd.get()) != 0) return io_error(dir, "cannot sync");
+  return {};
+}
 
 Result<std::string> read_text(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <ctime>
 
+#include "common/files.hpp"
 #include "daemon/dr/manifest.hpp"
 
 namespace kmsd::dr {
@@ -17,9 +18,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-Error io_error(const fs::path& p, const std::string& what, int err) {
-  return make_error(ErrorCode::kIo, what + " " + p.string() + ": " + std::strerror(err));
-}
+using files::io_error;
 
 // A pack name as the manifest gives it must be a plain file name in packs/.
 bool plain_name(const std::string& name) {
@@ -58,8 +57,7 @@ Status PackWriter::create() {
       ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0600));
   if (!fd.valid()) return io_error(path, "cannot create the pack", errno);
   // The pack's directory entry is durable before any row names it.
-  UniqueFd dir(::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!dir.valid() || ::fsync(dir.get()) != 0) return io_error(dir_, "cannot sync", errno);
+  KMSD_TRY(files::sync_dir(dir_));
   owned_ = std::move(fd);
   fd_.store(owned_.get(), std::memory_order_release);
   return {};

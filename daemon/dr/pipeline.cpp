@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "common/fd.hpp"
+#include "common/files.hpp"
 #include "daemon/dr/message.hpp"
 #include "daemon/dr/pack.hpp"
 
@@ -28,9 +29,8 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-Error io_error(const fs::path& p, const std::string& what) {
-  return make_error(ErrorCode::kIo, what + " " + p.string() + ": " + std::strerror(errno));
-}
+using files::io_error;
+using files::sync_dir;
 
 // A regular file is read in one read() of its size (the end-of-file read that would follow is
 // one system call per message saved); anything else, or a file that grew, until read() says 0.
@@ -110,13 +110,6 @@ void remove_leftovers(const fs::path& dir) {
       gone.push_back(it->path());
   }
   for (const auto& p : gone) fs::remove(p, ec);
-}
-
-// fsync of a directory: the entries made in it are durable.
-Status sync_dir(const fs::path& dir) {
-  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!fd.valid() || ::fsync(fd.get()) != 0) return io_error(dir, "cannot sync");
-  return {};
 }
 
 Status sync_dir_fs(const fs::path& dir) {

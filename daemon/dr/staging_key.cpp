@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "common/fd.hpp"
+#include "common/files.hpp"
 
 namespace kmsd::dr {
 
@@ -20,9 +21,8 @@ namespace {
 constexpr std::size_t kKekBytes = 32;  // AES-256: id-aes256-wrap
 constexpr std::size_t kMaxKekFile = 64 * 1024;
 
-Error io_error(const fs::path& p, const std::string& what, int err) {
-  return make_error(ErrorCode::kIo, what + " " + p.string() + ": " + std::strerror(err));
-}
+using files::io_error;
+using files::sync_dir;
 
 bool plain_run_id(std::string_view id) {
   if (id.empty() || id.size() > 128) return false;
@@ -30,12 +30,6 @@ bool plain_run_id(std::string_view id) {
     if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '-'))
       return false;
   return true;
-}
-
-Status sync_dir(const fs::path& dir) {
-  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!fd.valid() || ::fsync(fd.get()) != 0) return io_error(dir, "cannot sync", errno);
-  return {};
 }
 
 // OPENSSL_malloc'ed bytes handed to CMS_add0_recipient_key, which takes ownership on success
