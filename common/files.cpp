@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -60,12 +61,21 @@ Status write_atomic(const fs::path& path, std::string_view data, unsigned mode, 
     ::unlink(tmp.c_str());
     return err;
   }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    auto err = io_error(path, "cannot rename into place");
+  // Without OVERWRITE the rename refuses an existing file (one made since the check above);
+  // a file system without RENAME_NOREPLACE gets the plain rename after that check.
+  int rc = overwrite ? ::rename(tmp.c_str(), path.c_str())
+                     : ::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, path.c_str(), RENAME_NOREPLACE);
+  if (rc != 0 && !overwrite && errno == EINVAL) rc = ::rename(tmp.c_str(), path.c_str());
+  if (rc != 0) {
+    const int err = errno;
     ::unlink(tmp.c_str());
-    return err;
+    if (err == EEXIST)
+      return make_error(ErrorCode::kAlreadyExists,
+                        path.string() + " already exists; refusing to overwrite it");
+    return io_error(path, "cannot rename into place", err);
   }
-  return {};
+  // The new name is durable too, not only the bytes.
+  return sync_dir(path.has_parent_path() ? path.parent_path() : fs::path("."));
 }
 
 Result<SecretBytes> read_secret_file(const fs::path& path) {

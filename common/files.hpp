@@ -17,8 +17,9 @@ Error io_error(const std::filesystem::path& path, std::string_view what, int err
 Status sync_dir(const std::filesystem::path& dir);
 
 Result<std::string> read_text(const std::filesystem::path& path);
-// Writes to PATH.tmp with MODE, fsyncs, renames over PATH. Refuses to overwrite when
-// !overwrite and PATH exists.
+// Writes to PATH.tmp with MODE, fsyncs, renames over PATH and fsyncs PATH's directory: PATH is
+// whole or absent after a crash. Refuses to overwrite when !overwrite and PATH exists (also
+// when it appears meanwhile: the rename does not replace it).
 Status write_atomic(const std::filesystem::path& path, std::string_view data, unsigned mode,
                     bool overwrite = false);
 // Reads a secret from a file, refusing a file that group or others can read or write,

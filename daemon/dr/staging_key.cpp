@@ -116,29 +116,12 @@ Status StagingKey::store(const fs::path& staging, X509* custody_cert) const {
       return io_error(dir, "cannot create", errno);
     KMSD_TRY(sync_dir(staging));  // keys/ stays once a KEK file is in it
   }
-  // Written whole under a temporary name, then linked to its own name (which fails rather than
-  // replace an existing file): a KEK file is either complete or absent, even after a kill.
-  const fs::path file = kek_file(staging, run_id_);
-  const fs::path tmp = dir / ("." + run_id_ + ".kek.der.tmp");
-  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600));
-  if (!fd.valid()) return io_error(tmp, "cannot create the run's staging key file", errno);
-  auto fail = [&](const fs::path& p, const char* what) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    return io_error(p, what, err);
-  };
-  for (std::size_t done = 0; done < der->size();) {
-    const ssize_t n = ::write(fd.get(), der->data() + done, der->size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return fail(tmp, "cannot write");
-    done += static_cast<std::size_t>(n);
-  }
-  if (::fsync(fd.get()) != 0) return fail(tmp, "cannot sync");
-  fd.reset();
-  if (::link(tmp.c_str(), file.c_str()) != 0)
-    return fail(file, "cannot create the run's staging key file");
-  ::unlink(tmp.c_str());
-  return sync_dir(dir);
+  // Written whole under a temporary name, fsync'd, renamed to its own name without replacing an
+  // existing file, and keys/ fsync'd: a KEK file is either complete or absent, even after a kill.
+  if (auto st = files::write_atomic(kek_file(staging, run_id_), *der, 0600, /*overwrite=*/false);
+      !st.ok())
+    return st.error().context("writing the run's staging key file");
+  return {};
 }
 
 void remove_staging_key_leftovers(const fs::path& staging) {
@@ -148,7 +131,7 @@ void remove_staging_key_leftovers(const fs::path& staging) {
   std::vector<fs::path> gone;
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     const std::string name = e.path().filename().string();
-    if (name.size() > 13 && name.front() == '.' && name.ends_with(".kek.der.tmp"))
+    if (name.ends_with(".kek.der.tmp"))  // files::write_atomic's temporary name
       gone.push_back(e.path());
   }
   for (const auto& p : gone) fs::remove(p, ec);

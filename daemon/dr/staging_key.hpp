@@ -8,8 +8,8 @@
 // Files (all CMS through OpenSSL's CMS API, DER, version 1 of this layout):
 //   <staging>/keys/<run>.kek.der   the run's KEK file: CMS EnvelopedData with one
 //       KeyTransRecipientInfo to the custody certificate, AES-256-CBC content = the 32 bytes of
-//       the KEK. Written 0600, O_EXCL, fsync'd with its directory before the run's first pack
-//       is created, so a record sealed under a KEK always has its KEK file on disk.
+//       the KEK. Written 0600 (files::write_atomic), fsync'd with its directory before the run's
+//       first pack is created, so a record sealed under a KEK always has its KEK file on disk.
 //   a staged record of such a run   CMS EnvelopedData with exactly one KEKRecipientInfo
 //       (RFC 5652 §6.2.3; id-aes256-wrap, kekid.keyIdentifier = the run id's ASCII bytes) and
 //       AES-256-CBC content. `openssl cms -decrypt -secretkey HEX -secretkeyid HEX` opens it.
@@ -63,9 +63,9 @@ class StagingKey {
                                  EVP_PKEY* custody_key, X509* custody_cert);
 
   // Writes the KEK, encrypted to CUSTODY_CERT, to <staging>/keys/<run>.kek.der: mode 0600,
-  // written whole under a temporary name (O_EXCL) and fsync'd, then linked to its name (an
-  // existing file is never replaced), keys/ fsync'd (and <staging> when keys/ is new). A kill
-  // leaves the file complete or absent (and perhaps a temporary file).
+  // written whole under a temporary name and fsync'd, then renamed to its name without
+  // replacing an existing file (files::write_atomic), keys/ fsync'd (and <staging> when keys/ is
+  // new). A kill leaves the file complete or absent (and perhaps a temporary file).
   Status store(const std::filesystem::path& staging, X509* custody_cert) const;
 
   // EnvelopedData (AES-256-CBC) of CONTENT's bytes (consumed) with one KEKRecipientInfo under

@@ -100,7 +100,7 @@ TEST_F(DrTest, PredecryptAndReencryptKilledAtSeveralPointsHandleEveryMessageOnce
                                         "-o",
                                         "json"};
   // Killed as soon as its run's staging key file exists, before (or just after) its first
-  // records: the KEK file is whole (written under a temporary name, then linked), and the next
+  // records: the KEK file is whole (written under a temporary name, then renamed without replacing), and the next
   // run stages every message not recorded, under a KEK of its own.
   ASSERT_TRUE(
       run_and_kill_when(pre, [&] { return fs::exists(staging / "keys") && !kek_runs().empty(); }));

@@ -466,7 +466,7 @@ class DrTest : public ::testing::Test {
     if (fs::exists(staging / "keys"))
       for (const auto& f : fs::directory_iterator(staging / "keys")) {
         const std::string name = f.path().filename().string();
-        if (name.front() == '.') continue;  // a killed run's temporary file
+        if (name.ends_with(".tmp")) continue;  // a killed run's temporary file
         const auto ext = name.rfind(".kek.der");
         EXPECT_NE(ext, std::string::npos) << name;
         if (ext != std::string::npos) runs.insert(name.substr(0, ext));
