@@ -397,30 +397,36 @@ ossl::EvpPkeyPtr token_private_key(EVP_PKEY* pub, std::unique_ptr<CaKeyRef> ref)
   };
   ossl::EvpPkeyPtr out(EVP_PKEY_new());
   if (!out) return fail_build("out of memory");
-  if (EVP_PKEY_get_base_id(pub) == EVP_PKEY_EC) {
-    ref->pub_ec.reset(decode_ec());
-    EcKeyPtr ec(decode_ec());
-    const EC_KEY_METHOD* m = token_ec_method();
-    if (!ref->pub_ec || !ec || m == nullptr || EC_KEY_set_method(ec.get(), m) != 1 ||
-        EC_KEY_set_ex_data(ec.get(), ec_ref_index(), ref.get()) != 1)
-      return fail_build("an EC key");
-    ref.release();  // owned by EC's ex_data now
-    if (EVP_PKEY_assign_EC_KEY(out.get(), ec.get()) != 1) return fail_build("an EC key");
-    ec.release();  // owned by OUT now
-    return out;
-  }
-  if (EVP_PKEY_get_base_id(pub) == EVP_PKEY_RSA) {
-    ref->pub_rsa.reset(decode_rsa());
-    RsaPtr rsa(decode_rsa());
-    const RSA_METHOD* m = token_rsa_method();
-    if (!ref->pub_rsa || !rsa || m == nullptr || RSA_set_method(rsa.get(), m) != 1 ||
-        RSA_set_ex_data(rsa.get(), rsa_ref_index(), ref.get()) != 1)
-      return fail_build("an RSA key");
-    ref.release();  // owned by RSA's ex_data now
-    if (EVP_PKEY_assign_RSA(out.get(), rsa.get()) != 1) return fail_build("an RSA key");
-    rsa.release();  // owned by OUT now
-    return out;
-  }
+  // Either key type: PUB_COPY (a public copy, to check what the token returns) and a second
+  // copy whose method sends the private operations to the token through REF, handed to OUT.
+  auto build = [&](auto decode, auto& pub_copy, auto attach, auto assign,
+                   const char* what) -> ossl::EvpPkeyPtr {
+    pub_copy.reset(decode());
+    std::remove_reference_t<decltype(pub_copy)> key(decode());
+    if (!pub_copy || !key || !attach(key.get())) return fail_build(what);
+    ref.release();  // owned by the key's ex_data now
+    if (!assign(out.get(), key.get())) return fail_build(what);
+    key.release();  // owned by OUT now
+    return std::move(out);
+  };
+  if (EVP_PKEY_get_base_id(pub) == EVP_PKEY_EC)
+    return build(
+        decode_ec, ref->pub_ec,
+        [&](EC_KEY* ec) {
+          const EC_KEY_METHOD* m = token_ec_method();
+          return m != nullptr && EC_KEY_set_method(ec, m) == 1 &&
+                 EC_KEY_set_ex_data(ec, ec_ref_index(), ref.get()) == 1;
+        },
+        [](EVP_PKEY* p, EC_KEY* ec) { return EVP_PKEY_assign_EC_KEY(p, ec) == 1; }, "an EC key");
+  if (EVP_PKEY_get_base_id(pub) == EVP_PKEY_RSA)
+    return build(
+        decode_rsa, ref->pub_rsa,
+        [&](RSA* rsa) {
+          const RSA_METHOD* m = token_rsa_method();
+          return m != nullptr && RSA_set_method(rsa, m) == 1 &&
+                 RSA_set_ex_data(rsa, rsa_ref_index(), ref.get()) == 1;
+        },
+        [](EVP_PKEY* p, RSA* rsa) { return EVP_PKEY_assign_RSA(p, rsa) == 1; }, "an RSA key");
   return fail_build("the CA key is neither EC nor RSA");
 }
 
